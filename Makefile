@@ -1,0 +1,56 @@
+# The lab's entry points. `make reproduce` and `make test` are all a newcomer types:
+# both create the virtual environment first when it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pyproject.toml keeps a range for torch; the install step pins the exact version so that on a
+# CPU-only Linux box pip takes the local CPU wheel instead of a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+JOBS ?= 1
+
+.PHONY: setup reproduce quick test lint lab clean model-quick model swift-test help
+
+help:
+	@echo "make setup       create .venv and install labkit with its dev tools"
+	@echo "make reproduce   run every notebook with full parameters (figures/, data/results/)"
+	@echo "make quick       run every notebook with quick parameters"
+	@echo "make test        unit tests, notebook smoke runs, Swift parity tests"
+	@echo "make lint        ruff"
+	@echo "make lab         JupyterLab on notebooks/"
+	@echo "make model-quick train a small decoder on this CPU in minutes (not the shipped one)"
+	@echo "make clean       remove build/ and caches (keeps .venv, figures/, data/)"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m labkit reproduce --jobs $(JOBS)
+
+quick: $(STAMP)
+	$(PY) -m labkit reproduce --quick --jobs $(JOBS)
+
+test: $(STAMP)
+	$(PY) -m ruff check labkit tests
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check labkit tests
+
+lab: $(STAMP)
+	$(PY) -m pip install -q -e ".[lab]"
+	$(VENV)/bin/jupyter lab notebooks/
+
+model-quick: $(STAMP)
+	$(PY) -m labkit train --config quick --out build/models/tiny-llama-quick
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,99 @@
+"""The `labkit` command: info, reproduce, bench, train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from labkit import env
+
+    console = Console()
+    fp = env.fingerprint()
+    table = Table(title=f"this machine ({fp['machine_id']})", show_header=False)
+    for key, value in fp.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
+        table.add_row(key, str(value))
+    console.print(table)
+    rt = Table(title="optional runtimes")
+    rt.add_column("runtime")
+    rt.add_column("available")
+    rt.add_column("why not")
+    for name, reason in env.optional_runtimes().items():
+        rt.add_row(name, "yes" if reason is None else "no", reason or "")
+    console.print(rt)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from labkit.reproduce import main_from_args
+
+    return main_from_args(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from labkit import bench
+
+    console = Console()
+    if args.list or not args.name:
+        for name, target in sorted(bench.BENCHMARKS.items()):
+            console.print(f"{name:16s} {target}")
+        return 0
+    try:
+        fn = bench.resolve(args.name)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}[/red]")
+        return 2
+    with console.status(f"running benchmark {args.name}"):
+        records = fn(quick=args.quick)
+    for r in records:
+        console.print(f"{r['study']} {r['metric']} = {r['value']:.4g} {r['unit']} {r['params']}")
+    console.print(f"{len(records)} records written under data/results/")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from labkit.train import main as train_main
+
+    return train_main(args.train_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from labkit.reproduce import add_arguments
+
+    parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="this machine's fingerprint and which runtimes are available")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("bench", help="run a study's benchmark and record its results")
+    p.add_argument("name", nargs="?", help="benchmark name (see --list)")
+    p.add_argument("--list", action="store_true", help="list the benchmarks")
+    p.add_argument("--quick", action="store_true", help="smaller sizes")
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("train", help="train the embedded decoder (see labkit.train)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for labkit.train")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

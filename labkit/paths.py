@@ -1,0 +1,50 @@
+"""Where the lab's folders live: one place, so notebooks, tests and the CLI agree.
+
+The root is the repository checkout (the folder holding pyproject.toml). ``LABKIT_ROOT``
+overrides it, which tests use to write figures and results into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def root() -> Path:
+    """The lab's root folder (``LABKIT_ROOT`` if set, else the checkout holding labkit)."""
+    env = os.environ.get("LABKIT_ROOT")
+    if env:
+        return Path(env).resolve()
+    return _PACKAGE_DIR.parent
+
+
+def data_dir() -> Path:
+    return root() / "data"
+
+
+def models_dir() -> Path:
+    """Embedded checkpoints, each an HF folder (config.json, model.safetensors, tokenizer.json)."""
+    return data_dir() / "models"
+
+
+def results_dir() -> Path:
+    return data_dir() / "results"
+
+
+def figures_dir() -> Path:
+    return root() / "figures"
+
+
+def build_dir() -> Path:
+    return root() / "build"
+
+
+def notebooks_dir() -> Path:
+    return root() / "notebooks"
+
+
+def repo_models_dir() -> Path:
+    """The shipped models always live in the checkout, even when LABKIT_ROOT points elsewhere."""
+    return _PACKAGE_DIR.parent / "data" / "models"

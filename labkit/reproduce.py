@@ -1,0 +1,272 @@
+"""Run every notebook headlessly with papermill: the engine behind `make reproduce` and `make quick`.
+
+Each notebook runs in its own papermill subprocess so that a crash, a hang (``--timeout``) or an
+interrupt is contained: the runner carries on with the others, prints a summary, and exits
+non-zero if any failed. Executed copies go to ``build/notebooks/``; figures and results are
+written by the notebooks themselves through labkit (atomically), so an interrupted run leaves
+earlier outputs intact.
+
+Quick parameters live in one file, ``notebooks/quick.yml``: a top-level key per notebook stem
+(``01_kv_cache: {PROMPT_LENS: [16, 64]}``). Every quick run also gets ``QUICK=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labkit import paths
+from labkit.skips import clear_skips, read_skips
+
+KERNEL_NAME = "labkit"
+
+
+@dataclass
+class NotebookRun:
+    """What happened to one notebook in a reproduce run."""
+
+    name: str
+    status: str  # "ok", "failed" or "timeout"
+    seconds: float
+    figures: list[str] = field(default_factory=list)
+    output: Path | None = None
+    error: str | None = None
+    skipped: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def discover(only: str | None = None, notebooks_dir: Path | None = None) -> list[Path]:
+    """The lab's notebooks (``NN_slug.ipynb``), in order; ``only`` filters by substring or glob."""
+    folder = notebooks_dir or paths.notebooks_dir()
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+    if only:
+        patterns = [p.strip() for p in only.split(",") if p.strip()]
+        found = [
+            p
+            for p in found
+            if any(fnmatch.fnmatch(p.stem, pat) or pat in p.stem for pat in patterns)
+        ]
+    return found
+
+
+def quick_parameters(stem: str, quick_file: Path | None = None) -> dict:
+    """Quick-mode parameters of one notebook from notebooks/quick.yml (always with QUICK=True)."""
+    import yaml
+
+    path = quick_file or paths.notebooks_dir() / "quick.yml"
+    table = {}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of notebook stem -> parameters")
+        table = loaded
+    params = dict(table.get(stem) or {})
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: parameters of {stem!r} must be a mapping, got {params!r}")
+    params["QUICK"] = True
+    return params
+
+
+def ensure_kernel() -> str:
+    """Register this interpreter as the ``labkit`` Jupyter kernel inside its own prefix.
+
+    Papermill then runs notebooks with the same Python (and venv) as the runner, never with
+    some other ``python3`` kernel a user happens to have installed.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    spec_dir = specs.get(KERNEL_NAME)
+    if spec_dir:
+        argv = json.loads((Path(spec_dir) / "kernel.json").read_text()).get("argv", [])
+        if argv and Path(argv[0]).resolve() == Path(sys.executable).resolve():
+            return KERNEL_NAME
+    subprocess.run(
+        [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL_NAME,
+         "--display-name", "Python (labkit)"],
+        check=True, capture_output=True,
+    )
+    return KERNEL_NAME
+
+
+def _figures_since(stem: str, since: float) -> list[str]:
+    prefix = stem.split("_", 1)[0] + "_"
+    folder = paths.figures_dir()
+    if not folder.exists():
+        return []
+    return sorted(
+        p.name
+        for p in folder.glob(f"{prefix}*.png")
+        if p.stat().st_mtime >= since - 1.0
+    )
+
+
+def _last_error(stderr: str) -> str:
+    """The informative tail of papermill's stderr: the exception lines, not the progress noise."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if "Error" in lines[i] or "Exception" in lines[i]:
+            return "\n".join(lines[i : i + 3])[-600:]
+    return "\n".join(lines[-3:])[-600:]
+
+
+def run_notebook(
+    path: Path,
+    *,
+    quick: bool,
+    timeout: float | None = None,
+    out_dir: Path | None = None,
+    kernel: str = KERNEL_NAME,
+) -> NotebookRun:
+    """Execute one notebook with papermill in a subprocess; never raises for a notebook failure."""
+    stem = path.stem
+    out_dir = out_dir or paths.build_dir() / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{stem}.ipynb"
+    partial = out_dir / f".{stem}.partial.ipynb"
+    params = quick_parameters(stem) if quick else {}
+
+    env = dict(os.environ)
+    env.update(
+        LABKIT_NOTEBOOK=stem,
+        LABKIT_PARAMS=json.dumps(params, sort_keys=True),
+        LABKIT_QUICK="1" if quick else "0",
+        MPLBACKEND="Agg",
+        PYTHONHASHSEED="0",
+    )
+    cmd = [
+        sys.executable, "-m", "papermill", str(path), str(partial),
+        "--kernel", kernel, "--language", "python", "--cwd", str(path.parent), "--no-progress-bar",
+        "--parameters_yaml", json.dumps(params),
+    ]
+    clear_skips(stem)
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        status = "ok" if proc.returncode == 0 else "failed"
+        error = None if status == "ok" else _last_error(proc.stderr)
+    except subprocess.TimeoutExpired:
+        status, error = "timeout", f"timed out after {timeout:.0f} s"
+    seconds = time.perf_counter() - t0
+    output = None
+    if partial.exists():
+        os.replace(partial, final)
+        output = final
+    return NotebookRun(
+        name=stem, status=status, seconds=seconds, figures=_figures_since(stem, start),
+        output=output, error=error, skipped=read_skips(stem),
+    )
+
+
+def reproduce(
+    *,
+    quick: bool = False,
+    only: str | None = None,
+    jobs: int = 1,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> list[NotebookRun]:
+    """Run the selected notebooks (``jobs`` at a time) and return one NotebookRun each."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    notebooks = discover(only)
+    if not notebooks:
+        raise FileNotFoundError(
+            f"no notebook matches {only!r} in {paths.notebooks_dir()}" if only
+            else f"no notebooks found in {paths.notebooks_dir()}"
+        )
+    kernel = ensure_kernel()
+    runs: list[NotebookRun] = []
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), disable=not progress, transient=False,
+    ) as bar:
+        task = bar.add_task("quick" if quick else "reproduce", total=len(notebooks))
+
+        def one(nb: Path) -> NotebookRun:
+            run = run_notebook(nb, quick=quick, timeout=timeout, kernel=kernel)
+            bar.console.print(f"{'ok  ' if run.ok else 'FAIL'} {run.name} ({run.seconds:.0f} s)")
+            bar.advance(task)
+            return run
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            runs = list(pool.map(one, notebooks))
+    return runs
+
+
+def summary_table(runs: list[NotebookRun]):
+    """A rich Table: notebook, status, seconds, figures written, error."""
+    from rich.table import Table
+
+    table = Table(title="labkit reproduce")
+    for col in ("notebook", "status", "seconds", "figures", "skipped", "error"):
+        table.add_column(col)
+    for r in runs:
+        style = "green" if r.ok else "red"
+        table.add_row(
+            r.name, f"[{style}]{r.status}[/{style}]", f"{r.seconds:.1f}", str(len(r.figures)),
+            "; ".join(f"{s['part']} ({s['reason']})" for s in r.skipped),
+            (r.error or "").splitlines()[-1][:80] if r.error else "",
+        )
+    return table
+
+
+def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
+    """build/reproduce-summary.json: what ran, how it ended, what it wrote (for the site and CI logs)."""
+    out = paths.build_dir() / "reproduce-summary.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "quick": quick,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "notebooks": [
+            {"name": r.name, "status": r.status, "seconds": round(r.seconds, 2),
+             "figures": r.figures, "skipped": r.skipped, "error": r.error,
+             "output": str(r.output) if r.output else None}
+            for r in runs
+        ],
+    }
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, out)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="quick parameters from notebooks/quick.yml")
+    parser.add_argument("--only", metavar="PATTERN", help="notebook stems to run: substring or glob, comma-separated")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="limit per notebook (default none)")
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    try:
+        runs = reproduce(quick=args.quick, only=args.only, jobs=args.jobs, timeout=args.timeout)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    write_summary(runs, args.quick)
+    console.print(summary_table(runs))
+    failed = [r for r in runs if not r.ok]
+    for r in failed:
+        console.print(f"[red]{r.name}: {r.status}[/red]\n{r.error}\n  executed copy: {r.output}")
+    console.print(f"{len(runs) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0

@@ -1,0 +1,111 @@
+"""The headless runner: discovery, quick parameters, failure handling, summary, exit code.
+
+These run real papermill subprocesses on tiny notebooks written into a temporary lab root
+(LABKIT_ROOT), so nothing touches the repository's figures/ or data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from labkit import reproduce
+
+
+def _write_notebook(path: Path, body: str, params: str = "QUICK = False\nN = 3") -> None:
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# test"), p, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    root = tmp_path / "lab"
+    (root / "notebooks").mkdir(parents=True)
+    monkeypatch.setenv("LABKIT_ROOT", str(root))
+    return root
+
+
+GOOD = """
+from pathlib import Path
+import os, json
+root = Path(os.environ["LABKIT_ROOT"])
+(root / "figures").mkdir(exist_ok=True)
+(root / "figures" / "01_good-n.png").write_text(str(N))
+(root / "seen.json").write_text(json.dumps({"N": N, "QUICK": QUICK, "nb": os.environ["LABKIT_NOTEBOOK"]}))
+from labkit.skips import skip
+skip("Core ML prediction", "needs macOS")
+"""
+
+
+def test_discover_orders_and_filters(lab):
+    for name in ("02_b.ipynb", "01_a.ipynb", "notes.ipynb", "10_c.ipynb"):
+        _write_notebook(lab / "notebooks" / name, "pass")
+    assert [p.stem for p in reproduce.discover()] == ["01_a", "02_b", "10_c"]
+    assert [p.stem for p in reproduce.discover("02")] == ["02_b"]
+    assert [p.stem for p in reproduce.discover("0[12]_*")] == ["01_a", "02_b"]
+    assert [p.stem for p in reproduce.discover("01,10")] == ["01_a", "10_c"]
+
+
+def test_quick_parameters_from_one_file(lab):
+    (lab / "notebooks" / "quick.yml").write_text("01_good:\n  N: 1\n")
+    assert reproduce.quick_parameters("01_good") == {"N": 1, "QUICK": True}
+    assert reproduce.quick_parameters("02_other") == {"QUICK": True}
+    (lab / "notebooks" / "quick.yml").write_text("- not a mapping\n")
+    with pytest.raises(ValueError, match="quick.yml"):
+        reproduce.quick_parameters("01_good")
+
+
+@pytest.mark.slow
+def test_failing_notebook_runs_others_and_exits_nonzero(lab, capsys):
+    nbdir = lab / "notebooks"
+    (nbdir / "quick.yml").write_text("01_good:\n  N: 1\n")
+    _write_notebook(nbdir / "01_good.ipynb", GOOD)
+    _write_notebook(nbdir / "02_bad.ipynb", "raise RuntimeError('boom in cell')")
+    _write_notebook(nbdir / "03_after.ipynb", "x = 1")
+    # An earlier figure of the failing notebook must survive the failed run.
+    (lab / "figures").mkdir()
+    (lab / "figures" / "02_bad-old.png").write_text("earlier")
+
+    args = argparse.Namespace(quick=True, only=None, jobs=1, timeout=120)
+    code = reproduce.main_from_args(args)
+
+    assert code == 1
+    summary = json.loads((lab / "build" / "reproduce-summary.json").read_text())
+    status = {n["name"]: n["status"] for n in summary["notebooks"]}
+    assert status == {"01_good": "ok", "02_bad": "failed", "03_after": "ok"}
+    bad = next(n for n in summary["notebooks"] if n["name"] == "02_bad")
+    assert "boom in cell" in bad["error"]
+    good = next(n for n in summary["notebooks"] if n["name"] == "01_good")
+    assert good["figures"] == ["01_good-n.png"]
+    assert good["skipped"] == [{"part": "Core ML prediction", "reason": "needs macOS"}]
+    # quick parameters were injected, and the notebook knew its own name
+    assert json.loads((lab / "seen.json").read_text()) == {"N": 1, "QUICK": True, "nb": "01_good"}
+    assert (lab / "figures" / "02_bad-old.png").read_text() == "earlier"
+    # executed copies land in build/notebooks, the failing one too (it holds the traceback)
+    assert (lab / "build" / "notebooks" / "01_good.ipynb").exists()
+    assert (lab / "build" / "notebooks" / "02_bad.ipynb").exists()
+    assert "1 failed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_timeout_is_a_failure(lab):
+    _write_notebook(lab / "notebooks" / "01_slow.ipynb", "import time\ntime.sleep(60)")
+    runs = reproduce.reproduce(quick=False, timeout=15, progress=False)
+    assert [r.status for r in runs] == ["timeout"]
+
+
+def test_no_match_is_an_error(lab):
+    args = argparse.Namespace(quick=False, only="99", jobs=1, timeout=None)
+    assert reproduce.main_from_args(args) == 2
+
+
+def test_jobs_must_be_positive(lab):
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce.reproduce(jobs=0)
