@@ -135,7 +135,7 @@ def run_notebook(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{stem}.ipynb"
     partial = out_dir / f".{stem}.partial.ipynb"
-    params = quick_parameters(stem) if quick else {}
+    params = quick_parameters(stem, path.parent / "quick.yml") if quick else {}
 
     env = dict(os.environ)
     env.update(
