@@ -1,0 +1,81 @@
+"""Shared fixtures. Model fixtures build tiny random checkpoints with transformers into tmp_path:
+no test reads weights from the network or from data/models unless it says so."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer.json (+ tokenizer_config.json) whose ids fit ``vocab_size``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<s>", "</s>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
+
+
+def build_hf_checkpoint(
+    folder: Path, arch: str = "llama", *, seed: int = 0, tokenizer: bool = True, **overrides: Any
+) -> Path:
+    """Save a tiny random transformers model (``arch`` "llama" or "phi") as safetensors."""
+    import torch
+    import transformers
+
+    base: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    base.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif arch == "phi":
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**base))
+    else:
+        raise ValueError(f"build_hf_checkpoint: unknown arch {arch!r}")
+    # Random init leaves norm weights at one and biases at zero; perturb them so a bug that
+    # ignores a norm weight or a bias cannot pass the parity tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer:
+        _write_tokenizer(folder, base["vocab_size"])
+    return folder
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``hf_checkpoint("llama", num_key_value_heads=1)`` -> a folder in tmp_path."""
+    counter = iter(range(1000))
+
+    def make(arch: str = "llama", **kwargs: Any) -> Path:
+        return build_hf_checkpoint(tmp_path / f"{arch}-{next(counter)}", arch, **kwargs)
+
+    return make
