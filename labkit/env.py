@@ -1,0 +1,389 @@
+"""The machine we run on: device choice, hardware fingerprint, memory-bandwidth probe.
+
+Why: every number the lab records depends on the hardware, so each record carries a machine id
+and the machine's fingerprint is stored beside the results. LLM decoding is usually limited by
+memory bandwidth, so the copy-bandwidth probe gives the denominator of later roofline estimates.
+
+Heavy libraries (torch) are imported inside the functions that need them; optional ones
+(coremltools, mlx, llama_cpp, onnxruntime) are only looked up, never imported, here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_ALLOWED_DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+
+# Distribution names whose versions the fingerprint reports (None where not installed).
+_VERSIONED = ("torch", "transformers", "numpy", "coremltools", "mlx")
+
+# The fingerprint fields that identify the hardware; library versions are left out on purpose so
+# that upgrading torch keeps the machine id.
+_IDENTITY_FIELDS = ("cpu", "cores_physical", "cores_logical", "ram_gb", "system", "arch",
+                    "apple_chip", "gpu")
+
+
+# --------------------------------------------------------------------------- device choice
+
+
+def pick_device(device: str = "auto") -> str:
+    """Resolve ``device`` to one torch can use here.
+
+    ``"auto"`` picks ``"mps"`` (Apple GPU) if available, else ``"cuda"``, else ``"cpu"``. An
+    explicit ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` is checked: a RuntimeError says why
+    it cannot be used here rather than failing later inside a model.
+    """
+    if not isinstance(device, str) or not _DEVICE_PATTERN.match(device):
+        raise ValueError(f"device must be one of {_ALLOWED_DEVICES}, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        if torch.backends.mps.is_available():
+            return "mps"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise RuntimeError(f"device='mps' requested but not available here: {_mps_reason()}")
+        return "mps"
+    # cuda or cuda:N
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} requested but not available here: {_cuda_reason()}")
+    if ":" in device:
+        index = int(device.split(":", 1)[1])
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise RuntimeError(
+                f"device={device!r} requested but this machine has {count} CUDA device(s) "
+                f"(indices 0..{count - 1})"
+            )
+    return device
+
+
+def _mps_reason() -> str:
+    if platform.system() != "Darwin":
+        return f"needs macOS on Apple silicon (this is {platform.system()})"
+    import torch
+
+    if not torch.backends.mps.is_built():
+        return f"this torch build ({torch.__version__}) has no MPS support"
+    return "torch.backends.mps.is_available() is False (needs macOS 12.3+ on Apple silicon)"
+
+
+def _cuda_reason() -> str:
+    import torch
+
+    if torch.version.cuda is None:
+        return f"no CUDA device (this torch build, {torch.__version__}, is CPU-only)"
+    return "no CUDA device (torch.cuda.is_available() is False)"
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
+    """stdout of ``cmd`` stripped, or None if it is missing, fails or hangs."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return (done.stdout or done.stderr).strip() or None
+
+
+def _cpu_model() -> str | None:
+    if platform.system() == "Darwin":
+        return _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        text = cpuinfo.read_text(errors="replace")
+        # x86 says "model name"; some ARM kernels only give "Hardware" or "Processor".
+        for key in ("model name", "Hardware", "Processor", "cpu model"):
+            match = re.search(rf"^{key}\s*:\s*(.+)$", text, flags=re.MULTILINE)
+            if match:
+                return match.group(1).strip()
+    return platform.processor() or None
+
+
+def _apple_chip() -> str | None:
+    """'Apple M2 Pro' and the like on Apple silicon; None elsewhere (Intel Macs included)."""
+    if platform.system() != "Darwin":
+        return None
+    brand = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+    return brand if brand and brand.startswith("Apple") else None
+
+
+def _cores() -> tuple[int | None, int | None]:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False), psutil.cpu_count(logical=True)
+    except ImportError:
+        return None, os.cpu_count()
+
+
+def _ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def _gpu_name() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if torch.backends.mps.is_available():
+        return "Apple GPU (MPS)"
+    return None
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def parse_swift_version(text: str) -> str | None:
+    """The version number in ``swift --version`` output (Linux and Apple toolchains)."""
+    match = re.search(r"Swift version (\d+(?:\.\d+)*)", text)
+    return match.group(1) if match else None
+
+
+@functools.cache
+def swift_version() -> str | None:
+    """Version of the ``swift`` on PATH, or None. Asked once per process (with a timeout)."""
+    if shutil.which("swift") is None:
+        return None
+    out = _run(["swift", "--version"], timeout=20.0)
+    return parse_swift_version(out) if out else None
+
+
+@functools.cache
+def _fingerprint() -> dict[str, Any]:
+    physical, logical = _cores()
+    ram = _ram_bytes()
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores_physical": physical,
+        "cores_logical": logical,
+        "ram_gb": round(ram / 2**30, 1) if ram else None,
+        "os": platform.platform(),
+        "system": platform.system(),
+        "arch": platform.machine(),
+        "apple_chip": _apple_chip(),
+        "gpu": _gpu_name(),
+        "versions": {
+            "python": platform.python_version(),
+            **{name: _dist_version(name) for name in _VERSIONED},
+            "swift": swift_version(),
+        },
+    }
+    info["machine_id"] = _hardware_id(info)
+    return info
+
+
+def _hardware_id(info: dict[str, Any]) -> str:
+    """12 hex digits of sha256 over the hardware fields only (RAM rounded to whole GiB)."""
+    identity = {key: info.get(key) for key in _IDENTITY_FIELDS}
+    if identity["ram_gb"] is not None:
+        identity["ram_gb"] = round(identity["ram_gb"])
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def fingerprint() -> dict[str, Any]:
+    """This machine: CPU model, cores, RAM, OS, arch, Apple chip, GPU, library versions, id.
+
+    Keys: cpu, cores_physical, cores_logical, ram_gb (GiB), os (platform string), system
+    (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (None without CUDA/MPS), versions
+    {python, torch, transformers, numpy, coremltools, mlx, swift} (None where absent), machine_id.
+
+    The machine id hashes the hardware fields only, so two identical machines share an id (their
+    results are comparable) and a library upgrade keeps it. Computed once per process; a copy
+    is returned so callers may modify it.
+    """
+    return copy.deepcopy(_fingerprint())
+
+
+def machine_id() -> str:
+    """The stable short hex id of this machine's hardware (see :func:`fingerprint`)."""
+    return _fingerprint()["machine_id"]
+
+
+def git_revision(root: Path | None = None) -> str:
+    """``git rev-parse --short HEAD`` of ``root`` (default: the lab root), ``+dirty`` if tracked
+    files changed, ``"unknown"`` when there is no git or no commit. Provenance for records and
+    figures."""
+    from labkit import paths
+
+    where = str(root if root is not None else paths.root())
+    rev = _run(["git", "-C", where, "rev-parse", "--short", "HEAD"])
+    if not rev:
+        return "unknown"
+    status = _run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"])
+    # _run returns None both for "clean" (empty output) and for failure; a failed status after a
+    # successful rev-parse is unlikely, and calling it clean is the conservative choice.
+    return f"{rev}+dirty" if status else rev
+
+
+# --------------------------------------------------------------------------- bandwidth probe
+
+
+def default_copy_sizes() -> list[int]:
+    """16 KiB to 256 MiB in powers of two: spans L1, L2, L3 and DRAM on current CPUs."""
+    return [2**k for k in range(14, 29)]
+
+
+def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd.DataFrame:
+    """Memory-copy bandwidth over buffer sizes, measured with ``np.copyto``.
+
+    Convention: a copy of ``size`` bytes moves ``2 * size`` bytes (it reads the source and writes
+    the destination), so GB/s = 2 * size / seconds / 1e9. (STREAM's "copy" counts the same way.)
+
+    Each timed sample repeats the copy enough times to move about 64 MiB, so tiny buffers are not
+    lost in clock resolution; numpy's per-call overhead (about a microsecond) still lowers the
+    figures for the smallest sizes, which are therefore lower bounds on cache bandwidth. Buffers
+    that fit a cache level show that level's bandwidth; the largest show DRAM's, provided they
+    exceed the last-level cache.
+
+    Returns a pandas DataFrame with columns size_bytes, gb_per_s (median), gb_per_s_p10,
+    gb_per_s_p90 (percentiles of bandwidth, i.e. p10 of bandwidth comes from p90 of time).
+    """
+    import pandas as pd
+
+    from labkit.timing import measure
+
+    sizes = default_copy_sizes() if sizes_bytes is None else list(sizes_bytes)
+    if not sizes or not all(
+        isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in sizes
+    ):
+        raise ValueError(f"sizes_bytes must be a non-empty list of positive ints, got {sizes_bytes!r}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+
+    rows = []
+    for size in sizes:
+        size = int(size)
+        src = np.ones(size, dtype=np.uint8)
+        dst = np.zeros(size, dtype=np.uint8)  # zeros, then written below: pages are touched
+        inner = max(1, (64 * 2**20) // size)
+
+        def copy_many(src: np.ndarray = src, dst: np.ndarray = dst, inner: int = inner) -> None:
+            for _ in range(inner):
+                np.copyto(dst, src)
+
+        stats = measure(copy_many, warmup=1, repeats=repeats)
+        moved = 2 * size * inner
+        rows.append(
+            {
+                "size_bytes": size,
+                "gb_per_s": moved / stats.median / 1e9,
+                "gb_per_s_p10": moved / stats.p90 / 1e9,
+                "gb_per_s_p90": moved / stats.p10 / 1e9,
+            }
+        )
+        del src, dst
+    return pd.DataFrame(rows, columns=["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90"])
+
+
+def peak_copy_bandwidth_gbs(df: pd.DataFrame) -> float:
+    """The DRAM-level copy bandwidth from :func:`copy_bandwidth`'s table, in GB/s.
+
+    Median of ``gb_per_s`` over the rows whose size is at least a quarter of the largest size
+    (with the default sizes: 64, 128 and 256 MiB), i.e. the buffers least likely to fit a cache.
+    It is the bandwidth a memory-bound decoder can hope for, the denominator of a roofline.
+    """
+    required = {"size_bytes", "gb_per_s"}
+    missing = required - set(getattr(df, "columns", []))
+    if missing:
+        raise ValueError(f"df must be copy_bandwidth()'s table; missing columns {sorted(missing)}")
+    if len(df) == 0:
+        raise ValueError("df is empty: run copy_bandwidth() first")
+    largest = df["size_bytes"].max()
+    top = df[df["size_bytes"] >= largest / 4]
+    return float(top["gb_per_s"].median())
+
+
+# --------------------------------------------------------------------------- optional runtimes
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def optional_runtimes() -> dict[str, str | None]:
+    """For each runtime the lab can benchmark: None if usable here, else why not (plain words).
+
+    Keys: torch-cpu, mps, cuda, coreml-predict, mlx, swift, llama.cpp, onnxruntime. Probes by
+    lookup (importlib.util.find_spec, shutil.which); only torch is imported, to ask about devices.
+    """
+    is_mac = platform.system() == "Darwin"
+    has_torch = _installed("torch")
+    reasons: dict[str, str | None] = {}
+
+    reasons["torch-cpu"] = None if has_torch else "torch not installed: pip install torch"
+
+    if not has_torch:
+        reasons["mps"] = "torch not installed: pip install torch"
+        reasons["cuda"] = "torch not installed: pip install torch"
+    else:
+        import torch
+
+        reasons["mps"] = None if torch.backends.mps.is_available() else _mps_reason()
+        reasons["cuda"] = None if torch.cuda.is_available() else _cuda_reason()
+
+    if not is_mac:
+        reasons["coreml-predict"] = "needs macOS (Core ML predictions run only on macOS)"
+    elif not _installed("coremltools"):
+        reasons["coreml-predict"] = "coremltools not installed: pip install 'labkit[coreml]'"
+    else:
+        reasons["coreml-predict"] = None
+
+    reasons["mlx"] = (
+        None if _installed("mlx.core") else "mlx not installed: pip install 'labkit[mlx]'"
+    )
+    reasons["swift"] = None if shutil.which("swift") else "swift not on PATH"
+    reasons["llama.cpp"] = (
+        None if _installed("llama_cpp")
+        else "llama-cpp-python not installed: pip install 'labkit[llamacpp]'"
+    )
+    reasons["onnxruntime"] = (
+        None if _installed("onnxruntime")
+        else "onnxruntime not installed: pip install 'labkit[onnx]'"
+    )
+    return reasons

@@ -1,0 +1,230 @@
+"""labkit.env: device choice, fingerprint and machine id, bandwidth probe, optional runtimes."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from labkit import env
+
+
+@pytest.fixture(autouse=True)
+def fresh_fingerprint() -> Iterator[None]:
+    """Each test computes the fingerprint anew, so monkeypatched probes take effect."""
+    env._fingerprint.cache_clear()
+    yield
+    env._fingerprint.cache_clear()
+
+
+def _fake_devices(monkeypatch: pytest.MonkeyPatch, *, mps: bool, cuda: bool, count: int = 1) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count if cuda else 0)
+
+
+# --------------------------------------------------------------------------- pick_device
+
+
+@pytest.mark.parametrize(
+    ("mps", "cuda", "expected"),
+    [(False, False, "cpu"), (False, True, "cuda"), (True, False, "mps"), (True, True, "mps")],
+)
+def test_auto_prefers_mps_then_cuda_then_cpu(
+    monkeypatch: pytest.MonkeyPatch, mps: bool, cuda: bool, expected: str
+) -> None:
+    _fake_devices(monkeypatch, mps=mps, cuda=cuda)
+    assert env.pick_device() == expected
+    assert env.pick_device("auto") == expected
+
+
+@pytest.mark.parametrize("bad", ["gpu", "CUDA", "cuda:", "cuda:x", "", "metal", None, 0])
+def test_pick_device_refuses_unknown_names(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"device must be one of .*'cpu'.*'mps'"):
+        env.pick_device(bad)  # type: ignore[arg-type]
+
+
+def test_pick_device_explicit_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_devices(monkeypatch, mps=False, cuda=False)
+    assert env.pick_device("cpu") == "cpu"
+    with pytest.raises(RuntimeError, match=r"device='cuda'.*no CUDA device"):
+        env.pick_device("cuda")
+    with pytest.raises(RuntimeError, match=r"device='mps'.*"):
+        env.pick_device("mps")
+
+
+def test_pick_device_checks_cuda_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_devices(monkeypatch, mps=False, cuda=True, count=1)
+    assert env.pick_device("cuda") == "cuda"
+    assert env.pick_device("cuda:0") == "cuda:0"
+    with pytest.raises(RuntimeError, match=r"1 CUDA device"):
+        env.pick_device("cuda:1")
+
+
+def test_pick_device_mps_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_devices(monkeypatch, mps=True, cuda=False)
+    assert env.pick_device("mps") == "mps"
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def test_fingerprint_fields_and_stable_id() -> None:
+    first = env.fingerprint()
+    env._fingerprint.cache_clear()  # recompute from scratch: the id must not depend on luck
+    second = env.fingerprint()
+    assert first["machine_id"] == second["machine_id"] == env.machine_id()
+    assert re.fullmatch(r"[0-9a-f]{12}", first["machine_id"])
+    for key in ("cpu", "cores_physical", "cores_logical", "ram_gb", "os", "system", "arch",
+                "apple_chip", "gpu", "versions"):
+        assert key in first
+    assert set(first["versions"]) == {
+        "python", "torch", "transformers", "numpy", "coremltools", "mlx", "swift"
+    }
+    assert first["versions"]["torch"] == torch.__version__
+    assert first["versions"]["numpy"] is not None
+    assert first["cores_logical"] >= 1
+    assert first["ram_gb"] > 0
+
+
+def test_fingerprint_returns_a_copy() -> None:
+    info = env.fingerprint()
+    info["versions"]["torch"] = "changed"
+    info["cpu"] = "changed"
+    assert env.fingerprint()["cpu"] != "changed"
+    assert env.fingerprint()["versions"]["torch"] != "changed"
+
+
+def test_machine_id_ignores_library_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = env.machine_id()
+    env._fingerprint.cache_clear()
+    monkeypatch.setattr(env, "_dist_version", lambda name: "99.0")
+    assert env.fingerprint()["versions"]["torch"] == "99.0"
+    assert env.machine_id() == before
+
+
+def test_machine_id_changes_with_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = env.machine_id()
+    env._fingerprint.cache_clear()
+    monkeypatch.setattr(env, "_cpu_model", lambda: "Some Other CPU 9000")
+    assert env.machine_id() != before
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Swift version 6.3.1 (swift-6.3.1-RELEASE)\nTarget: x86_64-unknown-linux-gnu", "6.3.1"),
+        ("swift-driver version: 1.115 Apple Swift version 6.0.3 (swiftlang-6.0.3.1.10 "
+         "clang-1600.0.30.1)\nTarget: arm64-apple-macosx15.0", "6.0.3"),
+        ("command not found", None),
+    ],
+)
+def test_parse_swift_version(text: str, expected: str | None) -> None:
+    assert env.parse_swift_version(text) == expected
+
+
+def test_git_revision(tmp_path: Path) -> None:
+    assert env.git_revision(tmp_path) == "unknown"  # not a repository
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    assert env.git_revision(tmp_path) == "unknown"  # no commit yet
+    (tmp_path / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert env.git_revision(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("ignored by the dirty check")
+    assert env.git_revision(tmp_path) == head
+    (tmp_path / "f.txt").write_text("b")
+    assert env.git_revision(tmp_path) == f"{head}+dirty"
+
+
+# --------------------------------------------------------------------------- bandwidth
+
+
+def test_copy_bandwidth_small_sizes_positive() -> None:
+    df = env.copy_bandwidth([16 * 1024, 64 * 1024], repeats=2)
+    assert list(df.columns) == ["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90"]
+    assert df["size_bytes"].tolist() == [16 * 1024, 64 * 1024]
+    for col in ("gb_per_s", "gb_per_s_p10", "gb_per_s_p90"):
+        assert (df[col] > 0).all() and df[col].map(pd.notna).all()
+    assert (df["gb_per_s_p10"] <= df["gb_per_s"]).all()
+    assert (df["gb_per_s"] <= df["gb_per_s_p90"]).all()
+
+
+def test_default_sizes_span_16kib_to_256mib() -> None:
+    sizes = env.default_copy_sizes()
+    assert sizes[0] == 16 * 1024 and sizes[-1] == 256 * 1024**2
+    assert all(b == 2 * a for a, b in zip(sizes, sizes[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"sizes_bytes": []}, "sizes_bytes"), ({"sizes_bytes": [0]}, "sizes_bytes"),
+     ({"sizes_bytes": [1.5]}, "sizes_bytes"), ({"sizes_bytes": [64], "repeats": 0}, "repeats")],
+)
+def test_copy_bandwidth_validates(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        env.copy_bandwidth(**kwargs)
+
+
+def test_peak_copy_bandwidth_uses_largest_sizes() -> None:
+    df = pd.DataFrame({"size_bytes": [1, 2, 4, 8], "gb_per_s": [100.0, 50.0, 10.0, 12.0]})
+    # sizes >= 8 / 4 are 2, 4, 8 -> median of 50, 10, 12
+    assert env.peak_copy_bandwidth_gbs(df) == pytest.approx(12.0)
+    with pytest.raises(ValueError, match="size_bytes"):
+        env.peak_copy_bandwidth_gbs(pd.DataFrame({"gb_per_s": [1.0]}))
+    with pytest.raises(ValueError, match="empty"):
+        env.peak_copy_bandwidth_gbs(df.iloc[:0])
+
+
+# --------------------------------------------------------------------------- optional runtimes
+
+RUNTIMES = {"torch-cpu", "mps", "cuda", "coreml-predict", "mlx", "swift", "llama.cpp",
+            "onnxruntime"}
+
+
+def test_optional_runtimes_keys_and_values() -> None:
+    reasons = env.optional_runtimes()
+    assert set(reasons) == RUNTIMES
+    assert reasons["torch-cpu"] is None  # torch is a core dependency
+    for value in reasons.values():
+        assert value is None or (isinstance(value, str) and value)
+
+
+def test_optional_runtimes_reasons_when_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(env, "_installed", lambda module: module == "torch")
+    monkeypatch.setattr(env.shutil, "which", lambda name: None)
+    _fake_devices(monkeypatch, mps=False, cuda=False)
+    reasons = env.optional_runtimes()
+    assert reasons["torch-cpu"] is None
+    assert reasons["coreml-predict"] == "needs macOS (Core ML predictions run only on macOS)"
+    assert reasons["mlx"] == "mlx not installed: pip install 'labkit[mlx]'"
+    assert reasons["swift"] == "swift not on PATH"
+    assert "no CUDA device" in reasons["cuda"]
+    assert "macOS" in reasons["mps"]
+    assert "labkit[llamacpp]" in reasons["llama.cpp"]
+    assert "labkit[onnx]" in reasons["onnxruntime"]
+
+
+def test_optional_runtimes_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(env, "_installed", lambda module: True)
+    monkeypatch.setattr(env.shutil, "which", lambda name: f"/usr/bin/{name}")
+    _fake_devices(monkeypatch, mps=True, cuda=True)
+    assert all(v is None for v in env.optional_runtimes().values())
+
+
+def test_optional_runtimes_without_coremltools_on_mac(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(env, "_installed", lambda module: module != "coremltools")
+    assert env.optional_runtimes()["coreml-predict"] == (
+        "coremltools not installed: pip install 'labkit[coreml]'"
+    )
