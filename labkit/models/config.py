@@ -235,6 +235,11 @@ class PhiConfig(_DecoderConfig):
             )
         if self.qk_layernorm:
             raise ModelLoadError(source, "qk_layernorm=True is not supported by labkit's Phi")
+        if self.tie_word_embeddings:
+            raise ModelLoadError(
+                source,
+                "tie_word_embeddings=True is not supported by labkit's Phi (lm_head has a bias)",
+            )
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ModelLoadError(
                 source,
