@@ -204,6 +204,7 @@ def _fingerprint() -> dict[str, Any]:
         "arch": platform.machine(),
         "apple_chip": _apple_chip(),
         "gpu": _gpu_name(),
+        "caches": cpu_cache_sizes(),
         "versions": {
             "python": platform.python_version(),
             **{name: _dist_version(name) for name in _VERSIONED},
@@ -227,7 +228,8 @@ def fingerprint() -> dict[str, Any]:
     """This machine: CPU model, cores, RAM, OS, arch, Apple chip, GPU, library versions, id.
 
     Keys: cpu, cores_physical, cores_logical, ram_gb (GiB), os (platform string), system
-    (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (None without CUDA/MPS), versions
+    (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (None without CUDA/MPS), caches
+    (:func:`cpu_cache_sizes`, bytes), versions
     {python, torch, transformers, numpy, coremltools, mlx, swift} (None where absent), machine_id.
 
     The machine id hashes the hardware fields only, so two identical machines share an id (their
@@ -256,6 +258,55 @@ def git_revision(root: Path | None = None) -> str:
     # _run returns None both for "clean" (empty output) and for failure; a failed status after a
     # successful rev-parse is unlikely, and calling it clean is the conservative choice.
     return f"{rev}+dirty" if status else rev
+
+
+_SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _parse_cache_size(text: str) -> int | None:
+    """'32K' / '1024K' / '8M' / '32768' (sysfs and sysctl spellings) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[match.group(2).upper()]
+    return int(match.group(1)) * scale
+
+
+def cpu_cache_sizes(sysfs: Path = _SYSFS_CACHE) -> dict[str, int]:
+    """Data-cache sizes of one core in bytes, e.g. ``{"L1d": 32768, "L2": 1048576, "L3": ...}``.
+
+    Read from Linux sysfs (``sysfs``, cpu0's cache folder) or macOS sysctl (the performance
+    cores' figures on Apple silicon, which reports no L3). Empty when the OS does not say.
+    Used to mark the cache levels on the copy-bandwidth curve; note that a copy of ``size``
+    bytes has a working set of ``2 * size`` (source and destination).
+    """
+    sizes: dict[str, int] = {}
+    if platform.system() == "Darwin":
+        for label, keys in (
+            ("L1d", ("hw.perflevel0.l1dcachesize", "hw.l1dcachesize")),
+            ("L2", ("hw.perflevel0.l2cachesize", "hw.l2cachesize")),
+            ("L3", ("hw.l3cachesize",)),
+        ):
+            for key in keys:
+                value = _run(["sysctl", "-n", key])
+                size = _parse_cache_size(value) if value else None
+                if size:
+                    sizes[label] = size
+                    break
+        return sizes
+    if not sysfs.is_dir():
+        return sizes
+    for index in sorted(sysfs.glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = _parse_cache_size((index / "size").read_text())
+        except OSError:
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        sizes[f"L{level}d" if kind == "Data" else f"L{level}"] = size
+    return dict(sorted(sizes.items(), key=lambda item: item[1]))
 
 
 # --------------------------------------------------------------------------- bandwidth probe

@@ -81,7 +81,7 @@ def test_fingerprint_fields_and_stable_id() -> None:
     assert first["machine_id"] == second["machine_id"] == env.machine_id()
     assert re.fullmatch(r"[0-9a-f]{12}", first["machine_id"])
     for key in ("cpu", "cores_physical", "cores_logical", "ram_gb", "os", "system", "arch",
-                "apple_chip", "gpu", "versions"):
+                "apple_chip", "gpu", "caches", "versions"):
         assert key in first
     assert set(first["versions"]) == {
         "python", "torch", "transformers", "numpy", "coremltools", "mlx", "swift"
@@ -143,6 +143,36 @@ def test_git_revision(tmp_path: Path) -> None:
     assert env.git_revision(tmp_path) == head
     (tmp_path / "f.txt").write_text("b")
     assert env.git_revision(tmp_path) == f"{head}+dirty"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("32K", 32768), ("1024K\n", 2**20), ("8M", 8 * 2**20), ("65536", 65536), ("big", None)],
+)
+def test_parse_cache_size(text: str, expected: int | None) -> None:
+    assert env._parse_cache_size(text) == expected
+
+
+def test_cpu_cache_sizes_from_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env.platform, "system", lambda: "Linux")
+    for i, (level, kind, size) in enumerate(
+        [(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+         (3, "Unified", "32768K")]
+    ):
+        folder = tmp_path / f"index{i}"
+        folder.mkdir()
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "type").write_text(f"{kind}\n")
+        (folder / "size").write_text(f"{size}\n")
+    assert env.cpu_cache_sizes(tmp_path) == {"L1d": 48 * 1024, "L2": 2 * 2**20, "L3": 32 * 2**20}
+    assert env.cpu_cache_sizes(tmp_path / "missing") == {}
+
+
+def test_cpu_cache_sizes_on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    answers = {"hw.perflevel0.l1dcachesize": "131072", "hw.perflevel0.l2cachesize": "16777216"}
+    monkeypatch.setattr(env, "_run", lambda cmd, timeout=10.0: answers.get(cmd[-1]))
+    assert env.cpu_cache_sizes() == {"L1d": 131072, "L2": 16777216}  # Apple silicon: no L3
 
 
 # --------------------------------------------------------------------------- bandwidth
