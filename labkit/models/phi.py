@@ -122,9 +122,8 @@ class Phi(nn.Module):
         cos, sin = rope_cos_sin(
             cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_factor
         )
-        if device is None:
+        if device is None:  # beside the weights (on 'meta' while a loader builds the skeleton)
             device = self.model.embed_tokens.weight.device
-            device = "cpu" if device.type == "meta" else device
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 

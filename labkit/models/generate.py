@@ -1,0 +1,250 @@
+"""Autoregressive generation: prefill the prompt once, then decode one token per step.
+
+``greedy``, ``sample`` and ``stream`` share one loop (``_decode``). With ``cache=True`` (the
+default) the loop allocates a ``KVCache`` for prompt + new tokens up front, runs the prompt through
+the model once (prefill) and then feeds one token per step (decode), so each step costs one
+token's work. With ``cache=False`` every step reruns the model on the whole sequence so far — the
+quadratic baseline a KV-cache study compares against.
+
+The per-token Python overhead is kept small on purpose (a later study compares tokens/s with
+``transformers.generate``): the loop runs under ``torch.inference_mode``, writes tokens into one
+preallocated output buffer, and allocates nothing per step beyond what the model itself does.
+
+Models: anything called as ``model(input_ids, cache=...)`` returning logits ``[B, T, V]``
+(labkit's Llama and Phi). With ``cache=False`` a transformers model (output with ``.logits``)
+works too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from labkit.models.kv_cache import Cache, KVCache
+
+
+@dataclass
+class Generation:
+    """What ``greedy`` and ``sample`` return.
+
+    tokens: ``[B, T_prompt + n]`` prompt followed by the ``n`` generated tokens (``n`` is less
+        than ``max_new_tokens`` when every row hit an end-of-sequence token; rows that finished
+        early are padded with the first EOS id).
+    logits: ``[B, n, V]`` the logits each new token was chosen from, if requested, else None.
+    prompt_length: ``T_prompt``.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor | None
+    prompt_length: int
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.tokens[:, self.prompt_length :]
+
+
+def _as_logits(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits  # type: ignore[attr-defined]
+
+
+def _eos_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, device=device) if ids else None
+
+
+def _check_inputs(input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must be a LongTensor [batch, tokens>=1], got {shape}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+
+
+def _pick_greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def _sampler(temperature: float, top_k: int | None, generator: torch.Generator):
+    """A picker: logits [B, V] -> token ids [B], drawn from softmax(logits / T) over the top k."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (use greedy for 0), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        scaled = logits.float() / temperature
+        if top_k is not None and top_k < scaled.shape[-1]:
+            kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    return pick
+
+
+def _decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    pick,
+    *,
+    cache: bool | Cache,
+    eos_token_id: int | list[int] | None,
+    out: torch.Tensor,
+    logits_out: torch.Tensor | None,
+) -> Iterator[torch.Tensor]:
+    """The loop. Writes tokens into ``out`` [B, T+n] (prompt already copied in) and yields each
+    step's new tokens [B]. Stops early once every row has produced an EOS token."""
+    b, t = input_ids.shape
+    eos = _eos_ids(eos_token_id, input_ids.device)
+    finished = (
+        torch.zeros(b, dtype=torch.bool, device=input_ids.device) if eos is not None else None
+    )
+    kv: Cache | None = None
+    if cache is True:
+        kv = KVCache.for_model(model, max_len=t + max_new_tokens, batch=b)
+    elif cache is not False:
+        kv = cache
+        if hasattr(kv, "reset"):
+            kv.reset()
+    for step in range(max_new_tokens):
+        pos = t + step
+        if kv is None:
+            logits = _as_logits(model(out[:, :pos]))[:, -1]
+        elif step == 0:
+            logits = model(out[:, :pos], cache=kv)[:, -1]  # prefill
+        else:
+            logits = model(out[:, pos - 1 : pos], cache=kv)[:, -1]  # decode one token
+        token = pick(logits)
+        if finished is not None:
+            token = torch.where(finished, eos[0], token)
+            finished |= torch.isin(token, eos)
+        out[:, pos] = token
+        if logits_out is not None:
+            logits_out[:, step] = logits
+        yield token
+        if finished is not None and bool(finished.all()):
+            return
+
+
+def _run(model, input_ids, max_new_tokens, pick, cache, eos_token_id, return_logits) -> Generation:
+    _check_inputs(input_ids, max_new_tokens)
+    b, t = input_ids.shape
+    with torch.inference_mode():
+        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        out[:, :t] = input_ids
+        logits_out = None
+        if return_logits:
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            if vocab is None:
+                raise ValueError("return_logits needs model.config.vocab_size")
+            logits_out = torch.empty(b, max_new_tokens, vocab, device=input_ids.device)
+        n = 0
+        for _ in _decode(
+            model,
+            input_ids,
+            max_new_tokens,
+            pick,
+            cache=cache,
+            eos_token_id=eos_token_id,
+            out=out,
+            logits_out=logits_out,
+        ):
+            n += 1
+    return Generation(
+        tokens=out[:, : t + n],
+        logits=None if logits_out is None else logits_out[:, :n],
+        prompt_length=t,
+    )
+
+
+def greedy(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    cache: bool | Cache = True,
+    eos_token_id: int | list[int] | None = None,
+    return_logits: bool = False,
+) -> Generation:
+    """Append the most likely token ``max_new_tokens`` times (or until every row emits EOS).
+
+    ``cache``: True allocates a KVCache for prompt + new tokens; False recomputes the whole
+    sequence each step; a cache object is reset and reused (saves the allocation in benchmarks).
+    """
+    return _run(model, input_ids, max_new_tokens, _pick_greedy, cache, eos_token_id, return_logits)
+
+
+def sample(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    cache: bool | Cache = True,
+    eos_token_id: int | list[int] | None = None,
+    return_logits: bool = False,
+) -> Generation:
+    """Sample from softmax(logits / temperature), restricted to the ``top_k`` most likely tokens.
+
+    Deterministic: the draws come from ``generator`` if given, else a torch.Generator seeded with
+    ``seed`` on the input's device. Logits returned are the raw (unscaled) ones.
+    """
+    gen = generator or torch.Generator(device=input_ids.device).manual_seed(seed)
+    pick = _sampler(temperature, top_k, gen)
+    return _run(model, input_ids, max_new_tokens, pick, cache, eos_token_id, return_logits)
+
+
+def stream(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    cache: bool | Cache = True,
+    eos_token_id: int | list[int] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each new token (``[B]`` LongTensor) as soon as it is chosen (for TTFT/TPOT timing
+    and for printing text as it appears). ``temperature=0`` is greedy."""
+    _check_inputs(input_ids, max_new_tokens)
+    if temperature == 0:
+        pick = _pick_greedy
+    else:
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+        pick = _sampler(temperature, top_k, gen)
+    b, t = input_ids.shape
+    with torch.inference_mode():
+        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        out[:, :t] = input_ids
+        steps = _decode(
+            model,
+            input_ids,
+            max_new_tokens,
+            pick,
+            cache=cache,
+            eos_token_id=eos_token_id,
+            out=out,
+            logits_out=None,
+        )
+    # inference_mode is entered around each step, never held across a yield: the caller's code
+    # between tokens must not silently run in inference mode.
+    while True:
+        with torch.inference_mode():
+            try:
+                token = next(steps)
+            except StopIteration:
+                return
+        yield token
