@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -369,12 +370,18 @@ def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd
     return pd.DataFrame(rows, columns=["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90"])
 
 
-def peak_copy_bandwidth_gbs(df: pd.DataFrame) -> float:
+def peak_copy_bandwidth_gbs(df: pd.DataFrame, *, llc_bytes: int | None = None) -> float:
     """The DRAM-level copy bandwidth from :func:`copy_bandwidth`'s table, in GB/s.
 
-    Median of ``gb_per_s`` over the rows whose size is at least a quarter of the largest size
-    (with the default sizes: 64, 128 and 256 MiB), i.e. the buffers least likely to fit a cache.
-    It is the bandwidth a memory-bound decoder can hope for, the denominator of a roofline.
+    Median of ``gb_per_s`` over the rows that cannot fit a cache: size at least the last-level
+    cache (so the working set, source + destination, is at least twice it) and at least a
+    quarter of the largest size (Apple silicon reports no system-level cache, so the largest
+    buffers are the safe ones). With the default sizes on a 32 MiB-L3 CPU: 64, 128, 256 MiB.
+    ``llc_bytes`` defaults to the largest of :func:`cpu_cache_sizes` (0 when unknown).
+
+    If even the largest buffer is smaller than the last-level cache, its figure is returned
+    with a warning: it measures the cache, not DRAM. This is the bandwidth a memory-bound
+    decoder can hope for, the denominator of a roofline.
     """
     required = {"size_bytes", "gb_per_s"}
     missing = required - set(getattr(df, "columns", []))
@@ -382,9 +389,18 @@ def peak_copy_bandwidth_gbs(df: pd.DataFrame) -> float:
         raise ValueError(f"df must be copy_bandwidth()'s table; missing columns {sorted(missing)}")
     if len(df) == 0:
         raise ValueError("df is empty: run copy_bandwidth() first")
-    largest = df["size_bytes"].max()
-    top = df[df["size_bytes"] >= largest / 4]
-    return float(top["gb_per_s"].median())
+    if llc_bytes is None:
+        llc_bytes = max(cpu_cache_sizes().values(), default=0)
+    largest = int(df["size_bytes"].max())
+    dram = df[(df["size_bytes"] >= llc_bytes) & (df["size_bytes"] >= largest / 4)]
+    if dram.empty:
+        warnings.warn(
+            f"the largest buffer ({largest} bytes) is smaller than the last-level cache "
+            f"({llc_bytes} bytes): this copy bandwidth is the cache's, not DRAM's",
+            stacklevel=2,
+        )
+        dram = df[df["size_bytes"] == largest]
+    return float(dram["gb_per_s"].median())
 
 
 # --------------------------------------------------------------------------- optional runtimes

@@ -204,14 +204,33 @@ def test_copy_bandwidth_validates(kwargs: dict, name: str) -> None:
         env.copy_bandwidth(**kwargs)
 
 
-def test_peak_copy_bandwidth_uses_largest_sizes() -> None:
-    df = pd.DataFrame({"size_bytes": [1, 2, 4, 8], "gb_per_s": [100.0, 50.0, 10.0, 12.0]})
-    # sizes >= 8 / 4 are 2, 4, 8 -> median of 50, 10, 12
-    assert env.peak_copy_bandwidth_gbs(df) == pytest.approx(12.0)
+def test_peak_copy_bandwidth_uses_buffers_beyond_the_caches() -> None:
+    mib = 2**20
+    df = pd.DataFrame({"size_bytes": [mib * k for k in (1, 16, 32, 64, 128, 256)],
+                       "gb_per_s": [100.0, 60.0, 40.0, 12.0, 10.0, 11.0]})
+    # LLC 32 MiB: sizes >= 32 MiB and >= 256/4 MiB -> 64, 128, 256 -> median of 12, 10, 11
+    assert env.peak_copy_bandwidth_gbs(df, llc_bytes=32 * mib) == pytest.approx(11.0)
+    # A 100 MiB LLC leaves 128 and 256 MiB -> median of 10, 11
+    assert env.peak_copy_bandwidth_gbs(df, llc_bytes=100 * mib) == pytest.approx(10.5)
+    # No cache known: the quarter-of-largest rule alone
+    assert env.peak_copy_bandwidth_gbs(df, llc_bytes=0) == pytest.approx(11.0)
+    small = df[df["size_bytes"] <= 64 * mib]
+    assert env.peak_copy_bandwidth_gbs(small, llc_bytes=0) == pytest.approx(40.0)  # 16, 32, 64
+    assert env.peak_copy_bandwidth_gbs(small, llc_bytes=32 * mib) == pytest.approx(26.0)
+    with pytest.warns(UserWarning, match="not DRAM"):
+        assert env.peak_copy_bandwidth_gbs(small, llc_bytes=512 * mib) == pytest.approx(12.0)
     with pytest.raises(ValueError, match="size_bytes"):
         env.peak_copy_bandwidth_gbs(pd.DataFrame({"gb_per_s": [1.0]}))
     with pytest.raises(ValueError, match="empty"):
         env.peak_copy_bandwidth_gbs(df.iloc[:0])
+
+
+def test_peak_copy_bandwidth_defaults_to_this_machines_caches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(env, "cpu_cache_sizes", lambda: {"L1d": 32 * 1024, "L2": 2**20})
+    df = pd.DataFrame({"size_bytes": [2**19, 2**20, 2**21], "gb_per_s": [90.0, 50.0, 20.0]})
+    assert env.peak_copy_bandwidth_gbs(df) == pytest.approx(35.0)  # 1 MiB and 2 MiB rows
 
 
 # --------------------------------------------------------------------------- optional runtimes
