@@ -102,16 +102,19 @@ def _axis_labelled(ax: Any, axis: str, fig: Any) -> bool:
 
 def check_figure(fig: Any) -> None:
     """Raise ValueError unless every plotted axes has a title (or the figure a suptitle) and
-    labelled x and y axes. Colorbars, hidden axes and empty axes are exempt.
+    labelled x and y axes. Colorbars, hidden axes (``ax.axis("off")``) and empty axes are
+    exempt, but a figure with nothing else (a table, text) still needs a title.
 
     Units in the labels are a house rule this check cannot verify; write them, e.g.
     "latency (ms)".
     """
     has_suptitle = bool(_fig_text(fig, "_suptitle"))
     problems = []
+    checked = 0
     for index, ax in enumerate(fig.get_axes()):
         if _is_colorbar(ax) or not ax.get_visible() or not ax.axison or not ax.has_data():
             continue
+        checked += 1
         where = f"axes {index}" + (f" ({ax.get_title()!r})" if _has_title(ax) else "")
         if not has_suptitle and not _has_title(ax):
             problems.append(f"{where} has no title (set ax.set_title or fig.suptitle)")
@@ -120,6 +123,8 @@ def check_figure(fig: Any) -> None:
                 problems.append(f"{where} has no {axis} label (ax.set_{axis}label, with units)")
     if not fig.get_axes():
         problems.append("the figure has no axes")
+    elif not checked and not has_suptitle and not any(_has_title(a) for a in fig.get_axes()):
+        problems.append("nothing is plotted on labelled axes and the figure has no title")
     if problems:
         raise ValueError("figure refused (house rule: titled, axes labelled with units): "
                          + "; ".join(problems))

@@ -163,6 +163,21 @@ def test_colorbar_and_hidden_axes_exempt() -> None:
     plotting.save_figure(fig, "heat")
 
 
+def test_figure_without_plotted_axes_needs_a_title() -> None:
+    fig, ax = plotting.new_figure()
+    ax.axis("off")
+    ax.table(cellText=[["1", "2"]], colLabels=["a (ms)", "b (ms)"])
+    with pytest.raises(ValueError, match="no title"):
+        plotting.save_figure(fig, "table")
+    ax.set_title("A table")
+    plotting.save_figure(fig, "table")
+
+
+def test_figure_without_axes_refused() -> None:
+    with pytest.raises(ValueError, match="no axes"):
+        plotting.save_figure(plt.figure(), "empty")
+
+
 def test_interrupted_save_keeps_old_files(monkeypatch: pytest.MonkeyPatch) -> None:
     fig, ax = good_figure()
     png, svg = plotting.save_figure(fig, "keep")
