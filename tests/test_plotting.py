@@ -24,6 +24,7 @@ from labkit import env, paths, plotting
 def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     plt.switch_backend("Agg")  # headless, whatever the machine's default
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    monkeypatch.delenv("LABKIT_OUTPUT_ROOT", raising=False)  # would redirect the writes
     monkeypatch.delenv("LABKIT_NOTEBOOK", raising=False)
     monkeypatch.delenv("LABKIT_PARAMS", raising=False)
     yield tmp_path

@@ -23,6 +23,7 @@ from labkit.results import RECORD_KEYS, load_results, record
 @pytest.fixture(autouse=True)
 def lab_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    monkeypatch.delenv("LABKIT_OUTPUT_ROOT", raising=False)  # would redirect the writes
     results._fingerprints_written.clear()
     results._git_rev_cache.clear()
     return tmp_path
