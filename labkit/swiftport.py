@@ -1,0 +1,555 @@
+"""The Swift port (swift/): build it, run its CLI, and make the reference data it is checked against.
+
+Why this module: the port earns trust the way llm.c's test_gpt2 does. PyTorch (transformers'
+LlamaForCausalLM / PhiForCausalLM in float32, the reference) writes a versioned dump
+(:mod:`labkit.refdump`); the Swift test target reads it and fails outside stated tolerances; and
+the Python side runs the ``lmport`` CLI and compares its logits with the same reference. This
+module holds the plumbing for all three, so the tests and notebook 04 share one code path:
+
+* :func:`available` says why the port cannot run here (no ``swift``, no OpenBLAS), or None.
+* :func:`build` runs ``swift build`` once per process (SwiftPM caches in ``swift/.build``).
+* :func:`run` runs the CLI and parses its tokens, tok/s and dumps.
+* :func:`reference` computes a :class:`~labkit.refdump.RefDump` with PyTorch.
+* :func:`prepare_fixtures` writes tiny random Llama (GQA) and Phi folders plus their dumps, and
+  the shipped tiny-llama's dump when it exists, into the folder ``swift test`` reads through
+  the ``LMPORT_FIXTURES`` environment variable.
+
+torch and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labkit import paths, refdump
+
+SWIFT_DIR = Path(__file__).resolve().parent.parent / "swift"
+FIXTURES_ENV = "LMPORT_FIXTURES"
+FIXTURES_VERSION = 1
+CLI_NAME = "lmport"
+
+# The acceptance tolerances of issue 7 (the Swift test target states the same numbers).
+LOGIT_TOL = 1e-4
+LOGIT_STEPS = 64
+GREEDY_STEPS = 256
+
+_built: dict[bool, Path] = {}
+
+
+# --- availability and build ------------------------------------------------------------------
+
+
+def available() -> str | None:
+    """None when the port can be built and run here; otherwise the reason, and how to fix it."""
+    if shutil.which("swift") is None:
+        return "swift is not on PATH (install a Swift 6 toolchain from swift.org)"
+    if not (SWIFT_DIR / "Package.swift").is_file():
+        return f"{SWIFT_DIR / 'Package.swift'} is missing (the Swift package is not in this checkout)"
+    if platform.system() == "Darwin":
+        return None  # Accelerate ships with macOS
+    if ctypes.util.find_library("openblas") is None:
+        return "OpenBLAS is missing: apt-get install -y libopenblas-dev"
+    headers = [Path("/usr/include/cblas.h"), Path("/usr/local/include/cblas.h")]
+    headers += list(Path("/usr/include").glob("*-linux-gnu/cblas.h"))
+    if not any(h.exists() for h in headers):
+        return "cblas.h is missing: apt-get install -y libopenblas-dev"
+    return None
+
+
+def _require_available() -> None:
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(f"the Swift port cannot run here: {reason}")
+
+
+def build(release: bool = True) -> Path:
+    """Build the package (``swift build``) once per process; return the ``lmport`` binary.
+
+    SwiftPM rebuilds only what changed, in ``swift/.build``; a second call in the same process
+    returns the cached path without running SwiftPM at all.
+    """
+    if release in _built:
+        return _built[release]
+    _require_available()
+    config = "release" if release else "debug"
+    proc = subprocess.run(
+        ["swift", "build", "-c", config, "--product", CLI_NAME],
+        cwd=SWIFT_DIR,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"swift build -c {config} failed in {SWIFT_DIR} (exit {proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    bin_dir = subprocess.run(
+        ["swift", "build", "-c", config, "--show-bin-path"],
+        cwd=SWIFT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    binary = Path(bin_dir) / CLI_NAME
+    if not binary.is_file():
+        raise RuntimeError(f"swift build reported success but {binary} does not exist")
+    _built[release] = binary
+    return binary
+
+
+def swift_test(fixtures: str | os.PathLike[str], release: bool = True) -> subprocess.CompletedProcess:
+    """Run ``swift test`` with ``LMPORT_FIXTURES`` pointing at ``fixtures``; returns the process.
+
+    Release mode shares the optimised build with :func:`build` (the tests use only the public
+    API, so they need no ``@testable`` debug build).
+    """
+    _require_available()
+    env = dict(os.environ, **{FIXTURES_ENV: str(Path(fixtures).resolve())})
+    cmd = ["swift", "test"] + (["-c", "release"] if release else [])
+    return subprocess.run(cmd, cwd=SWIFT_DIR, env=env, capture_output=True, text=True)
+
+
+# --- running the CLI ---------------------------------------------------------------------------
+
+
+@dataclass
+class SwiftRun:
+    """What one ``lmport`` run printed and dumped."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    decode_tok_s: float | None
+    prefill_s: float
+    decode_s: float
+    load_s: float
+    blas: str
+    threads: int | None
+    logits: np.ndarray | None = None  # [steps, vocab] when dumped
+    hidden: np.ndarray | None = None  # [layers, positions, hidden] when dumped
+    note: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _ids(tokens: list[int] | np.ndarray, what: str) -> str:
+    ids = [int(t) for t in tokens]
+    if not ids or min(ids) < 0:
+        raise ValueError(f"{what}: expected a non-empty list of token ids >= 0, got {ids[:8]}")
+    return ",".join(map(str, ids))
+
+
+def run(
+    model_dir: str | os.PathLike[str],
+    tokens: list[int] | np.ndarray,
+    max_new: int,
+    dump: str | os.PathLike[str] | bool | None = None,
+    threads: int | None = None,
+    *,
+    dump_hidden: bool = False,
+    force: list[int] | np.ndarray | None = None,
+    timeout: float = 600,
+) -> SwiftRun:
+    """Greedy-generate ``max_new`` tokens after ``tokens`` with the Swift CLI.
+
+    ``dump``: a path for the [steps, vocab] logits .npy (kept), or True for a temporary one;
+    either way the logits come back in ``.logits``. ``dump_hidden`` also returns the hidden state
+    after every layer. ``force`` feeds those tokens instead of the port's own (teacher forcing).
+    ``threads`` sets the BLAS thread count (OpenBLAS; Accelerate picks its own and says so).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model folder (no config.json)")
+    if max_new < 1:
+        raise ValueError(f"max_new: expected >= 1, got {max_new}")
+    binary = build(release=True)
+    with tempfile.TemporaryDirectory(prefix="lmport-") as tmp:
+        cmd = [str(binary), "--model", str(model_dir), "--tokens", _ids(tokens, "tokens")]
+        cmd += ["--max-new", str(max_new), "--json"]
+        logits_path: Path | None = None
+        if dump is True:
+            logits_path = Path(tmp) / "logits.npy"
+        elif dump:
+            logits_path = Path(dump)
+        if logits_path is not None:
+            cmd += ["--dump", str(logits_path)]
+        hidden_path = Path(tmp) / "hidden.npy"
+        if dump_hidden:
+            cmd += ["--dump-hidden", str(hidden_path)]
+        if force is not None:
+            cmd += ["--force", _ids(force, "force")]
+        if threads is not None:
+            cmd += ["--threads", str(int(threads))]
+        env = dict(os.environ)
+        if threads is not None:
+            env["OPENBLAS_NUM_THREADS"] = str(int(threads))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"lmport failed (exit {proc.returncode}): {proc.stderr.strip()}")
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        return SwiftRun(
+            prompt_tokens=info["prompt_tokens"],
+            tokens=info["tokens"],
+            decode_tok_s=info.get("decode_tok_s"),
+            prefill_s=info["prefill_s"],
+            decode_s=info["decode_s"],
+            load_s=info["load_s"],
+            blas=info["blas"],
+            threads=info.get("blas_threads"),
+            logits=np.load(logits_path) if logits_path is not None else None,
+            hidden=np.load(hidden_path) if dump_hidden else None,
+            note=info.get("note"),
+            raw=info,
+        )
+
+
+# --- the PyTorch reference ---------------------------------------------------------------------
+
+
+def _hf_class(model_dir: Path) -> Any:
+    """transformers' class for the folder's architecture (never trust_remote_code)."""
+    from transformers import LlamaForCausalLM, PhiForCausalLM
+
+    config = json.loads((model_dir / "config.json").read_text())
+    kind = config.get("model_type")
+    if kind == "llama":
+        return LlamaForCausalLM
+    if kind == "phi":
+        return PhiForCausalLM
+    raise ValueError(f"{model_dir / 'config.json'}: model_type {kind!r}; expected 'llama' or 'phi'")
+
+
+def load_reference_model(model_dir: str | os.PathLike[str]) -> Any:
+    """transformers' model for ``model_dir`` in float32 (weights upcast), eager attention, eval."""
+    import torch
+
+    model_dir = Path(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"{model_dir}: no .safetensors weights (only safetensors are read)")
+    cls = _hf_class(model_dir)
+    model = cls.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+    )
+    return model.eval()
+
+
+def weights_dtype(model_dir: str | os.PathLike[str]) -> str:
+    """The dtype the folder's safetensors store (float32, float16, bfloat16; 'mixed' if several)."""
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    found: set[str] = set()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        found |= {names.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
+    return found.pop() if len(found) == 1 else "mixed"
+
+
+def reference(
+    model_dir: str | os.PathLike[str],
+    prompt: list[int] | np.ndarray,
+    steps: int,
+    layers: list[int] | None = None,
+    force: list[int] | np.ndarray | None = None,
+    model: Any = None,
+) -> refdump.RefDump:
+    """Greedy decoding with transformers in float32, recording what the port is checked against.
+
+    Prefill the prompt, then feed one token per step through the KV cache (as the port does).
+    Hidden states are captured with forward hooks on the decoder layers (the residual stream
+    after each layer), so their meaning does not depend on transformers' output_hidden_states
+    conventions. ``force`` feeds given tokens instead of the greedy ones (teacher forcing).
+    """
+    import torch
+    import transformers
+
+    model_dir = Path(model_dir)
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    if model is None:
+        model = load_reference_model(model_dir)
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(n_layers)) if layers is None else [int(i) for i in layers]
+    if any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"layers: expected indices in 0..{n_layers - 1}, got {layers}")
+    if force is not None and len(force) < steps - 1:
+        raise ValueError(f"force: {len(force)} tokens given, {steps - 1} needed for {steps} steps")
+
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+
+    def hook(index: int) -> Any:
+        def save(_module: Any, _inputs: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            captured[index].append(h[0].detach().to(torch.float32).clone())
+
+        return save
+
+    handles = [model.model.layers[i].register_forward_hook(hook(i)) for i in layers]
+    logits: list[np.ndarray] = []
+    tokens: list[int] = []
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)
+            out = model(input_ids=ids, use_cache=True)
+            for step in range(steps):
+                if step > 0:
+                    fed = int(force[step - 1]) if force is not None else tokens[-1]
+                    out = model(
+                        input_ids=torch.tensor([[fed]]),
+                        past_key_values=out.past_key_values,
+                        use_cache=True,
+                    )
+                row = out.logits[0, -1].to(torch.float32).numpy().copy()
+                logits.append(row)
+                tokens.append(int(np.argmax(row)))
+    finally:
+        for h in handles:
+            h.remove()
+    logits_arr = np.stack(logits)
+    top2 = np.sort(logits_arr, axis=1)[:, -2:]
+    hidden = np.stack([torch.cat(captured[i]).numpy() for i in layers])
+    meta = {
+        "arch": model.config.model_type,
+        "dtype": weights_dtype(model_dir),
+        "compute_dtype": "float32",
+        "steps": steps,
+        "teacher_forced": force is not None,
+        "source": f"transformers {transformers.__version__}, torch {torch.__version__}",
+        "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min()),
+    }
+    return refdump.RefDump(
+        prompt_tokens=np.asarray(prompt, dtype=np.int32),
+        layer_indices=layers,
+        hidden=hidden,
+        logits=logits_arr,
+        greedy_tokens=np.asarray(tokens, dtype=np.int32),
+        meta=meta,
+    )
+
+
+# --- tiny random models and fixtures -------------------------------------------------------------
+
+
+def _randomize_norms_and_biases(model: Any, seed: int) -> None:
+    """Give norm weights and biases non-trivial values, so a port that drops one fails the test
+    (transformers initialises them to exactly one and zero)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name and name.endswith(".weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _save(model: Any, out: Path, dtype: str) -> Path:
+    """save_pretrained into ``out`` (safetensors) with weights cast to ``dtype``."""
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in torch_dtype:
+        raise ValueError(f"dtype: expected one of {sorted(torch_dtype)}, got {dtype!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch_dtype[dtype]).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    return out
+
+
+def tiny_llama(
+    out: str | os.PathLike[str],
+    dtype: str = "float32",
+    seed: int = 0,
+    *,
+    tie: bool = False,
+    bias: bool = False,
+    rope_theta: float = 10000.0,
+    legacy_config: bool = False,
+) -> Path:
+    """A random 3-layer Llama with grouped-query attention (4 query heads, 2 key/value heads).
+
+    Weights are drawn with std 0.2 (not transformers' 0.02) so next-token logits are spread out
+    and greedy choices are decided by clear margins, not by float rounding. ``legacy_config``
+    rewrites config.json the way Llama 2 ships it (top-level rope_theta, rope_scaling null).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2 if not tie else 4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tie,
+        attention_bias=bias,
+        mlp_bias=bias,
+        initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    _randomize_norms_and_biases(model, seed)
+    out = _save(model, Path(out), dtype)
+    if legacy_config:
+        cfg = json.loads((out / "config.json").read_text())
+        rope = cfg.pop("rope_parameters", {})
+        cfg["rope_theta"] = rope.get("rope_theta", rope_theta)
+        cfg["rope_scaling"] = None
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0) -> Path:
+    """A random 2-layer Phi with Phi-2's shape of attention: 4 heads of 20 dims, partial rotary
+    factor 0.4 (8 rotated dimensions per head, as 32 of 80 in Phi-2), biases everywhere."""
+    import torch
+    from transformers import PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(seed)
+    config = PhiConfig(
+        vocab_size=512,
+        hidden_size=80,
+        intermediate_size=320,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        partial_rotary_factor=0.4,
+        layer_norm_eps=1e-5,
+        initializer_range=0.2,
+    )
+    model = PhiForCausalLM(config).eval()
+    _randomize_norms_and_biases(model, seed)
+    return _save(model, Path(out), dtype)
+
+
+def shipped_model_dir() -> Path | None:
+    """data/models/tiny-llama when it has been trained and committed, else None."""
+    d = paths.repo_models_dir() / "tiny-llama"
+    return d if (d / "config.json").is_file() and any(d.glob("*.safetensors")) else None
+
+
+def prompt_for(model_dir: str | os.PathLike[str], length: int = 8, seed: int = 0) -> list[int]:
+    """A prompt for parity runs: the tokenizer's ids for a fixed sentence when the folder has a
+    tokenizer.json, else ``length`` seeded random ids in the vocabulary."""
+    model_dir = Path(model_dir)
+    tok = model_dir / "tokenizer.json"
+    if tok.is_file():
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(tok)).encode("Once upon a time, a small model").ids
+        if ids:
+            return [int(i) for i in ids]
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, size=length)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One fixture: a model folder and the reference dump the port must reproduce."""
+
+    name: str
+    model: Path
+    dump: Path
+    arch: str
+    dtype: str
+
+
+def _tiny_cases() -> list[tuple[str, Any]]:
+    return [
+        ("llama-gqa-f32", lambda d: tiny_llama(d, "float32", seed=0)),
+        ("llama-gqa-f16", lambda d: tiny_llama(d, "float16", seed=0)),
+        ("llama-gqa-bf16", lambda d: tiny_llama(d, "bfloat16", seed=0)),
+        (
+            "llama-tied-bias-f32",
+            lambda d: tiny_llama(
+                d, "float32", seed=1, tie=True, bias=True, rope_theta=500000.0, legacy_config=True
+            ),
+        ),
+        ("phi-f32", lambda d: tiny_phi(d, "float32", seed=0)),
+        ("phi-f16", lambda d: tiny_phi(d, "float16", seed=0)),
+    ]
+
+
+def prepare_fixtures(
+    out: str | os.PathLike[str], steps: int = GREEDY_STEPS, include_shipped: bool = True
+) -> list[Case]:
+    """Write the folder ``swift test`` reads (through ``LMPORT_FIXTURES``) and return its cases.
+
+    Layout: ``<out>/<case>/model/`` (an HF folder), ``<out>/<case>/reference.lmref`` (a
+    :mod:`labkit.refdump` file of ``steps`` greedy steps), ``<out>/dtypes.safetensors`` (the
+    same values stored as F32, F16 and BF16 with their exact float32 expansions, for the
+    reader's unit test) and ``<out>/manifest.json`` listing the cases. The shipped tiny-llama,
+    when present, is referenced in place (not copied).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cases: list[Case] = []
+    for name, make in _tiny_cases():
+        model_dir = make(out / name / "model")
+        cases.append(Case(name, model_dir, out / name / "reference.lmref", "", ""))
+    shipped = shipped_model_dir() if include_shipped else None
+    if shipped is not None:
+        cases.append(Case("tiny-llama", shipped, out / "tiny-llama" / "reference.lmref", "", ""))
+
+    written: list[Case] = []
+    for case in cases:
+        dump = reference(case.model, prompt_for(case.model), steps)
+        refdump.write(case.dump, dump)
+        written.append(Case(case.name, case.model, case.dump, dump.meta["arch"], dump.meta["dtype"]))
+
+    # The dtype-conversion fixture: awkward values (signed zero, subnormal and largest halves,
+    # infinities, values that round) stored three ways, each with its exact float32 expansion.
+    values = torch.tensor(
+        [0.0, -0.0, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, -3.0e-7, 1 / 3, 3.14159, 1e-3, 1e4,
+         float("inf"), float("-inf"), 123.456, -0.1],
+        dtype=torch.float32,
+    )
+    tensors = {"f32": values, "f16": values.half(), "bf16": values.bfloat16()}
+    tensors["f16_expected"] = values.half().float()
+    tensors["bf16_expected"] = values.bfloat16().float()
+    save_file(tensors, str(out / "dtypes.safetensors"))
+
+    manifest = {
+        "version": FIXTURES_VERSION,
+        "dtypes": "dtypes.safetensors",
+        "cases": [
+            {
+                "name": c.name,
+                "model": str(c.model.resolve()),
+                "dump": str(c.dump.resolve()),
+                "arch": c.arch,
+                "dtype": c.dtype,
+            }
+            for c in written
+        ],
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "manifest.json")
+    return written
+
+
+def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Max absolute and relative (to the reference's max |logit| per step) logit error."""
+    if ours.shape != ref.shape:
+        raise ValueError(f"logits shapes differ: ours {ours.shape}, reference {ref.shape}")
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-12)
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / scale).max())}
