@@ -1,7 +1,8 @@
 """Where the lab's folders live: one place, so notebooks, tests and the CLI agree.
 
 The root is the repository checkout (the folder holding pyproject.toml). ``LABKIT_ROOT``
-overrides it, which tests use to write figures and results into a temporary folder.
+overrides it, which tests use to write figures and results into a temporary folder;
+``LABKIT_OUTPUT_ROOT`` redirects only figures/ and data/results/ (quick runs use build/quick).
 """
 
 from __future__ import annotations
@@ -29,12 +30,22 @@ def models_dir() -> Path:
     return data_dir() / "models"
 
 
+def output_root() -> Path:
+    """Where figures and results are written: the root, or ``LABKIT_OUTPUT_ROOT`` when set.
+
+    Quick runs set it to ``build/quick`` so that a smoke run never overwrites the committed,
+    full-parameter figures and results.
+    """
+    env = os.environ.get("LABKIT_OUTPUT_ROOT")
+    return Path(env).resolve() if env else root()
+
+
 def results_dir() -> Path:
-    return data_dir() / "results"
+    return output_root() / "data" / "results"
 
 
 def figures_dir() -> Path:
-    return root() / "figures"
+    return output_root() / "figures"
 
 
 def build_dir() -> Path:

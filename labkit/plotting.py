@@ -244,3 +244,20 @@ def read_svg_provenance(path: str | Path) -> dict:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: dc:description is not JSON ({exc})") from exc
     raise ValueError(f"{path}: no labkit provenance (no dc:description)")
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, the way caches and buffers are sized: 16 KiB, 1 MiB, 8 GiB."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:g} {unit}" if n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def bytes_formatter() -> Any:
+    """A matplotlib tick formatter that writes byte counts as KiB/MiB/GiB."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _pos: format_bytes(x) if x > 0 else "0")

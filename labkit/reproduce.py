@@ -78,6 +78,29 @@ def quick_parameters(stem: str, quick_file: Path | None = None) -> dict:
     return params
 
 
+def default_parameters(path: Path) -> dict:
+    """The literal defaults of a notebook's ``parameters`` cell (names bound to non-literals are skipped).
+
+    Recorded as figure provenance, so a full run's figures say which parameters made them.
+    """
+    import ast
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            out = {}
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    try:
+                        out[node.targets[0].id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        continue
+            return out
+    return {}
+
+
 def ensure_kernel() -> str:
     """Register this interpreter as the ``labkit`` Jupyter kernel inside its own prefix.
 
@@ -100,9 +123,8 @@ def ensure_kernel() -> str:
     return KERNEL_NAME
 
 
-def _figures_since(stem: str, since: float) -> list[str]:
+def _figures_since(stem: str, since: float, folder: Path) -> list[str]:
     prefix = stem.split("_", 1)[0] + "_"
-    folder = paths.figures_dir()
     if not folder.exists():
         return []
     return sorted(
@@ -136,15 +158,20 @@ def run_notebook(
     final = out_dir / f"{stem}.ipynb"
     partial = out_dir / f".{stem}.partial.ipynb"
     params = quick_parameters(stem, path.parent / "quick.yml") if quick else {}
+    effective = {**default_parameters(path), **params}
 
     env = dict(os.environ)
     env.update(
         LABKIT_NOTEBOOK=stem,
-        LABKIT_PARAMS=json.dumps(params, sort_keys=True),
+        LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
         LABKIT_QUICK="1" if quick else "0",
         MPLBACKEND="Agg",
         PYTHONHASHSEED="0",
     )
+    if quick and "LABKIT_OUTPUT_ROOT" not in os.environ:
+        # Smoke runs must not overwrite the committed full-parameter figures and results.
+        env["LABKIT_OUTPUT_ROOT"] = str(paths.build_dir() / "quick")
+    figures = Path(env.get("LABKIT_OUTPUT_ROOT") or paths.root()) / "figures"
     cmd = [
         sys.executable, "-m", "papermill", str(path), str(partial),
         "--kernel", kernel, "--language", "python", "--cwd", str(path.parent), "--no-progress-bar",
@@ -165,7 +192,7 @@ def run_notebook(
         os.replace(partial, final)
         output = final
     return NotebookRun(
-        name=stem, status=status, seconds=seconds, figures=_figures_since(stem, start),
+        name=stem, status=status, seconds=seconds, figures=_figures_since(stem, start, figures),
         output=output, error=error, skipped=read_skips(stem),
     )
 

@@ -201,3 +201,13 @@ def test_read_png_provenance_refuses_plain_png(tmp_path: Path) -> None:
     Image.new("RGB", (2, 2)).save(path)
     with pytest.raises(ValueError, match="no labkit provenance"):
         plotting.read_png_provenance(path)
+
+
+def test_format_bytes():
+    from labkit.plotting import format_bytes
+
+    assert format_bytes(16384) == "16 KiB"
+    assert format_bytes(2**20) == "1 MiB"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 2**30) == "3 GiB"
+    assert format_bytes(100) == "100 B"

@@ -36,8 +36,9 @@ GOOD = """
 from pathlib import Path
 import os, json
 root = Path(os.environ["LABKIT_ROOT"])
-(root / "figures").mkdir(exist_ok=True)
-(root / "figures" / "01_good-n.png").write_text(str(N))
+from labkit import paths
+paths.figures_dir().mkdir(parents=True, exist_ok=True)
+(paths.figures_dir() / "01_good-n.png").write_text(str(N))
 (root / "seen.json").write_text(json.dumps({"N": N, "QUICK": QUICK, "nb": os.environ["LABKIT_NOTEBOOK"]}))
 from labkit.skips import skip
 skip("Core ML prediction", "needs macOS")
@@ -84,6 +85,9 @@ def test_failing_notebook_runs_others_and_exits_nonzero(lab, capsys):
     assert "boom in cell" in bad["error"]
     good = next(n for n in summary["notebooks"] if n["name"] == "01_good")
     assert good["figures"] == ["01_good-n.png"]
+    # quick runs write figures under build/quick, never over the committed full-run figures
+    assert (lab / "build" / "quick" / "figures" / "01_good-n.png").read_text() == "1"
+    assert not (lab / "figures" / "01_good-n.png").exists()
     assert good["skipped"] == [{"part": "Core ML prediction", "reason": "needs macOS"}]
     # quick parameters were injected, and the notebook knew its own name
     assert json.loads((lab / "seen.json").read_text()) == {"N": 1, "QUICK": True, "nb": "01_good"}
@@ -99,6 +103,12 @@ def test_timeout_is_a_failure(lab):
     _write_notebook(lab / "notebooks" / "01_slow.ipynb", "import time\ntime.sleep(60)")
     runs = reproduce.reproduce(quick=False, timeout=15, progress=False)
     assert [r.status for r in runs] == ["timeout"]
+
+
+def test_default_parameters_read_from_the_parameters_cell(lab):
+    path = lab / "notebooks" / "01_p.ipynb"
+    _write_notebook(path, "pass", params="QUICK = False\nN = 3\nSIZES = [1, 2]\nX = len(SIZES)")
+    assert reproduce.default_parameters(path) == {"QUICK": False, "N": 3, "SIZES": [1, 2]}
 
 
 def test_no_match_is_an_error(lab):
