@@ -36,7 +36,7 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
 def build_hf_checkpoint(
     folder: Path, arch: str = "llama", *, seed: int = 0, tokenizer: bool = True, **overrides: Any
 ) -> Path:
-    """Save a tiny random transformers model (``arch`` "llama" or "phi") as safetensors."""
+    """Save a tiny random transformers model (``arch`` "llama", "mistral" or "phi") as safetensors."""
     import torch
     import transformers
 
@@ -53,6 +53,8 @@ def build_hf_checkpoint(
     torch.manual_seed(seed)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
+    elif arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**base))
     elif arch == "phi":
         model = transformers.PhiForCausalLM(transformers.PhiConfig(**base))
     else:

@@ -56,6 +56,14 @@ def test_local_folder_labkit_matches_hf_impl(hf_checkpoint, arch, kv_heads):
     assert not ours.model.training
 
 
+def test_mistral_style_folder_loads_as_llama(hf_checkpoint):
+    folder = hf_checkpoint("mistral", sliding_window=None)
+    ours, ref = load(folder, device="cpu"), load(folder, device="cpu", impl="hf")
+    assert isinstance(ours.model, Llama) and ours.card["architecture"] == "MistralForCausalLM"
+    ids = _ids()
+    assert (_logits(ours, ids) - _logits(ref, ids)).abs().max().item() <= ATOL
+
+
 def test_sharded_checkpoint_loads(hf_checkpoint, tmp_path):
     import transformers
 
