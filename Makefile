@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 JOBS ?= 1
 
-.PHONY: setup reproduce quick test lint lab clean model-quick model swift-test help
+.PHONY: system-deps setup reproduce quick test lint lab clean model-quick model swift-test help
 
 help:
 	@echo "make setup       create .venv and install labkit with its dev tools"
@@ -25,11 +25,23 @@ help:
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# The Swift port multiplies matrices through BLAS: Accelerate on macOS, OpenBLAS on Linux.
+# Installed when we can (root with apt-get); otherwise the Swift tests say what is missing.
+system-deps:
+	@if [ "$$(uname)" = Linux ] && ! [ -e /usr/include/x86_64-linux-gnu/cblas.h ] && ! [ -e /usr/include/aarch64-linux-gnu/cblas.h ] && ! [ -e /usr/include/cblas.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libopenblas-dev (BLAS for the Swift port)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev >/dev/null) \
+	      || echo "warning: libopenblas-dev could not be installed; the Swift port will not build"; \
+	  else echo "note: install libopenblas-dev (sudo apt-get install libopenblas-dev) for the Swift port"; fi; \
+	fi
 
 reproduce: $(STAMP)
 	$(PY) -m labkit reproduce --jobs $(JOBS)
