@@ -257,3 +257,21 @@ def test_shipped_tiny_llama_matches_transformers():
             assert (
                 _max_diff(ours(ids[:, pos : pos + 1], cache=cache)[:, 0], expected[:, pos]) <= ATOL
             )
+
+
+def test_explicit_repeat_kv_path_matches_transformers(hf_checkpoint, monkeypatch):
+    """The fallback for torch < 2.5 / exporters: K/V heads copied per query head."""
+    import labkit.models.llama as llama_module
+
+    monkeypatch.setattr(llama_module, "SDPA_GQA", False)
+    ours, ref = _load_pair(hf_checkpoint("llama", num_key_value_heads=1))
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(12))
+    cache = KVCache.for_model(ours, max_len=20, batch=2)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        assert _max_diff(ours(ids), expected) <= ATOL
+        assert _max_diff(ours(ids[:, :8], cache=cache), expected[:, :8]) <= ATOL
+        for pos in range(8, 20):
+            assert (
+                _max_diff(ours(ids[:, pos : pos + 1], cache=cache)[:, 0], expected[:, pos]) <= ATOL
+            )

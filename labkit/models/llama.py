@@ -67,14 +67,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _sdpa_has_gqa() -> bool:
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 5)
+
+
+#: Let SDPA share each KV head across its query heads (``enable_gqa``, torch >= 2.5) instead of
+#: copying K/V per query head. Set False to get the explicit ``repeat_kv`` (older torch, or an
+#: exporter that does not know ``enable_gqa``); both give the same numbers.
+SDPA_GQA = _sdpa_has_gqa()
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, H_kv, S, d] -> [B, H_kv * n_rep, S, d]: KV head j serves query heads j*n_rep ..."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
     """Softmax attention of queries at positions [start, start+T) over keys at [0, S).
 
     q is [B, H, T, d]; k, v are [B, H_kv, S, d] with S = start + T. Grouped-query attention:
-    each KV head serves H / H_kv query heads (SDPA's ``enable_gqa`` repeats them implicitly).
+    each KV head serves H / H_kv query heads (see SDPA_GQA for how).
     """
     t, s = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if gqa and not SDPA_GQA:
+        n_rep = q.shape[1] // k.shape[1]
+        k, v, gqa = repeat_kv(k, n_rep), repeat_kv(v, n_rep), False
     if t == 1:  # one new token sees every filled position: no mask needed
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if start == 0 and s == t:
