@@ -275,3 +275,22 @@ def test_explicit_repeat_kv_path_matches_transformers(hf_checkpoint, monkeypatch
             assert (
                 _max_diff(ours(ids[:, pos : pos + 1], cache=cache)[:, 0], expected[:, pos]) <= ATOL
             )
+
+
+def test_to_hf_dict_round_trips_through_transformers_and_back():
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rope_theta=20000.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        tie_word_embeddings=True,
+    )
+    hf = transformers.LlamaConfig(**cfg.to_hf_dict())
+    assert hf.rope_parameters["rope_type"] == "linear" and hf.rope_parameters["factor"] == 4.0
+    assert hf.num_key_value_heads == 2 and hf.tie_word_embeddings is True
+    back = LlamaConfig.from_dict(hf.to_dict(), source="roundtrip")
+    assert back == cfg

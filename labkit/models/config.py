@@ -176,6 +176,7 @@ class _DecoderConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope_parameters,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
