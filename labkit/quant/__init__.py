@@ -1,0 +1,31 @@
+"""Quantization: the schemes of Core ML, MLX, GGUF and our own, their exact cost, and error metrics.
+
+``from labkit.quant import SCHEMES, bits_per_weight`` is light (no numpy, no libraries). The
+quantizers (``labkit.quant.ops``) and metrics (``labkit.quant.metrics``) load numpy/torch when
+imported; the reference libraries (gguf, mlx, coremltools) are only imported by the tests that
+compare against them.
+"""
+
+from labkit.quant.schemes import (
+    GGUF_BLOCKS,
+    GGUF_FALLBACK,
+    SCHEMES,
+    Scheme,
+    bits_per_weight,
+    get_scheme,
+    gguf_type_for,
+    model_bits_per_weight,
+    tensor_bits,
+)
+
+__all__ = [
+    "GGUF_BLOCKS",
+    "GGUF_FALLBACK",
+    "SCHEMES",
+    "Scheme",
+    "bits_per_weight",
+    "get_scheme",
+    "gguf_type_for",
+    "model_bits_per_weight",
+    "tensor_bits",
+]
