@@ -20,6 +20,7 @@ torch and transformers are imported inside the functions that need them.
 from __future__ import annotations
 
 import ctypes.util
+import inspect
 import json
 import os
 import platform
@@ -293,6 +294,9 @@ def reference(
 
         return save
 
+    # transformers >= 5.2x names the cache argument `cache`; earlier, `past_key_values`.
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
     handles = [model.model.layers[i].register_forward_hook(hook(i)) for i in layers]
     logits: list[np.ndarray] = []
     tokens: list[int] = []
@@ -304,9 +308,7 @@ def reference(
                 if step > 0:
                     fed = int(force[step - 1]) if force is not None else tokens[-1]
                     out = model(
-                        input_ids=torch.tensor([[fed]]),
-                        past_key_values=out.past_key_values,
-                        use_cache=True,
+                        input_ids=torch.tensor([[fed]]), **{cache_arg: out[1]}, use_cache=True
                     )
                 row = out.logits[0, -1].to(torch.float32).numpy().copy()
                 logits.append(row)
