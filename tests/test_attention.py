@@ -14,6 +14,7 @@ import torch
 from labkit.models import attention_mlx
 from labkit.models.attention import (
     naive_attention,
+    peak_bytes,
     peak_cpu_bytes,
     sdpa_attention,
     tiled_attention,
@@ -157,3 +158,21 @@ def test_mlx_rejects_bad_blocks() -> None:
     mq, mk, mv = _to_mlx(*_qkv(8))
     with pytest.raises(ValueError, match="block_k"):
         attention_mlx.tiled_attention_mlx(mq, mk, mv, block_k=-1)
+
+
+def test_peak_bytes_dispatches_by_device() -> None:
+    peak, _ = peak_bytes(lambda: torch.ones(1024 * 1024), "cpu")
+    assert 4 * 1024 * 1024 <= peak < 4 * 1024 * 1024 + 64 * 1024
+    with pytest.raises(NotImplementedError, match="MPS"):
+        peak_bytes(lambda: None, "mps")
+    with pytest.raises(ValueError, match="device"):
+        peak_bytes(lambda: None, "tpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="skipped: needs a CUDA GPU")
+def test_peak_bytes_on_cuda_counts_the_score_matrix() -> None:
+    q, k, v = (t.cuda() for t in _qkv(1024, batch=1, heads=1))
+    naive_peak, _ = peak_bytes(lambda: naive_attention(q, k, v), "cuda")
+    tiled_peak, _ = peak_bytes(lambda: tiled_attention(q, k, v), "cuda")
+    assert naive_peak >= 2 * 1024 * 1024 * 4
+    assert tiled_peak < naive_peak / 8

@@ -36,6 +36,7 @@ __all__ = [
     "sdpa_attention",
     "tiled_attention",
     "peak_cpu_bytes",
+    "peak_bytes",
     "IMPLEMENTATIONS",
 ]
 
@@ -216,6 +217,32 @@ def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
         live += nbytes
         peak = max(peak, live)
     return peak, result
+
+
+def peak_bytes(fn: Callable[[], Any], device: str) -> tuple[int, Any]:
+    """Peak bytes allocated while ``fn()`` ran on ``device``, measured; returns (bytes, result).
+
+    ``"cpu"``: :func:`peak_cpu_bytes` (the profiler's allocation log). ``"cuda"``/``"cuda:N"``:
+    the caching allocator's own high-water mark (``torch.cuda.max_memory_allocated``), above what
+    was allocated before the call. ``"mps"`` has no peak counter in torch (only the current
+    total), so it raises NotImplementedError with that reason rather than guess.
+    """
+    if device == "cpu":
+        return peak_cpu_bytes(fn)
+    if device == "cuda" or device.startswith("cuda:"):
+        target = torch.device(device)
+        torch.cuda.synchronize(target)
+        before = torch.cuda.memory_allocated(target)
+        torch.cuda.reset_peak_memory_stats(target)
+        result = fn()
+        torch.cuda.synchronize(target)
+        return torch.cuda.max_memory_allocated(target) - before, result
+    if device == "mps":
+        raise NotImplementedError(
+            "torch.mps has no peak-memory counter (only current_allocated_memory), so peak "
+            "bytes during one call cannot be measured on MPS"
+        )
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
 
 
 @contextlib.contextmanager
