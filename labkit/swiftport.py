@@ -229,13 +229,28 @@ def _hf_class(model_dir: Path) -> Any:
     raise ValueError(f"{model_dir / 'config.json'}: model_type {kind!r}; expected 'llama' or 'phi'")
 
 
+def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
+    """The folder's weight files: model.safetensors, or the shards its index lists. Other
+    .safetensors files in the folder (a data slice, say) are not weights and are left alone."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    raise FileNotFoundError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (safetensors only)"
+    )
+
+
 def load_reference_model(model_dir: str | os.PathLike[str]) -> Any:
     """transformers' model for ``model_dir`` in float32 (weights upcast), eager attention, eval."""
     import torch
 
     model_dir = Path(model_dir)
-    if not any(model_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{model_dir}: no .safetensors weights (only safetensors are read)")
+    weight_files(model_dir)  # refuses a folder without safetensors weights, naming it
     cls = _hf_class(model_dir)
     model = cls.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager", use_safetensors=True
@@ -247,7 +262,7 @@ def weights_dtype(model_dir: str | os.PathLike[str]) -> str:
     """The dtype the folder's safetensors store (float32, float16, bfloat16; 'mixed' if several)."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     found: set[str] = set()
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    for f in weight_files(model_dir):
         with f.open("rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
@@ -384,28 +399,22 @@ def tiny_llama(
     and greedy choices are decided by clear margins, not by float rounding. ``legacy_config``
     rewrites config.json the way Llama 2 ships it (top-level rope_theta, rope_scaling null).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    out = random_llama(
+        out,
+        dtype,
+        seed,
         vocab_size=512,
         hidden_size=64,
         intermediate_size=172,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2 if not tie else 4,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
+        layers=3,
+        heads=4,
+        kv_heads=2 if not tie else 4,
+        max_positions=512,
+        tie=tie,
+        bias=bias,
         rope_theta=rope_theta,
-        tie_word_embeddings=tie,
-        attention_bias=bias,
-        mlp_bias=bias,
-        initializer_range=0.2,
+        init_std=0.2,
     )
-    model = LlamaForCausalLM(config).eval()
-    _randomize_norms_and_biases(model, seed)
-    out = _save(model, Path(out), dtype)
     if legacy_config:
         cfg = json.loads((out / "config.json").read_text())
         rope = cfg.pop("rope_parameters", {})
@@ -413,6 +422,75 @@ def tiny_llama(
         cfg["rope_scaling"] = None
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def shipped_shape_llama(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0) -> Path:
+    """A random Llama with the shipped tiny-llama's shape (labkit.train.configs "shipped": hidden
+    512, 8 layers, 8 heads / 2 KV heads, SwiGLU 1408, tied embeddings, vocab 8192): a stand-in
+    for speed measurements (decode speed does not depend on the weights' values) while
+    data/models/tiny-llama is absent."""
+    from labkit.train.configs import CONFIGS
+    from labkit.train.tokenizer import DEFAULT_VOCAB_SIZE
+
+    m = CONFIGS["shipped"].model
+    return random_llama(
+        out,
+        dtype,
+        seed,
+        vocab_size=DEFAULT_VOCAB_SIZE,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        layers=m.num_hidden_layers,
+        heads=m.num_attention_heads,
+        kv_heads=m.num_key_value_heads,
+        max_positions=m.max_position_embeddings,
+        tie=m.tie_word_embeddings,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps,
+    )
+
+
+def random_llama(
+    out: str | os.PathLike[str],
+    dtype: str = "float32",
+    seed: int = 0,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int,
+    tie: bool = False,
+    bias: bool = False,
+    rope_theta: float = 10000.0,
+    rms_norm_eps: float = 1e-5,
+    init_std: float = 0.02,
+) -> Path:
+    """A random transformers LlamaForCausalLM of the given shape, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=rms_norm_eps,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tie,
+        attention_bias=bias,
+        mlp_bias=bias,
+        initializer_range=init_std,
+    )
+    model = LlamaForCausalLM(config).eval()
+    _randomize_norms_and_biases(model, seed)
+    return _save(model, Path(out), dtype)
 
 
 def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0) -> Path:
@@ -441,7 +519,8 @@ def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0)
 def shipped_model_dir() -> Path | None:
     """data/models/tiny-llama when it has been trained and committed, else None."""
     d = paths.repo_models_dir() / "tiny-llama"
-    return d if (d / "config.json").is_file() and any(d.glob("*.safetensors")) else None
+    has_weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
+    return d if (d / "config.json").is_file() and has_weights else None
 
 
 def prompt_for(model_dir: str | os.PathLike[str], length: int = 8, seed: int = 0) -> list[int]:
@@ -555,3 +634,83 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-12)
     return {"max_abs": float(diff.max()), "max_rel": float((diff / scale).max())}
+
+
+def convert_weights(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], dtype: str
+) -> Path:
+    """Copy the model folder ``src`` to ``dst`` with every weight stored as ``dtype``
+    (float32, float16, bfloat16) in one model.safetensors; other files (config.json, tokenizer)
+    are copied as they are. For comparing one model stored at two precisions."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype: expected one of {sorted(dtypes)}, got {dtype!r}")
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: expected a model folder with config.json")
+    files = weight_files(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    tensors: dict[str, Any] = {}
+    for f in files:
+        tensors.update({k: v.to(dtypes[dtype]).contiguous() for k, v in load_file(str(f)).items()})
+    tmp = dst / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, dst / "model.safetensors")
+    return dst
+
+
+def torch_model(model_dir: str | os.PathLike[str]) -> Any:
+    """labkit's own eager PyTorch model (labkit.models.llama / phi) for ``model_dir``, float32,
+    eval mode: the "PyTorch eager" side of the speed comparison. Needs no tokenizer.json."""
+    import torch
+    from safetensors.torch import load_file
+
+    from labkit.models.config import LlamaConfig, PhiConfig
+    from labkit.models.llama import Llama
+    from labkit.models.phi import Phi
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    source = str(model_dir / "config.json")
+    if config.get("model_type") == "llama":
+        model = Llama(LlamaConfig.from_dict(config, source=source))
+    elif config.get("model_type") == "phi":
+        model = Phi(PhiConfig.from_dict(config, source=source))
+    else:
+        raise ValueError(f"{source}: model_type {config.get('model_type')!r}; expected llama or phi")
+    state: dict[str, Any] = {}
+    for f in weight_files(model_dir):
+        state.update({k: v.to(torch.float32) for k, v in load_file(str(f)).items()})
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def torch_decode_timing(model: Any, prompt: list[int], steps: int) -> Any:
+    """Time greedy decoding of ``steps`` tokens with labkit's KV-cached eager model at the
+    current torch.get_num_threads(); returns labkit.timing.GenerationTiming (tokens_per_s is the
+    decode rate, prefill excluded, as the Swift CLI reports it)."""
+    import torch
+
+    from labkit import timing
+    from labkit.models.kv_cache import KVCache
+
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, max_len=len(prompt) + steps)
+        ids = torch.tensor([prompt], dtype=torch.long)
+
+        def prefill() -> Any:
+            return model(ids, cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+        def decode_step(token: Any) -> Any:
+            return model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+        measured, _ = timing.time_generation(prefill, decode_step, steps)
+    return measured
