@@ -37,9 +37,9 @@ def test_shape_dependent_costs_count_scales_and_luts() -> None:
     shape = (512, 1408)
     n = 512 * 1408
     assert bits_per_weight("coreml-int8-channel", shape) == 8 + 16 / 1408
-    assert bits_per_weight("coreml-lut4-tensor", shape) == 4 + 16 * 16 / n
-    # 16 rows share a 16-entry fp16 LUT: 32 LUTs for 512 rows.
-    assert tensor_bits("coreml-lut4-g16", shape) == n * 4 + 32 * 16 * 16
+    assert bits_per_weight("coreml-lut4-tensor", shape) == 4 + 16 * 32 / n
+    # 16 rows share a 16-entry fp32 LUT: 32 LUTs for 512 rows.
+    assert tensor_bits("coreml-lut4-g16", shape) == n * 4 + 32 * 16 * 32
     with pytest.raises(ValueError, match="pass shape"):
         bits_per_weight("coreml-int8-channel")
 

@@ -3,9 +3,11 @@
 A scheme says how a 2-D weight ``W[out, in]`` (PyTorch ``nn.Linear`` layout: one row per output
 channel, blocks run along the input dimension, contiguous in memory) is stored. Its cost in bits
 per weight counts everything the file holds for that tensor: the codes, the scales, the zero
-points or biases, and the look-up tables. Scales, biases and LUT entries are counted at 16 bits
-(fp16), as they are stored when the deployed model is fp16 (Core ML's default precision, MLX's
-fp16/bf16 models, GGUF's ``d``/``dmin`` fields).
+points or biases, and the look-up tables. Scales and biases are counted at 16 bits (fp16), as
+they are stored when the deployed model is fp16 (Core ML's default precision, MLX's fp16/bf16
+models, GGUF's ``d``/``dmin`` fields). LUT entries are counted at 32 bits: we palettize the fp32
+model, the case in which coremltools runs its scikit-learn k-means (for fp16 groups of 10,000+
+weights it switches to a different clusterer, kmeans1d; see labkit.quant.palettize).
 
 Some costs depend on the tensor's shape (a per-channel scale is spread over one row, a per-tensor
 LUT over the whole tensor); for those, ``bits_per_weight`` needs the shape and says so if it is
@@ -20,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-SCALE_BITS = 16  # fp16 scales, biases, LUT entries, GGUF d/dmin
+SCALE_BITS = 16  # fp16 scales, biases, GGUF d/dmin
+LUT_ENTRY_BITS = 32  # fp32 palettes (see the module docstring)
 
 # GGUF block layouts (ggml-common.h): elements per block and bytes per block.
 GGUF_BLOCKS: dict[str, tuple[int, int]] = {
@@ -126,7 +129,7 @@ def tensor_bits(scheme: str | Scheme, shape: tuple[int, ...]) -> int:
 
     Codes at ``bits`` each, plus per scheme: one fp16 scale per row (per_channel) or per block
     (symmetric per_block); an fp16 scale and an fp16 bias per group (affine); a LUT of
-    ``2**bits`` fp16 entries per tensor or per group of rows (lut); whole ggml blocks (gguf).
+    ``2**bits`` fp32 entries per tensor or per group of rows (lut); whole ggml blocks (gguf).
     """
     s = get_scheme(scheme)
     if len(shape) < 1 or any(int(d) <= 0 for d in shape):
@@ -149,7 +152,7 @@ def tensor_bits(scheme: str | Scheme, shape: tuple[int, ...]) -> int:
         _check_divisible(s, cols, s.group_size or 0)
         return codes + (n // (s.group_size or 1)) * 2 * SCALE_BITS
     if s.kind == "lut":
-        lut = (2**s.bits) * SCALE_BITS
+        lut = (2**s.bits) * LUT_ENTRY_BITS
         if s.granularity == "per_tensor":
             return codes + lut
         _check_divisible(s, rows, s.group_size or 0, axis="rows")
