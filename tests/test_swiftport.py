@@ -187,3 +187,36 @@ def test_cli_hidden_dump_and_teacher_forcing(fixtures: tuple[Path, list[swiftpor
 def test_run_names_a_bad_model_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         swiftport.run(tmp_path, [1, 2], 2)
+
+
+# --- helpers the notebook uses ----------------------------------------------------------------
+
+
+def test_weight_files_ignores_other_safetensors(tmp_path: Path) -> None:
+    """A data slice saved as .safetensors beside the weights is not a weight file."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "heldout_slice.safetensors").write_bytes(b"")
+    assert swiftport.weight_files(tmp_path) == [tmp_path / "model.safetensors"]
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        swiftport.weight_files(tmp_path)
+
+
+def test_convert_weights_round_trips_values(tmp_path: Path) -> None:
+    """float32 -> float16 -> float32 keeps exactly the float16-rounded values, config copied."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    src = swiftport.tiny_phi(tmp_path / "src")
+    half = swiftport.convert_weights(src, tmp_path / "f16", "float16")
+    back = swiftport.convert_weights(half, tmp_path / "f32", "float32")
+    assert (back / "config.json").read_text() == (src / "config.json").read_text()
+    assert swiftport.weights_dtype(half) == "float16"
+    assert swiftport.weights_dtype(back) == "float32"
+    original = load_file(str(src / "model.safetensors"))
+    restored = load_file(str(back / "model.safetensors"))
+    assert original.keys() == restored.keys()
+    for name, value in original.items():
+        assert torch.equal(restored[name], value.half().float()), name
+    with pytest.raises(ValueError, match="dtype"):
+        swiftport.convert_weights(src, tmp_path / "x", "int8")
