@@ -1,0 +1,714 @@
+"""Study 01, the KV cache: what it holds, what it saves, what it costs, how close decode gets to
+the memory-bandwidth limit.
+
+The notebook ``notebooks/01_kv_cache.ipynb`` and ``labkit bench kv-cache`` both call this module,
+so the numbers they record are computed one way. What lives here, one idea per section:
+
+* Bytes. ``cache_shapes`` (what one layer stores) and ``tensor_bytes`` (bytes of the real
+  tensors of any cache); the formula itself is ``labkit.models.kv_cache.kv_cache_bytes`` (the one
+  source of truth), applied to published configs read from ``data/configs/`` (no weights) and to
+  MHA / GQA / MQA variants of one shape.
+* Cache variants, each following the cache protocol of ``labkit.models.kv_cache`` so the models
+  run with them unchanged: ``ConcatKVCache`` grows by ``torch.cat`` (what a first implementation
+  does, and what a Core ML stateful model cannot do: its state has a fixed shape, notebook 02),
+  and ``SlidingWindowKVCache``, a ring buffer of the last ``window`` positions.
+* A fast decode loop, ``FastDecoder``: the levers that cut the per-token overhead of a Python
+  decoder (fused projections, no ``nn.Module`` dispatch, one preallocated cache, inference mode).
+* The roofline: ``decode_bytes_per_token`` (weights + KV read for one token) and
+  ``roofline_fraction`` (time at the copy bandwidth / measured time).
+* Measurements (``time_cached``, ``time_uncached``, ``tokens_per_s_*``) and ``bench``.
+
+Nothing imports this module at ``import labkit`` time (the bench registry resolves it lazily), so
+torch is imported at the top; transformers and pandas only inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from labkit import paths
+from labkit.models.kv_cache import KVCache, kv_cache_bytes_for_config
+from labkit.models.llama import Llama, rotate_half
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STUDY = "01_kv_cache"
+
+#: Published configs the study sizes caches for, by file stem under data/configs/ (shapes only).
+PUBLISHED = {
+    "Llama 2 7B": "meta-llama__Llama-2-7b-hf",
+    "Phi-2": "microsoft__phi-2",
+    "xLAM-1b": "Salesforce__xLAM-1b-fc-r",
+    "Llama 3.1 8B": "meta-llama__Llama-3.1-8B",
+}
+
+#: Apple's figure for Llama 3.1 8B in fp16 at 8,192 tokens ("about 1 GB"), from "On Device
+#: Llama 3.1 with Core ML" (machinelearning.apple.com/research/core-ml-on-device-llama).
+APPLE_LLAMA31_8B_CACHE_GB = 1.0
+APPLE_CONTEXT = 8192
+
+# --------------------------------------------------------------------------- what is cached
+
+
+def cache_shapes(cfg: Any, positions: int, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Shapes one layer of the cache holds after ``positions`` tokens: K and V, each
+    ``[batch, kv_heads, positions, head_dim]`` (the layout of ``KVCache`` and transformers')."""
+    kv_heads = _get(cfg, "num_key_value_heads") or _get(cfg, "num_attention_heads")
+    shape = (batch, int(kv_heads), positions, int(head_dim_of(cfg)))
+    return {"k": shape, "v": shape}
+
+
+def tensor_bytes(cache: Any) -> int:
+    """Bytes of the K and V tensors a cache object really holds (allocated, not just filled).
+
+    Works for ``KVCache``, ``ConcatKVCache``, ``SlidingWindowKVCache`` (lists ``.k``/``.v``) and
+    transformers' ``DynamicCache`` (``.layers[i].keys/.values``). Used to check the formula.
+    """
+    tensors: list[Any] = []
+    if hasattr(cache, "k") and hasattr(cache, "v"):
+        tensors = [t for t in list(cache.k) + list(cache.v) if t is not None]
+    elif hasattr(cache, "layers"):
+        for layer in cache.layers:
+            tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                        if t is not None]
+    else:
+        raise TypeError(f"tensor_bytes: don't know where {type(cache).__name__} keeps K and V")
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+
+def head_dim_of(cfg: Any) -> int:
+    """``head_dim`` if the config gives it, else hidden_size / num_attention_heads."""
+    head_dim = _get(cfg, "head_dim")
+    return int(head_dim) if head_dim else int(_get(cfg, "hidden_size")) // int(
+        _get(cfg, "num_attention_heads")
+    )
+
+
+# --------------------------------------------------------------------------- published configs
+
+
+def configs_dir() -> Path:
+    """data/configs/ in the checkout: config.json files of models we size but never load."""
+    return paths.repo_models_dir().parent / "configs"
+
+
+def published_config(stem: str) -> dict[str, Any]:
+    """The config dict stored as ``data/configs/<stem>.json`` (keys starting with ``_`` dropped,
+    ``num_key_value_heads: null`` read as plain multi-head attention)."""
+    path = configs_dir() / f"{stem}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in configs_dir().glob("*.json")))
+        raise FileNotFoundError(f"{path}: no such config; known: {known}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
+    for key in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        if not isinstance(cfg.get(key), int):
+            raise ValueError(f"{path}: expected an integer {key!r}, got {cfg.get(key)!r}")
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    return cfg
+
+
+def attention_variants(cfg: Mapping[str, Any], gqa_group: int = 4) -> dict[str, dict[str, Any]]:
+    """The same shape with MHA (one KV head per query head), GQA (``gqa_group`` query heads per
+    KV head) and MQA (one KV head for all): only ``num_key_value_heads`` changes."""
+    heads = int(cfg["num_attention_heads"])
+    if heads % gqa_group:
+        raise ValueError(f"gqa_group={gqa_group} must divide num_attention_heads={heads}")
+    return {
+        "MHA": {**cfg, "num_key_value_heads": heads, "head_dim": head_dim_of(cfg)},
+        "GQA": {**cfg, "num_key_value_heads": heads // gqa_group, "head_dim": head_dim_of(cfg)},
+        "MQA": {**cfg, "num_key_value_heads": 1, "head_dim": head_dim_of(cfg)},
+    }
+
+
+def attention_kind(cfg: Any) -> str:
+    """'MHA', 'MQA' or 'GQA h:kv' for a config."""
+    heads = int(_get(cfg, "num_attention_heads"))
+    kv = int(_get(cfg, "num_key_value_heads") or heads)
+    if kv == heads:
+        return "MHA"
+    return "MQA" if kv == 1 else f"GQA {heads}:{kv}"
+
+
+def cache_bytes_table(
+    configs: Mapping[str, Any], contexts: Iterable[int], dtype_bytes: float = 2, batch: int = 1
+) -> pd.DataFrame:
+    """Rows (model, attention, context, dtype_bytes, bytes) from the one formula, per config."""
+    import pandas as pd
+
+    rows = []
+    for name, cfg in configs.items():
+        for context in contexts:
+            rows.append({
+                "model": name,
+                "attention": attention_kind(cfg),
+                "context": int(context),
+                "dtype_bytes": dtype_bytes,
+                "bytes": kv_cache_bytes_for_config(cfg, int(context), dtype_bytes, batch),
+            })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- cache variants
+
+
+class ConcatKVCache:
+    """A cache that grows by concatenation: each update allocates new K and V tensors one step
+    longer and copies the old ones in. Simple and always exactly the right size, but every step
+    copies the whole cache (O(n) bytes per token, O(n^2) over a generation) and allocates — and a
+    compiled graph with fixed-shape state (Core ML's stateful models) cannot express it."""
+
+    def __init__(self, num_layers: int) -> None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"ConcatKVCache: num_layers must be a positive int, got {num_layers!r}")
+        self.k: list[Any] = [None] * num_layers
+        self.v: list[Any] = [None] * num_layers
+        self._length = 0
+
+    @classmethod
+    def for_model(cls, model: Any) -> ConcatKVCache:
+        return cls(model.config.num_hidden_layers)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k.contiguous(), v.contiguous()
+        else:
+            self.k[layer] = torch.cat((self.k[layer], k), dim=2)
+            self.v[layer] = torch.cat((self.v[layer], v), dim=2)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, num_tokens: int) -> None:
+        self._length += num_tokens
+
+    def reset(self) -> None:
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+        self._length = 0
+
+
+class SlidingWindowKVCache:
+    """Keep only the last ``window`` positions, in a ring buffer: position p lives in slot
+    p mod window, so memory is fixed at ``window`` positions however long the generation runs.
+
+    Why the slot order does not matter: keys are stored after RoPE (their position is already
+    baked in), and one query's softmax attention is a sum over (key, value) pairs, unchanged by
+    permuting them. So a decode step (one new token) attends over the raw buffer without a mask.
+    Semantics, as Mistral's: the token at position p sees positions p - window + 1 ... p.
+
+    Several tokens at once (the prompt) need a causal mask with positions = slots, so they are
+    accepted only while nothing has been evicted yet (length + T <= window); a longer prompt
+    must be fed in pieces that keep to that, or one token at a time.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        window: int,
+        batch: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("window", window), ("batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SlidingWindowKVCache: {name} must be a positive int, got {value!r}")
+        shape = (batch, num_kv_heads, window, head_dim)
+        dtype = dtype or torch.float32
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.window = window
+        self._length = 0
+
+    @classmethod
+    def for_model(cls, model: Any, window: int, batch: int = 1) -> SlidingWindowKVCache:
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                   head_dim=cfg.head_dim, window=window, batch=batch, dtype=param.dtype,
+                   device=param.device)
+
+    @property
+    def length(self) -> int:
+        """Absolute position of the next token (RoPE needs it), not the number of slots used."""
+        return self._length
+
+    @property
+    def held(self) -> int:
+        """Positions actually kept: min(length, window)."""
+        return min(self._length, self.window)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        start = self._length
+        if t == 1:
+            slot = start % self.window
+            self.k[layer][:, :, slot : slot + 1] = k
+            self.v[layer][:, :, slot : slot + 1] = v
+            end = min(start + 1, self.window)
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if start + t > self.window:
+            raise ValueError(
+                f"SlidingWindowKVCache: {t} tokens at once after {start} positions exceed the "
+                f"window of {self.window}; feed at most {self.window - start} tokens at once "
+                "here, then one token at a time"
+            )
+        self.k[layer][:, :, start : start + t] = k
+        self.v[layer][:, :, start : start + t] = v
+        return self.k[layer][:, :, : start + t], self.v[layer][:, :, : start + t]
+
+    def advance(self, num_tokens: int) -> None:
+        self._length += num_tokens
+
+    def reset(self) -> None:
+        self._length = 0
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self)
+
+
+# --------------------------------------------------------------------------- fast decode loop
+
+
+@dataclass
+class _Layer:
+    """One block's weights, laid out for decode: q/k/v fused into one matrix, gate/up into one."""
+
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    w_gate_up: torch.Tensor
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+
+
+class FastDecoder:
+    """Greedy decoding of labkit's ``Llama`` with the per-token overhead cut down.
+
+    The levers, each measurable on its own (``fuse``):
+
+    * one decode step is a plain function over tensors: no ``nn.Module.__call__`` dispatch, no
+      hooks, no per-layer Python objects built per token;
+    * q, k, v projections fused into one matrix-vector product, gate and up into another
+      (5 weight reads per layer instead of 7 calls: fewer kernel launches, same bytes);
+    * one preallocated ``KVCache`` written in place (the model's own, so prefill runs the
+      readable model and decode continues in the same buffers);
+    * RoPE's cos/sin for the step's position looked up once and shared by all layers;
+    * ``torch.inference_mode`` around the whole loop and one preallocated output buffer.
+
+    The fused copies cost extra memory (the q/k/v and gate/up weights exist twice while the
+    decoder lives); bytes read per token are unchanged. Llama only (labkit's ``Llama``).
+    """
+
+    def __init__(self, model: Any, *, fuse: bool = True) -> None:
+        if not isinstance(model, Llama):
+            raise TypeError(f"FastDecoder needs labkit's Llama, got {type(model).__name__}")
+        cfg = model.config
+        self.model = model
+        self.cfg = cfg
+        self.fuse = fuse
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.gqa = self.n_heads != self.n_kv
+
+        def cat(*ts):
+            present = [t for t in ts if t is not None]
+            if not present:
+                return None
+            return torch.cat([t.detach() for t in present]).contiguous() if fuse else None
+
+        self.layers: list[_Layer] = []
+        self._split_layers = []
+        with torch.no_grad():
+            for block in model.model.layers:
+                a, m = block.self_attn, block.mlp
+                self._split_layers.append((block.input_layernorm.weight,
+                                           a.q_proj, a.k_proj, a.v_proj, a.o_proj,
+                                           block.post_attention_layernorm.weight,
+                                           m.gate_proj, m.up_proj, m.down_proj))
+                if fuse:
+                    self.layers.append(_Layer(
+                        attn_norm=block.input_layernorm.weight.detach(),
+                        wqkv=cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+                        bqkv=cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                        wo=a.o_proj.weight.detach(),
+                        bo=None if a.o_proj.bias is None else a.o_proj.bias.detach(),
+                        mlp_norm=block.post_attention_layernorm.weight.detach(),
+                        w_gate_up=cat(m.gate_proj.weight, m.up_proj.weight),
+                        b_gate_up=cat(m.gate_proj.bias, m.up_proj.bias),
+                        w_down=m.down_proj.weight.detach(),
+                        b_down=None if m.down_proj.bias is None else m.down_proj.bias.detach(),
+                    ))
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.out_weight = model.output_weight.detach()
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv * self.head_dim
+        self.inter = cfg.intermediate_size
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + rotate_half(x) * sin
+
+    def step(self, token: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Logits ``[B, vocab]`` for one new token per row (``token`` is ``[B]``), reading and
+        extending ``cache`` (a ``KVCache``) at position ``cache.length``."""
+        b = token.shape[0]
+        pos = cache.length
+        d = self.head_dim
+        cos = self.model.rope_cos[pos]
+        sin = self.model.rope_sin[pos]
+        x = F.embedding(token, self.embed)  # [B, H]
+        for i in range(len(self._split_layers)):
+            h = self._rms(x, self._split_layers[i][0])
+            if self.fuse:
+                layer = self.layers[i]
+                qkv = F.linear(h, layer.wqkv, layer.bqkv)
+                q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            else:
+                _, qp, kp, vp, *_ = self._split_layers[i]
+                q, k, v = F.linear(h, qp.weight, qp.bias), F.linear(h, kp.weight, kp.bias), \
+                    F.linear(h, vp.weight, vp.bias)
+            q = self._rope(q.view(b, self.n_heads, 1, d), cos, sin)
+            k = self._rope(k.view(b, self.n_kv, 1, d), cos, sin)
+            kc, vc = cache.k[i], cache.v[i]
+            kc[:, :, pos : pos + 1] = k
+            vc[:, :, pos : pos + 1] = v.view(b, self.n_kv, 1, d)
+            y = F.scaled_dot_product_attention(
+                q, kc[:, :, : pos + 1], vc[:, :, : pos + 1], enable_gqa=self.gqa
+            ).view(b, self.q_size)
+            if self.fuse:
+                x = x + F.linear(y, layer.wo, layer.bo)
+                h = self._rms(x, layer.mlp_norm)
+                gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).split(self.inter, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+            else:
+                _, _, _, _, op, mlp_norm, gp, upp, dp = self._split_layers[i]
+                x = x + F.linear(y, op.weight, op.bias)
+                h = self._rms(x, mlp_norm)
+                x = x + F.linear(F.silu(F.linear(h, gp.weight, gp.bias))
+                                 * F.linear(h, upp.weight, upp.bias), dp.weight, dp.bias)
+        cache.advance(1)
+        return F.linear(self._rms(x, self.final_norm), self.out_weight)
+
+    def greedy(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, cache: Any | None = None,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill with the readable model, then ``step`` per token. Returns ``(tokens [B, T+n],
+        logits [B, n, V] or None)`` — the same tokens as ``labkit.models.generate.greedy``."""
+        b, t = input_ids.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        with torch.inference_mode():
+            kv = cache if cache is not None else KVCache.for_model(
+                self.model, max_len=t + max_new_tokens, batch=b)
+            kv.reset()
+            out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
+            out[:, :t] = input_ids
+            logits_out = (torch.empty(b, max_new_tokens, self.cfg.vocab_size,
+                                      device=input_ids.device) if return_logits else None)
+            logits = self.model(input_ids, cache=kv)[:, -1]
+            for step in range(max_new_tokens):
+                if step:
+                    logits = self.step(out[:, t + step - 1], kv)
+                if logits_out is not None:
+                    logits_out[:, step] = logits
+                out[:, t + step] = logits.argmax(-1)
+        return out, logits_out
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+def weight_bytes_per_token(cfg: Any, dtype_bytes: float = 4) -> int:
+    """Bytes of weights one decode step reads: every projection, the norms, the output matrix,
+    and one row of the embedding (a gather, not a matrix read — unless it is tied to the output
+    matrix, which is then read whole once as the output projection)."""
+    h = int(_get(cfg, "hidden_size"))
+    inter = int(_get(cfg, "intermediate_size"))
+    heads = int(_get(cfg, "num_attention_heads"))
+    kv = int(_get(cfg, "num_key_value_heads") or heads)
+    d = head_dim_of(cfg)
+    vocab = int(_get(cfg, "vocab_size"))
+    layers = int(_get(cfg, "num_hidden_layers"))
+    attn = h * heads * d * 2 + h * kv * d * 2  # q, o; k, v
+    mlp = 3 * h * inter
+    norms = 2 * h
+    per_layer = attn + mlp + norms
+    elements = layers * per_layer + h + vocab * h + h  # final norm, output matrix, embedding row
+    return int(math.ceil(elements * dtype_bytes))
+
+
+def decode_bytes_per_token(cfg: Any, position: int, dtype_bytes: float = 4) -> dict[str, int]:
+    """Bytes moved by the decode step of the token at ``position``: the weights, the KV cache
+    read (positions 0..position) and the new K/V written. Activations are ignored (kilobytes)."""
+    weights = weight_bytes_per_token(cfg, dtype_bytes)
+    kv_read = kv_cache_bytes_for_config(cfg, position + 1, dtype_bytes)
+    kv_write = kv_cache_bytes_for_config(cfg, 1, dtype_bytes)
+    return {"weights": weights, "kv_read": kv_read, "kv_write": kv_write,
+            "total": weights + kv_read + kv_write}
+
+
+def roofline_seconds(bytes_per_token: float, bandwidth_gbs: float) -> float:
+    """The fastest a memory-bound step can be: bytes / bandwidth."""
+    if not bandwidth_gbs > 0:
+        raise ValueError(f"bandwidth_gbs must be > 0, got {bandwidth_gbs!r}")
+    if not bytes_per_token >= 0:
+        raise ValueError(f"bytes_per_token must be >= 0, got {bytes_per_token!r}")
+    return bytes_per_token / (bandwidth_gbs * 1e9)
+
+
+def roofline_fraction(bytes_per_token: float, seconds_per_token: float, bandwidth_gbs: float) -> float:
+    """Achieved bandwidth / available bandwidth = roofline time / measured time (1.0 = at the
+    limit). Bandwidth is the copy bandwidth of ``labkit.env`` (read + write counted), so a step
+    that only reads could in principle exceed 1."""
+    if not seconds_per_token > 0:
+        raise ValueError(f"seconds_per_token must be > 0, got {seconds_per_token!r}")
+    return roofline_seconds(bytes_per_token, bandwidth_gbs) / seconds_per_token
+
+
+def roofline_config(size: str = "full") -> dict[str, Any]:
+    """A Llama config whose fp32 weights dwarf any CPU cache: ~168 M parameters ("full", 670 MB)
+    or ~60 M ("quick", 240 MB, still several times a 32 MiB L3)."""
+    if size == "full":
+        shape = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
+                     num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+    elif size == "quick":
+        shape = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                     num_attention_heads=12, num_key_value_heads=4, vocab_size=16000)
+    else:
+        raise ValueError(f"size must be 'full' or 'quick', got {size!r}")
+    return {**shape, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5}
+
+
+def random_llama(cfg_dict: Mapping[str, Any], seed: int = 0):
+    """labkit's Llama with random weights for ``cfg_dict`` (eval mode, fp32, CPU)."""
+    from labkit.models.config import LlamaConfig
+
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(**cfg_dict)).eval()
+
+
+def hf_twin(model: Any):
+    """transformers' LlamaForCausalLM with exactly ``model``'s weights (for generate())."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in model.config.to_hf_dict().items()
+                                      if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    hf.load_state_dict(model.state_dict(), strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    # Non-persistent buffers (RoPE inverse frequencies) were built on 'meta': build them again.
+    rotary = type(hf.model.rotary_emb)
+    with torch.device("cpu"):
+        hf.model.rotary_emb = rotary(cfg)
+    return hf.eval()
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def make_prompt(vocab_size: int, length: int, batch: int = 1, seed: int = 0):
+    """Random token ids ``[batch, length]`` (deterministic for a seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=gen)
+
+
+def time_cached(model: Any, prompt: torch.Tensor, gen_len: int, *, decoder: FastDecoder | None
+                = None, sync: Callable[[], None] | None = None):
+    """TTFT and per-step latencies of a cached greedy generation of ``gen_len`` tokens.
+
+    Prefill = the readable model over the prompt into a preallocated KVCache; each decode step =
+    ``decoder.step`` if a FastDecoder is given, else the readable model on one token.
+    Returns ``labkit.timing.GenerationTiming``.
+    """
+    from labkit.timing import time_generation
+
+    t = prompt.shape[1]
+    kv = KVCache.for_model(model, max_len=t + gen_len, batch=prompt.shape[0])
+
+    def prefill():
+        return model(prompt, cache=kv)[:, -1].argmax(-1)
+
+    def step(token):
+        if decoder is not None:
+            return decoder.step(token, kv).argmax(-1)
+        return model(token[:, None], cache=kv)[:, -1].argmax(-1)
+
+    with torch.inference_mode():
+        timing, _ = time_generation(prefill, step, gen_len, sync=sync)
+    return timing
+
+
+def time_uncached(model: Any, prompt: torch.Tensor, gen_len: int,
+                  sync: Callable[[], None] | None = None):
+    """The same generation without a cache: every step reruns the model on the whole sequence."""
+    from labkit.timing import time_generation
+
+    b, t = prompt.shape
+    seq = torch.empty(b, t + gen_len, dtype=torch.long, device=prompt.device)
+    seq[:, :t] = prompt
+    state = {"n": t}
+
+    def run():
+        token = model(seq[:, : state["n"]])[:, -1].argmax(-1)
+        seq[:, state["n"]] = token
+        state["n"] += 1
+        return token
+
+    with torch.inference_mode():
+        timing, _ = time_generation(run, lambda _tok: run(), gen_len, sync=sync)
+    return timing
+
+
+def tokens_per_s_hf_generate(hf_model: Any, prompt: torch.Tensor, gen_len: int) -> tuple[float, Any]:
+    """Wall-clock tokens/s of ``transformers`` ``generate`` (greedy, its default DynamicCache),
+    prefill included, and the tokens it produced."""
+    import time
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+        seconds = time.perf_counter() - start
+    return gen_len / seconds, out
+
+
+def tokens_per_s_ours(run: Callable[[], Any], gen_len: int) -> tuple[float, Any]:
+    """Wall-clock tokens/s of ``run()`` (a whole greedy generation, prefill included)."""
+    import time
+
+    start = time.perf_counter()
+    out = run()
+    return gen_len / (time.perf_counter() - start), out
+
+
+def cache_update_seconds(kind: str, lengths: Iterable[int], *, num_kv_heads: int, head_dim: int,
+                         repeats: int = 20) -> list[float]:
+    """Median seconds of one cache update (one layer, one token) at each cache length, for
+    'concat' (torch.cat into a new tensor) or 'inplace' (write into a preallocated buffer)."""
+    from labkit.timing import measure
+
+    out = []
+    for n in lengths:
+        k_old = torch.randn(1, num_kv_heads, n, head_dim)
+        new = torch.randn(1, num_kv_heads, 1, head_dim)
+        if kind == "concat":
+            def fn(k_old=k_old, new=new):
+                return torch.cat((k_old, new), dim=2)
+        elif kind == "inplace":
+            buf = torch.empty(1, num_kv_heads, n + 1, head_dim)
+
+            def fn(buf=buf, new=new, n=n):
+                buf[:, :, n : n + 1] = new
+                return buf[:, :, : n + 1]
+        else:
+            raise ValueError(f"kind must be 'concat' or 'inplace', got {kind!r}")
+        out.append(measure(fn, warmup=2, repeats=repeats).median)
+    return out
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
+    """`labkit bench kv-cache`: the notebook's headline numbers, recorded under study 01_kv_cache.
+
+    cache_bytes for the published configs; ttft/tpot and cache_speedup on ``model_name``;
+    speedup_vs_hf_generate on it; decode_roofline_fraction on a random ~168 M (quick: ~60 M)
+    parameter Llama against the measured DRAM copy bandwidth. CPU only.
+    """
+    from labkit import env, results
+    from labkit.models import load
+
+    recs: list[dict] = []
+    # memory from configs alone
+    for name, stem in PUBLISHED.items():
+        cfg = published_config(stem)
+        for context in (1024, 4096, 8192):
+            recs.append(results.record(
+                STUDY, "cache_bytes", kv_cache_bytes_for_config(cfg, context, 2), "bytes",
+                runtime="formula", device="none", model=name,
+                params={"model": name, "context": context, "attention": attention_kind(cfg),
+                        "dtype_bytes": 2}))
+    loaded = load(model_name, device="cpu")
+    model = loaded.model
+    decoder = FastDecoder(model)
+    gen_len = 32 if quick else 128
+    for prompt_len in (16, 64) if quick else (16, 64, 256):
+        prompt = make_prompt(model.config.vocab_size, prompt_len)
+        cached = time_cached(model, prompt, gen_len, decoder=decoder)
+        uncached = time_uncached(model, prompt, gen_len)
+        for cache_on, timing in (("on", cached), ("off", uncached)):
+            p = {"prompt_len": prompt_len, "gen_len": gen_len, "cache": cache_on}
+            recs.append(results.record(STUDY, "ttft_ms", timing.ttft_s * 1e3, "ms",
+                                       model=model_name, params=p))
+            recs.append(results.record(STUDY, "tpot_ms", timing.tpot_median_s * 1e3, "ms",
+                                       model=model_name, params=p))
+        recs.append(results.record(
+            STUDY, "cache_speedup", uncached.total_s / cached.total_s, "1", model=model_name,
+            params={"prompt_len": prompt_len, "gen_len": gen_len}))
+    # ours vs transformers.generate, same weights, same prompt, same thread count
+    hf = load(model_name, device="cpu", impl="hf").model
+    prompt = make_prompt(model.config.vocab_size, 32)
+    ours, theirs = [], []
+    for _ in range(2 if quick else 3):
+        ours.append(tokens_per_s_ours(lambda: decoder.greedy(prompt, 128), 128)[0])
+        theirs.append(tokens_per_s_hf_generate(hf, prompt, 128)[0])
+    ratio = float(sorted(ours)[len(ours) // 2] / sorted(theirs)[len(theirs) // 2])
+    recs.append(results.record(
+        STUDY, "speedup_vs_hf_generate", ratio, "1", model=model_name,
+        params={"prompt_len": 32, "gen_len": 128, "threads": torch.get_num_threads()}))
+    del hf
+    # roofline
+    cfg = roofline_config("quick" if quick else "full")
+    big = random_llama(cfg)
+    big_decoder = FastDecoder(big)
+    bw = env.peak_copy_bandwidth_gbs(env.copy_bandwidth([2**26, 2**27, 2**28], repeats=3))
+    prompt = make_prompt(cfg["vocab_size"], 16)
+    timing = time_cached(big, prompt, 16 if quick else 32, decoder=big_decoder)
+    position = 16 + (16 if quick else 32) // 2
+    bytes_tok = decode_bytes_per_token(cfg, position, 4)["total"]
+    recs.append(results.record(
+        STUDY, "decode_roofline_fraction",
+        roofline_fraction(bytes_tok, timing.tpot_median_s, bw), "1", model="random-llama",
+        params={"params": big.num_parameters(), "bytes_per_token": bytes_tok,
+                "copy_bandwidth_gbs": bw, "threads": torch.get_num_threads()}))
+    return recs
