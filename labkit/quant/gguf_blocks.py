@@ -40,6 +40,15 @@ def _blocks(rows: np.ndarray, block: int) -> np.ndarray:
     return x.reshape(-1, block)
 
 
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, as a C ``for`` loop does.
+
+    ``np.add.accumulate`` is strictly sequential (unlike ``np.sum``, which sums pairwise), so
+    its last column carries the C loop's exact rounding.
+    """
+    return np.add.accumulate(a.astype(F32, copy=False), axis=1)[:, -1]
+
+
 def _roundf(x: np.ndarray) -> np.ndarray:
     """C's roundf, half away from zero, without the floor(a + 0.5) error at 0.49999997."""
     a = np.abs(x)
@@ -134,34 +143,25 @@ def _make_qkx2_quants(
     nb, n = x.shape
     xmax = x.max(axis=1)
     xmin = np.minimum(x.min(axis=1), F32(0))
-    sum_w = w[:, 0].copy()
-    sum_x = sum_w * x[:, 0]
-    for i in range(1, n):
-        sum_w = sum_w + w[:, i]
-        sum_x = sum_x + w[:, i] * x[:, i]
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
     flat = xmax == xmin
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(nmax) / (xmax - xmin)
         scale = F32(1) / iscale
         L = np.clip(np.rint(iscale[:, None] * (x - xmin[:, None])), 0, nmax).astype(F32)
-    best = np.zeros(nb, F32)
-    for i in range(n):
-        diff = scale * L[:, i] + xmin - x[:, i]
-        best = best + w[:, i] * (diff * diff)
+    diff = scale[:, None] * L + xmin[:, None] - x
+    best = _seqsum(w * (diff * diff))
     cur_min = xmin.copy()
     for step in range(nstep + 1):
         with np.errstate(divide="ignore", invalid="ignore"):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (xmax - cur_min)
             la = np.rint(iscale[:, None] * (x - cur_min[:, None]))
         la = np.clip(np.nan_to_num(la), 0, nmax).astype(F32)
-        sum_l = np.zeros(nb, F32)
-        sum_l2 = np.zeros(nb, F32)
-        sum_xl = np.zeros(nb, F32)
-        for i in range(n):
-            wl = w[:, i] * la[:, i]
-            sum_l = sum_l + wl
-            sum_l2 = sum_l2 + wl * la[:, i]
-            sum_xl = sum_xl + wl * x[:, i]
+        wl = w * la
+        sum_l = _seqsum(wl)
+        sum_l2 = _seqsum(wl * la)
+        sum_xl = _seqsum(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = (D > 0) & ~flat
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -170,10 +170,8 @@ def _make_qkx2_quants(
             pos = this_min > 0
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
         this_min = np.where(pos, F32(0), this_min)
-        cur = np.zeros(nb, F32)
-        for i in range(n):
-            diff = this_scale * la[:, i] + this_min - x[:, i]
-            cur = cur + w[:, i] * (diff * diff)
+        diff = this_scale[:, None] * la + this_min[:, None] - x
+        cur = _seqsum(w * (diff * diff))
         better = ok & (cur < best)
         L = np.where(better[:, None], la, L)
         best = np.where(better, cur, best)
@@ -197,13 +195,8 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lv = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
-        sumlx = np.zeros(nb, F32)
-        suml2 = np.zeros(nb, F32)
-        for i in range(n):
-            wi = x[:, i] * x[:, i]
-            sumlx = sumlx + wi * x[:, i] * lv[:, i]
-            suml2 = suml2 + wi * lv[:, i] * lv[:, i]
-        return lv, sumlx, suml2
+        wx = x * x
+        return lv, _seqsum(wx * x * lv), _seqsum(wx * lv * lv)
 
     L, sumlx, suml2 = fit(F32(-nmax) / safe_max)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -246,9 +239,7 @@ def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     x = _blocks(rows, QK_K)
     nb = x.shape[0]
     sub = x.reshape(nb * 8, 32)
-    sum_x2 = np.zeros(nb * 8, F32)
-    for i in range(32):
-        sum_x2 = sum_x2 + sub[:, i] * sub[:, i]
+    sum_x2 = _seqsum(sub * sub)
     av_x = np.sqrt(sum_x2 / F32(32))
     weights = av_x[:, None] + np.abs(sub)
     scales, mins, L = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
