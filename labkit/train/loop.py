@@ -1,0 +1,570 @@
+"""The training loop of the embedded decoder, and the writer of its Hugging Face folder.
+
+Deterministic for a seed: the weights come from ``torch.manual_seed(seed)``, the data order from
+a ``torch.Generator`` seeded per epoch, so two runs on the same device and library versions see
+the same batches and (on CPU) produce identical losses. AdamW with weight decay on matrices only,
+linear warm-up then cosine decay, gradient clipping, bf16 autocast and ``torch.compile`` on CUDA.
+The held-out split is evaluated periodically and the checkpoint with the BEST HELD-OUT loss is
+the one written (not the last, not the best on train).
+
+Data format: one uint16 stream per split of ``<|bos|> document <|eos|>`` (see prepare.py).
+Training windows are ``seq_len + 1`` tokens; targets equal to ``<|bos|>`` are not scored (the
+token after ``<|eos|>`` is always ``<|bos|>``: free points that say nothing about Python).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from labkit.train import tokenizer as tok_mod
+from labkit.train.configs import TrainConfig
+
+IGNORE = -100
+STORAGE_DTYPE = torch.float16
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def llama_config(cfg: TrainConfig, vocab_size: int):
+    """The LlamaConfig of a training config (ids of the special tokens from the tokenizer)."""
+    from labkit.models.config import LlamaConfig
+
+    m = cfg.model
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps,
+        tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tok_mod.BOS_ID,
+        eos_token_id=tok_mod.EOS_ID,
+        torch_dtype=str(STORAGE_DTYPE).removeprefix("torch."),
+    )
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """A freshly initialized labkit Llama, drawn from ``torch.manual_seed(cfg.seed)``."""
+    from labkit.models.llama import Llama
+
+    torch.manual_seed(cfg.seed)
+    model = Llama(llama_config(cfg, vocab_size))
+    if cfg.dropout > 0:
+        add_residual_dropout(model, cfg.dropout)
+    return model
+
+
+def add_residual_dropout(model: torch.nn.Module, p: float) -> None:
+    """Dropout on each attention and MLP output before it joins the residual stream.
+
+    Done with forward hooks so the module tree and state-dict keys stay exactly transformers'
+    (the shipped folder carries no trace of it); inactive in ``model.eval()``.
+    """
+
+    def hook(module: torch.nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, p=p, training=module.training)
+
+    for block in model.model.layers:
+        block.self_attn.register_forward_hook(hook)
+        block.mlp.register_forward_hook(hook)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def heldout_windows(
+    stream: np.ndarray, seq_len: int, max_windows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (inputs, targets) windows over a stream; BOS targets masked to IGNORE.
+
+    With ``max_windows`` the windows are spread evenly over the stream, not its first files.
+    """
+    n = (len(stream) - 1) // seq_len
+    if n < 1:
+        raise ValueError(f"held-out stream of {len(stream)} tokens is shorter than seq_len + 1")
+    idx = np.arange(n)
+    if max_windows is not None and max_windows < n:
+        idx = np.linspace(0, n - 1, max_windows).round().astype(np.int64)
+    starts = idx * seq_len
+    win = np.stack([stream[s : s + seq_len + 1].astype(np.int64) for s in starts])
+    x = torch.from_numpy(win[:, :-1].copy())
+    y = torch.from_numpy(win[:, 1:].copy())
+    y[y == tok_mod.BOS_ID] = IGNORE
+    return x, y
+
+
+@dataclass
+class Batches:
+    """Epochs of shuffled, non-overlapping training windows (a random offset per epoch)."""
+
+    stream: torch.Tensor  # int64 on the training device
+    seq_len: int
+    batch_size: int
+    seed: int
+    epoch: int = 0
+    _order: torch.Tensor | None = None
+    _pos: int = 0
+    _starts: torch.Tensor | None = field(default=None, repr=False)
+
+    def _new_epoch(self) -> None:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = int(torch.randint(0, self.seq_len, (1,), generator=g))
+        n = (len(self.stream) - offset - 1) // self.seq_len
+        if n < self.batch_size:
+            raise ValueError(
+                f"training stream of {len(self.stream)} tokens holds {n} windows of "
+                f"{self.seq_len + 1}, fewer than one batch of {self.batch_size}"
+            )
+        self._starts = offset + torch.arange(n) * self.seq_len
+        self._order = torch.randperm(n, generator=g)
+        self._pos = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._order is None or self._pos + self.batch_size > len(self._order):
+            if self._order is not None:
+                self.epoch += 1
+            self._new_epoch()
+        assert self._order is not None and self._starts is not None
+        pick = self._starts[self._order[self._pos : self._pos + self.batch_size]]
+        self._pos += self.batch_size
+        idx = pick.to(self.stream.device)[:, None] + torch.arange(
+            self.seq_len + 1, device=self.stream.device
+        )
+        win = self.stream[idx]
+        x, y = win[:, :-1], win[:, 1:].clone()
+        y[y == tok_mod.BOS_ID] = IGNORE
+        return x, y
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def unigram_baseline(train: np.ndarray, targets: torch.Tensor, vocab_size: int) -> dict:
+    """Perplexity of add-one-smoothed train token frequencies on the scored held-out targets."""
+    counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64)
+    counts[tok_mod.BOS_ID] = 0.0  # BOS is never a scored target; keep the comparison fair
+    logp = np.log((counts + 1.0) / (counts.sum() + vocab_size))
+    y = targets[targets != IGNORE].numpy()
+    loss = float(-logp[y].mean())
+    return {"loss": loss, "ppl": math.exp(loss), "targets": int(y.size)}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    autocast: bool,
+) -> dict:
+    """Mean next-token cross-entropy (nats) over every scored target in (x, y)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(xb)
+        nll = F.cross_entropy(
+            logits.float().flatten(0, 1), yb.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        total += float(nll)
+        count += int((yb != IGNORE).sum())
+    model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "targets": count}
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at total_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * frac))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; weight decay on matrices (embeddings and projections), none on norm weights."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if present, else cpu (MPS is not used for training: no bf16 autocast)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # holding the best-held-out weights
+    log: dict
+    losses: list[float]  # train loss of every step
+
+
+def train(
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    heldout_tokens: np.ndarray,
+    vocab_size: int,
+    device: str = "auto",
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``cfg`` on the token streams; return the model with its best held-out weights."""
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, vocab_size).to(dev)
+    n_params = model.num_parameters()
+    opt = make_optimizer(model, cfg, dev)
+    step_model: torch.nn.Module = model
+    compiled = False
+    if cfg.compile and on_cuda:
+        step_model = torch.compile(model)
+        compiled = True
+    batches = Batches(
+        torch.from_numpy(train_tokens.astype(np.int64)).to(dev),
+        cfg.seq_len,
+        cfg.batch_size,
+        cfg.seed,
+    )
+    hx, hy = heldout_windows(heldout_tokens, cfg.seq_len, cfg.eval_max_windows)
+    eval_bs = max(1, cfg.batch_size)
+
+    total_steps = cfg.max_steps
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    losses: list[float] = []
+    evals: list[dict] = []
+    best: dict = {"loss": float("inf")}
+    best_state: dict[str, torch.Tensor] | None = None
+    eval_seconds = 0.0
+    calib_t0: float | None = None
+    calib_start = 5 if compiled else 2
+    step_seconds_total = 0.0
+    timed_steps = 0
+
+    def run_eval(step: int) -> None:
+        nonlocal best, best_state, eval_seconds
+        _sync(dev)
+        t0 = time.perf_counter()
+        res = evaluate(model, hx, hy, dev, eval_bs, autocast=on_cuda)
+        _sync(dev)
+        eval_seconds += time.perf_counter() - t0
+        recent = losses[-cfg.eval_every :]
+        rec = {
+            "step": step,
+            "tokens_seen": step * tokens_per_step,
+            "train_loss": float(np.mean(recent)) if recent else None,
+            "heldout_loss": res["loss"],
+            "heldout_ppl": res["ppl"],
+            "lr": lr_at(max(0, step - 1), total_steps, cfg),
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        evals.append(rec)
+        if res["loss"] < best["loss"]:
+            best = dict(rec, loss=res["loss"])
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        say(
+            f"step {step:5d}/{total_steps} tokens {rec['tokens_seen']:,} "
+            f"train {rec['train_loss'] if rec['train_loss'] is not None else float('nan'):.4f} "
+            f"held-out {res['loss']:.4f} (ppl {res['ppl']:.2f}) best@{best['step']}"
+        )
+
+    bar = _progress(total_steps, progress)
+    model.train()
+    run_eval(0)
+    step = 0
+    stopped_by = "max_steps"
+    while step < total_steps:
+        lr = lr_at(step, total_steps, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = batches.next()
+        t0 = time.perf_counter()
+        try:
+            loss = _forward_backward(step_model, x, y, opt, dev, on_cuda)
+        except Exception as exc:  # torch.compile failing on this machine: train eagerly
+            if step_model is model:
+                raise
+            say(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing eagerly")
+            step_model, compiled = model, False
+            loss = _forward_backward(step_model, x, y, opt, dev, on_cuda)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))  # syncs: the step is done when this returns
+        step += 1
+        if step > calib_start:
+            step_seconds_total += time.perf_counter() - t0
+            timed_steps += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
+        if cfg.time_budget_s is not None:
+            if step == calib_start:
+                calib_t0 = time.perf_counter()
+            elif calib_t0 is not None and step == calib_start + cfg.calibrate_steps:
+                total_steps = _fit_steps_to_budget(
+                    cfg, step, time.perf_counter() - calib_t0, t_start, eval_seconds, len(evals)
+                )
+                say(f"calibrated: {total_steps} steps fit the {cfg.time_budget_s:.0f} s budget")
+                if bar is not None:
+                    bar.total = total_steps
+            if time.perf_counter() - t_start > cfg.time_budget_s and step < total_steps:
+                stopped_by = "time_budget"
+                say(f"time budget reached at step {step} (planned {total_steps})")
+                break
+        if step % cfg.eval_every == 0 or step == total_steps:
+            run_eval(step)
+    if evals[-1]["step"] != step:
+        run_eval(step)
+    if bar is not None:
+        bar.close()
+    _sync(dev)
+    wall = time.perf_counter() - t_start
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    log = {
+        "config": cfg.to_dict(),
+        "device": _device_name(dev),
+        "torch": torch.__version__,
+        "compiled": compiled,
+        "num_parameters": n_params,
+        "steps": step,
+        "planned_steps": total_steps,
+        "stopped_by": stopped_by,
+        "tokens_per_step": tokens_per_step,
+        "tokens_seen": step * tokens_per_step,
+        "epochs_seen": step * tokens_per_step / len(train_tokens),
+        "wall_seconds": wall,
+        "eval_seconds": eval_seconds,
+        "tokens_per_second_overall": step * tokens_per_step / wall,
+        "tokens_per_second_steady": (
+            timed_steps * tokens_per_step / step_seconds_total if step_seconds_total else None
+        ),
+        "best": best,
+        "evals": evals,
+        "train_loss_every_10": [
+            float(np.mean(losses[i : i + 10])) for i in range(0, len(losses), 10)
+        ],
+    }
+    return TrainResult(model=model, log=log, losses=losses)
+
+
+def _forward_backward(
+    step_model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    dev: torch.device,
+    autocast: bool,
+) -> torch.Tensor:
+    """Loss of one batch, gradients left in .grad (bf16 autocast on CUDA)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = step_model(x)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    return loss
+
+
+def _fit_steps_to_budget(
+    cfg: TrainConfig, step: int, calib_s: float, t_start: float, eval_s: float, n_evals: int
+) -> int:
+    """The step count whose steps and evaluations end inside cfg.time_budget_s."""
+    step_s = calib_s / cfg.calibrate_steps
+    eval_each = eval_s / max(1, n_evals)
+    remaining = cfg.time_budget_s - (time.perf_counter() - t_start)
+    per_step = step_s + eval_each / cfg.eval_every
+    fit = step + int(0.97 * remaining / per_step)
+    return max(step + 1, min(cfg.max_steps, fit))
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the GPU machine may lack it; the eval lines still print
+        return None
+    return tqdm(total=total, mininterval=5.0, unit="step")
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
+
+
+# --- final evaluation and the HF folder ---------------------------------------------------------
+
+
+def storage_roundtrip(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as stored (fp16), and load those values back into ``model`` in fp32.
+
+    Why fp16 storage: half the bytes of fp32 (the shipped file stays far under 100 MB and
+    comes back from the GPU machine in few pieces), 3 more mantissa bits than bf16, and every
+    target (Core ML, GGUF F16, ONNX) reads it. Loaders upcast; the metrics in the card are
+    computed on these rounded weights, so they describe exactly the file that ships.
+    """
+    stored = {
+        k: v.detach().to("cpu").to(STORAGE_DTYPE).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    for name, t in stored.items():
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"weight {name} is not finite in {STORAGE_DTYPE}")
+    model.load_state_dict({k: v.float() for k, v in stored.items()})
+    return stored
+
+
+def final_metrics(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    heldout_tokens: np.ndarray,
+    vocab_size: int,
+    slice_windows: int,
+    device: str = "auto",
+) -> tuple[dict, np.ndarray]:
+    """Held-out loss of the stored weights in fp32 (no autocast, no TF32), unigram, and a slice."""
+    dev = resolve_device(device)
+    model = model.to(dev).float()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        hx, hy = heldout_windows(heldout_tokens, cfg.seq_len, cfg.eval_max_windows)
+        full = evaluate(model, hx, hy, dev, max(1, cfg.batch_size // 2), autocast=False)
+        sx, sy = heldout_windows(heldout_tokens, cfg.seq_len, slice_windows)
+        part = evaluate(model, sx, sy, dev, max(1, cfg.batch_size // 2), autocast=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    uni = unigram_baseline(train_tokens, hy, vocab_size)
+    uni_slice = unigram_baseline(train_tokens, sy, vocab_size)
+    n = (len(heldout_tokens) - 1) // cfg.seq_len
+    slice_idx = np.linspace(0, n - 1, min(slice_windows, n)).round().astype(np.int64)
+    slice_tokens = np.stack(
+        [heldout_tokens[s * cfg.seq_len : s * cfg.seq_len + cfg.seq_len + 1] for s in slice_idx]
+    ).astype(np.int32)
+    metrics = {
+        "weights": f"stored {str(STORAGE_DTYPE).removeprefix('torch.')}, evaluated in float32",
+        "heldout": full,
+        "heldout_windows": int(len(hx)),
+        "unigram": uni,
+        "ppl_ratio_unigram_over_model": uni["ppl"] / full["ppl"],
+        "slice": {"windows": int(len(sx)), **part, "unigram": uni_slice},
+        "eval_device": _device_name(dev),
+    }
+    return metrics, slice_tokens
+
+
+def generation_config() -> dict:
+    return {
+        "bos_token_id": tok_mod.BOS_ID,
+        "eos_token_id": tok_mod.EOS_ID,
+        "pad_token_id": tok_mod.PAD_ID,
+        "do_sample": False,
+        "max_new_tokens": 128,
+    }
+
+
+def write_model_folder(
+    out: Path,
+    model_config,
+    stored: dict[str, torch.Tensor],
+    tokenizer_dir: Path,
+    training_log: dict,
+    slice_tokens: np.ndarray | None = None,
+) -> Path:
+    """Write the HF folder into a temp dir beside ``out``, then rename it into place."""
+    from safetensors.numpy import save_file as save_np
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        save_file(stored, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        training_log = dict(
+            training_log, model_safetensors_sha256=_sha256(tmp / "model.safetensors")
+        )
+        _dump(tmp / "config.json", model_config.to_hf_dict())
+        _dump(tmp / "generation_config.json", generation_config())
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            src = Path(tokenizer_dir) / name
+            if not src.is_file():
+                raise FileNotFoundError(f"{src}: missing (expected the corpus' trained tokenizer)")
+            shutil.copyfile(src, tmp / name)
+        if slice_tokens is not None:
+            save_np({"windows": slice_tokens}, str(tmp / "heldout_slice.safetensors"))
+        _dump(tmp / "training_log.json", training_log)
+        for p in tmp.iterdir():
+            p.chmod(0o644)
+        tmp.chmod(0o755)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _dump(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
