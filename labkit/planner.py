@@ -6,7 +6,9 @@ read), so a 7B or 8B model can be planned on a laptop that could never load it.
 
 * Weights: the planner lists every tensor a Llama or Phi checkpoint holds (the Hugging Face
   names and shapes, exactly as ``model.safetensors`` stores them) and sums their bytes at a
-  precision. One list, so the sum equals the bytes of a real checkpoint — a test checks it on the
+  precision: a float width (fp32, fp16, bf16) or a quantization scheme priced by
+  ``labkit.quant.tensor_bits`` (the one source of truth for bits per weight; int8/int4 are Q8_0 and
+  Q4_0). One list, so the sum equals the bytes of a real checkpoint — a test checks it on the
   shipped model, byte for byte.
 * KV cache: ``labkit.models.kv_cache.kv_cache_bytes_for_config`` (the lab's one formula).
 * Activations: an *estimate* of the transient buffers of one forward (see
@@ -29,52 +31,50 @@ from labkit.models.kv_cache import kv_cache_bytes_for_config
 
 # --- bits per weight -----------------------------------------------------------------------------
 
-#: Bits per weight of the plain precisions. One source of truth is meant to be ``labkit.quant``
-#: (the Quantization issue's schemes); until it exposes bits per weight, the plain formats are
-#: defined here. int8 and int4 are the symmetric per-block schemes with one fp16 scale per block
-#: of 32 weights, as llama.cpp's Q8_0 and Q4_0: (32 * 8 + 16) / 32 = 8.5 and
-#: (32 * 4 + 16) / 32 = 4.5 bits per weight.
-BLOCK_SIZE = 32
-SCALE_BITS = 16
-PLAIN_BITS_PER_WEIGHT: dict[str, float] = {
-    "fp32": 32.0,
-    "fp16": 16.0,
-    "bf16": 16.0,
-    "int8": (BLOCK_SIZE * 8 + SCALE_BITS) / BLOCK_SIZE,
-    "int4": (BLOCK_SIZE * 4 + SCALE_BITS) / BLOCK_SIZE,
-}
-#: Precisions whose every tensor is stored at that width (a float checkpoint).
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+#: Float storage widths (a checkpoint's dtype): every tensor of the model at this width.
+FLOAT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16}
+FLOAT_PRECISIONS = tuple(FLOAT_BITS)
+#: The plain names the notebooks use, as ``labkit.quant`` schemes: the cost of a scheme (codes,
+#: scales, biases, LUTs) has one source of truth, ``labkit.quant.tensor_bits``. int8 and int4 are
+#: llama.cpp's Q8_0 and Q4_0: one fp16 scale per block of 32 weights, 8.5 and 4.5 bits per weight.
+PRECISION_SCHEMES: dict[str, str] = {"int8": "gguf-q8_0", "int4": "gguf-q4_0"}
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
 
-def _quant_bits_per_weight() -> dict[str, float]:
-    """Bits per weight of ``labkit.quant``'s schemes, when that module provides them."""
-    try:
-        from labkit import quant  # a study module: optional here
-    except ImportError:
-        return {}
-    table = getattr(quant, "BITS_PER_WEIGHT", None)
-    return {str(k): float(v) for k, v in table.items()} if isinstance(table, Mapping) else {}
+def _name(precision: str) -> str:
+    return _ALIASES.get(precision, precision)
 
 
-def precisions() -> dict[str, float]:
-    """Every precision the planner knows, name -> bits per weight (plain ones + labkit.quant's)."""
-    table = dict(PLAIN_BITS_PER_WEIGHT)
-    for name, bits in _quant_bits_per_weight().items():
-        table.setdefault(name, bits)
-    return table
+def precisions() -> list[str]:
+    """Every precision the planner takes: float widths, int8/int4, and each labkit.quant scheme."""
+    from labkit.quant import SCHEMES
+
+    return list(FLOAT_BITS) + list(PRECISION_SCHEMES) + [s for s in SCHEMES if s not in FLOAT_BITS]
+
+
+def scheme_of(precision: str) -> str | None:
+    """The labkit.quant scheme behind ``precision`` (None for a float width); refuses unknown names."""
+    from labkit.quant import SCHEMES
+
+    name = _name(precision)
+    if name in FLOAT_BITS:
+        return None
+    scheme = PRECISION_SCHEMES.get(name, name)
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"precision {precision!r} is unknown; known: {', '.join(precisions())}"
+        )
+    return scheme
 
 
 def bits_per_weight(precision: str) -> float:
-    """Bits one weight of a matrix takes at ``precision`` (scales of block schemes included)."""
-    name = _ALIASES.get(precision, precision)
-    table = precisions()
-    if name not in table:
-        raise ValueError(
-            f"precision {precision!r} is unknown; known: {', '.join(sorted(table))}"
-        )
-    return table[name]
+    """Bits one weight of a matrix takes at ``precision`` (block scales included), from
+    labkit.quant for quantized schemes. Shape-dependent schemes (per-channel, LUT) have no single
+    value: ``tensor_bytes`` prices them per tensor."""
+    from labkit.quant import bits_per_weight as scheme_bits
+
+    scheme = scheme_of(precision)
+    return float(FLOAT_BITS[_name(precision)]) if scheme is None else scheme_bits(scheme)
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -208,15 +208,19 @@ def tensor_bytes(shape: tuple[int, ...], precision: str) -> int:
     """Bytes of one tensor at ``precision``.
 
     Float precisions store every tensor at their width. Quantized ones store matrices (2-D:
-    linear layers, embedding, output) at the scheme's bits per weight and keep vectors (norms,
-    biases: a tiny share of the bytes) in fp16, as llama.cpp's Q4_0/Q8_0 files keep norms in a
-    float type.
+    linear layers, embedding, output) as the labkit.quant scheme prices them
+    (``tensor_bits``, exact) and keep vectors (norms, biases: a tiny share of the bytes) in fp16,
+    as llama.cpp's files keep norms in a float type.
     """
     numel = math.prod(shape)
-    name = _ALIASES.get(precision, precision)
-    if name in FLOAT_PRECISIONS or len(shape) >= 2:
-        return math.ceil(numel * bits_per_weight(name) / 8)
-    return numel * 2
+    scheme = scheme_of(precision)
+    if scheme is None:
+        return numel * FLOAT_BITS[_name(precision)] // 8
+    if len(shape) < 2:
+        return numel * 2
+    from labkit.quant import tensor_bits
+
+    return math.ceil(tensor_bits(scheme, tuple(shape)) / 8)
 
 
 def weights_bytes(config: Mapping[str, Any], precision: str) -> int:
@@ -231,7 +235,7 @@ _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 def element_bytes(precision: str) -> float:
     """Bytes per element of an activation or cache tensor at ``precision`` (int8: 1, int4: 0.5)."""
-    name = _ALIASES.get(precision, precision)
+    name = _name(precision)
     if name in _BYTES:
         return _BYTES[name]
     if name == "int4":
@@ -315,7 +319,7 @@ def plan(
     cfg = load_config(config)
     if name is None:
         name = config if isinstance(config, str) else "model"
-    bits_per_weight(precision)  # refuse an unknown precision by name
+    scheme_of(precision)  # refuse an unknown precision by name
     return Plan(
         model=str(name),
         precision=precision,
