@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 BENCHMARKS: dict[str, str] = {
     "bandwidth": "labkit.bench:bench_bandwidth",
+    "kv-cache": "labkit.kvstudy:bench",
 }
 
 

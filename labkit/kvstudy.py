@@ -551,17 +551,21 @@ def make_prompt(vocab_size: int, length: int, batch: int = 1, seed: int = 0):
 
 
 def time_cached(model: Any, prompt: torch.Tensor, gen_len: int, *, decoder: FastDecoder | None
-                = None, sync: Callable[[], None] | None = None):
+                = None, cache: Any | None = None, sync: Callable[[], None] | None = None):
     """TTFT and per-step latencies of a cached greedy generation of ``gen_len`` tokens.
 
-    Prefill = the readable model over the prompt into a preallocated KVCache; each decode step =
-    ``decoder.step`` if a FastDecoder is given, else the readable model on one token.
-    Returns ``labkit.timing.GenerationTiming``.
+    Prefill = the readable model over the prompt into ``cache`` (default: a preallocated
+    KVCache); each decode step = ``decoder.step`` if a FastDecoder is given, else the readable
+    model on one token. Returns ``(labkit.timing.GenerationTiming, new tokens [B, gen_len])``.
     """
     from labkit.timing import time_generation
 
     t = prompt.shape[1]
-    kv = KVCache.for_model(model, max_len=t + gen_len, batch=prompt.shape[0])
+    kv = cache if cache is not None else KVCache.for_model(
+        model, max_len=t + gen_len, batch=prompt.shape[0])
+    if decoder is not None and not isinstance(kv, KVCache):
+        raise ValueError("time_cached: FastDecoder writes into a KVCache; pass no cache")
+    kv.reset()
 
     def prefill():
         return model(prompt, cache=kv)[:, -1].argmax(-1)
@@ -572,13 +576,14 @@ def time_cached(model: Any, prompt: torch.Tensor, gen_len: int, *, decoder: Fast
         return model(token[:, None], cache=kv)[:, -1].argmax(-1)
 
     with torch.inference_mode():
-        timing, _ = time_generation(prefill, step, gen_len, sync=sync)
-    return timing
+        timing, tokens = time_generation(prefill, step, gen_len, sync=sync)
+    return timing, torch.stack(tokens, dim=1)
 
 
 def time_uncached(model: Any, prompt: torch.Tensor, gen_len: int,
                   sync: Callable[[], None] | None = None):
-    """The same generation without a cache: every step reruns the model on the whole sequence."""
+    """The same generation without a cache: every step reruns the model on the whole sequence.
+    Returns ``(GenerationTiming, new tokens [B, gen_len])``."""
     from labkit.timing import time_generation
 
     b, t = prompt.shape
@@ -593,8 +598,8 @@ def time_uncached(model: Any, prompt: torch.Tensor, gen_len: int,
         return token
 
     with torch.inference_mode():
-        timing, _ = time_generation(run, lambda _tok: run(), gen_len, sync=sync)
-    return timing
+        timing, tokens = time_generation(run, lambda _tok: run(), gen_len, sync=sync)
+    return timing, torch.stack(tokens, dim=1)
 
 
 def tokens_per_s_hf_generate(hf_model: Any, prompt: torch.Tensor, gen_len: int) -> tuple[float, Any]:
@@ -645,6 +650,37 @@ def cache_update_seconds(kind: str, lengths: Iterable[int], *, num_kv_heads: int
     return out
 
 
+def pick_threads(model: Any, candidates: Iterable[int], tokens: int = 6) -> tuple[int, dict]:
+    """Set torch's CPU thread count to the fastest of ``candidates`` for a short FastDecoder run
+    of ``model``, and return ``(threads, {threads: tokens/s})``.
+
+    Why measure instead of taking the core count: on a shared or busy machine, OpenMP threads
+    that wait for a descheduled sibling at every barrier make 2 threads several times slower
+    than 1; on an idle machine the opposite holds. The answer is the machine's, at that moment.
+    """
+    decoder = FastDecoder(model)
+    prompt = make_prompt(model.config.vocab_size, 8, seed=3).to(next(model.parameters()).device)
+    speeds = {}
+    for n in candidates:
+        torch.set_num_threads(int(n))
+        decoder.greedy(prompt, 2)  # warm-up
+        speeds[int(n)] = tokens_per_s_ours(lambda: decoder.greedy(prompt, tokens), tokens)[0]
+    best = max(speeds, key=speeds.get)
+    torch.set_num_threads(best)
+    return best, speeds
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): recorded beside CPU timings,
+    because other processes on the same cores slow every number here."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -670,21 +706,23 @@ def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
                         "dtype_bytes": 2}))
     loaded = load(model_name, device="cpu")
     model = loaded.model
+    threads, _ = pick_threads(model, (1, 2))
     decoder = FastDecoder(model)
     gen_len = 32 if quick else 128
     for prompt_len in (16, 64) if quick else (16, 64, 256):
         prompt = make_prompt(model.config.vocab_size, prompt_len)
-        cached = time_cached(model, prompt, gen_len, decoder=decoder)
-        uncached = time_uncached(model, prompt, gen_len)
+        cached, _ = time_cached(model, prompt, gen_len)
+        uncached, _ = time_uncached(model, prompt, gen_len)
         for cache_on, timing in (("on", cached), ("off", uncached)):
-            p = {"prompt_len": prompt_len, "gen_len": gen_len, "cache": cache_on}
+            p = {"prompt_len": prompt_len, "gen_len": gen_len, "cache": cache_on,
+                 "threads": threads, "load_avg_1m": load_average()}
             recs.append(results.record(STUDY, "ttft_ms", timing.ttft_s * 1e3, "ms",
                                        model=model_name, params=p))
             recs.append(results.record(STUDY, "tpot_ms", timing.tpot_median_s * 1e3, "ms",
                                        model=model_name, params=p))
         recs.append(results.record(
             STUDY, "cache_speedup", uncached.total_s / cached.total_s, "1", model=model_name,
-            params={"prompt_len": prompt_len, "gen_len": gen_len}))
+            params={"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads}))
     # ours vs transformers.generate, same weights, same prompt, same thread count
     hf = load(model_name, device="cpu", impl="hf").model
     prompt = make_prompt(model.config.vocab_size, 32)
@@ -695,7 +733,8 @@ def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
     ratio = float(sorted(ours)[len(ours) // 2] / sorted(theirs)[len(theirs) // 2])
     recs.append(results.record(
         STUDY, "speedup_vs_hf_generate", ratio, "1", model=model_name,
-        params={"prompt_len": 32, "gen_len": 128, "threads": torch.get_num_threads()}))
+        params={"loop": "FastDecoder", "prompt_len": 32, "gen_len": 128, "threads": threads,
+                "load_avg_1m": load_average()}))
     del hf
     # roofline
     cfg = roofline_config("quick" if quick else "full")
@@ -703,12 +742,13 @@ def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
     big_decoder = FastDecoder(big)
     bw = env.peak_copy_bandwidth_gbs(env.copy_bandwidth([2**26, 2**27, 2**28], repeats=3))
     prompt = make_prompt(cfg["vocab_size"], 16)
-    timing = time_cached(big, prompt, 16 if quick else 32, decoder=big_decoder)
+    timing, _ = time_cached(big, prompt, 16 if quick else 32, decoder=big_decoder)
     position = 16 + (16 if quick else 32) // 2
     bytes_tok = decode_bytes_per_token(cfg, position, 4)["total"]
     recs.append(results.record(
         STUDY, "decode_roofline_fraction",
         roofline_fraction(bytes_tok, timing.tpot_median_s, bw), "1", model="random-llama",
-        params={"params": big.num_parameters(), "bytes_per_token": bytes_tok,
-                "copy_bandwidth_gbs": bw, "threads": torch.get_num_threads()}))
+        params={"loop": "FastDecoder", "params": big.num_parameters(),
+                "bytes_per_token": bytes_tok, "copy_bandwidth_gbs": bw, "threads": threads,
+                "load_avg_1m": load_average()}))
     return recs
