@@ -52,7 +52,11 @@ def affine_dequantize(
 ) -> np.ndarray:
     """w = scale * q + bias, in the scales' dtype (MLX multiplies, rounds, adds, rounds)."""
     rows, cols = q.shape
-    qg = q.reshape(rows, cols // group_size, group_size).astype(scales.dtype)
-    w = qg * scales[..., None]
-    w = w + biases[..., None]
+    dtype = scales.dtype
+    f32 = np.float32
+    qg = q.reshape(rows, cols // group_size, group_size).astype(f32)
+    # Each op in float32, rounded to the scales' dtype: for fp16 the same bits as fp16 arithmetic
+    # (float32 carries more than 2 * 11 + 2 bits), without numpy's slow float16 loops.
+    w = (qg * scales[..., None].astype(f32)).astype(dtype)
+    w = (w.astype(f32) + biases[..., None].astype(f32)).astype(dtype)
     return w.reshape(rows, cols)
