@@ -595,6 +595,8 @@ def prepare_fixtures(
         refdump.write(case.dump, dump)
         written.append(Case(case.name, case.model, case.dump, dump.meta["arch"], dump.meta["dtype"]))
 
+    tokenizer_cases(out / "tokenizers")
+
     # The dtype-conversion fixture: awkward values (signed zero, subnormal and largest halves,
     # infinities, values that round) stored three ways, each with its exact float32 expansion.
     values = torch.tensor(
@@ -610,6 +612,7 @@ def prepare_fixtures(
     manifest = {
         "version": FIXTURES_VERSION,
         "dtypes": "dtypes.safetensors",
+        "tokenizers": "tokenizers/cases.json",
         "cases": [
             {
                 "name": c.name,
@@ -625,6 +628,70 @@ def prepare_fixtures(
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")
     return written
+
+
+# Training text for the fixture tokenizer, and texts it has not seen (unicode, digits, runs of
+# whitespace, contractions, an added token in the middle) for the Swift tokenizer's test.
+_TOKENIZER_TRAIN = [
+    "Once upon a time, a small model learned to count: one, two, three, 4, 5, 66, 777.",
+    "The cache holds keys and values; it's preallocated so decoding never allocates.",
+    "def forward(self, x):\n    return self.norm(x) + 1  # residual",
+    "Grouped-query attention shares key/value heads between several query heads.",
+    "Ein kleines Modell läuft auf dem Gerät. Le modèle tourne sur l'appareil.",
+]
+_TOKENIZER_TEXTS = [
+    "Once upon a time",
+    "It's the model's cache, isn't it? We'll see; they'd know.",
+    "  leading spaces,\ttabs\tand\n\nnewlines  \n",
+    "numbers 1234567 and 3.14159, and 2026-11-28",
+    "unicode: naïve café, Ærøskøbing, 東京, Привет, emoji 🙂👍🏽",
+    "an added token <|eos|> in the middle<|bos|>",
+    "code: x[i] = (a + b) * c; // done",
+    "",
+]
+
+
+def tokenizer_cases(out: str | os.PathLike[str]) -> Path:
+    """Token ids from the `tokenizers` library for the Swift BPE tokenizer's test.
+
+    Writes a small byte-level BPE trained here (GPT-2 pre-tokenizer, a <|bos|> template) and
+    ``cases.json`` with, per tokenizer.json, the texts and the ids `tokenizers` gives them. The
+    shipped tiny-llama's tokenizer is included when it exists.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|bos|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TOKENIZER_TRAIN, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))]
+    )
+    files = [out / "fixture-tokenizer.json"]
+    tok.save(str(files[0]))
+    shipped = shipped_model_dir()
+    if shipped is not None and (shipped / "tokenizer.json").is_file():
+        files.append(shipped / "tokenizer.json")
+    texts = _TOKENIZER_TEXTS + _TOKENIZER_TRAIN
+    cases = []
+    for f in files:
+        t = Tokenizer.from_file(str(f))
+        cases.append(
+            {"tokenizer": str(f.resolve()), "texts": texts, "ids": [t.encode(x).ids for x in texts]}
+        )
+    path = out / "cases.json"
+    tmp = out / ".cases.json.tmp"
+    tmp.write_text(json.dumps({"cases": cases}, ensure_ascii=False, indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:

@@ -1,9 +1,10 @@
 // lmport: greedy generation with the Swift port, printing the tokens and the decode speed.
 //
-//   lmport --model DIR --tokens 1,2,3 [--max-new N] [--dump logits.npy]
+//   lmport --model DIR (--tokens 1,2,3 | --text "Once upon") [--max-new N] [--dump logits.npy]
 //          [--dump-hidden hidden.npy] [--force 4,5,6] [--threads N] [--json]
 //
-// --dump writes the logits of every step as a [steps, vocab] float32 .npy; --dump-hidden the
+// --text encodes the prompt with the folder's tokenizer.json (byte-level BPE) and prints the
+// generated text too; --dump writes the logits of every step as a [steps, vocab] float32 .npy; --dump-hidden the
 // hidden state after every layer at every processed position, [layers, positions, hidden];
 // --force feeds the given tokens instead of the model's own (teacher forcing, for comparing
 // logits after two implementations disagree); --json prints one JSON object for labkit.
@@ -11,13 +12,14 @@ import Foundation
 import LMPort
 
 let usage = """
-    usage: lmport --model DIR --tokens 1,2,3 [--max-new N] [--dump FILE.npy]
+    usage: lmport --model DIR (--tokens 1,2,3 | --text TEXT) [--max-new N] [--dump FILE.npy]
                   [--dump-hidden FILE.npy] [--force 4,5,6] [--threads N] [--json]
     """
 
 struct Options {
     var model: String?
     var tokens: [Int] = []
+    var text: String?
     var maxNew = 32
     var dump: String?
     var dumpHidden: String?
@@ -55,6 +57,7 @@ func parse(_ arguments: [String]) throws -> Options {
         switch flag {
         case "--model": options.model = try value(flag)
         case "--tokens": options.tokens = try parseTokens(try value(flag), flag: flag)
+        case "--text": options.text = try value(flag)
         case "--max-new": options.maxNew = try positive(flag)
         case "--dump": options.dump = try value(flag)
         case "--dump-hidden": options.dumpHidden = try value(flag)
@@ -69,7 +72,9 @@ func parse(_ arguments: [String]) throws -> Options {
         i += 1
     }
     guard options.model != nil else { throw LMPortError("--model DIR is required\n\(usage)") }
-    guard !options.tokens.isEmpty else { throw LMPortError("--tokens is required\n\(usage)") }
+    guard options.tokens.isEmpty != (options.text == nil) else {
+        throw LMPortError("give exactly one of --tokens and --text\n\(usage)")
+    }
     return options
 }
 
@@ -83,10 +88,13 @@ func run() throws {
     var threadNote: String?
     if let threads = options.threads { threadNote = BLAS.setThreads(threads) }
     let loadStart = ContinuousClock.now
-    let model = try loadModel(directory: URL(fileURLWithPath: options.model!))
+    let directory = URL(fileURLWithPath: options.model!)
+    let model = try loadModel(directory: directory)
+    let tokenizer = options.text != nil ? try BPETokenizer(directory: directory) : nil
     let loadTime = ContinuousClock.now - loadStart
+    let prompt = tokenizer.map { $0.encode(options.text!) } ?? options.tokens
     let result = try generateGreedy(
-        model: model, prompt: options.tokens, maxNew: options.maxNew, forced: options.forced,
+        model: model, prompt: prompt, maxNew: options.maxNew, forced: options.forced,
         keepLogits: options.dump != nil, keepHidden: options.dumpHidden != nil)
     let c = model.config
     if let dump = options.dump {
@@ -117,6 +125,7 @@ func run() throws {
         if let threads = options.threads { object["threads"] = threads }
         if let blasThreads = BLAS.threads() { object["blas_threads"] = blasThreads }
         if let threadNote { object["note"] = threadNote }
+        if let tokenizer { object["text"] = tokenizer.decode(result.tokens) }
         print(jsonString(object))
     } else {
         if let threadNote { print("note: \(threadNote)") }
@@ -124,6 +133,9 @@ func run() throws {
             + "vocab \(c.vocabSize), BLAS \(BLAS.backend)")
         print("prompt: \(result.promptTokens.map(String.init).joined(separator: ","))")
         print("tokens: \(result.tokens.map(String.init).joined(separator: ","))")
+        if let tokenizer {
+            print("text: \(options.text!)\(tokenizer.decode(result.tokens))")
+        }
         print(String(format: "prefill: %d tokens in %.2f ms", result.promptTokens.count,
             result.prefillSeconds * 1e3))
         if let tokPerSec {

@@ -27,6 +27,16 @@ struct Manifest: Decodable {
     }
     let version: Int
     let dtypes: String
+    let tokenizers: String?
+    let cases: [Case]
+}
+
+struct TokenizerCases: Decodable {
+    struct Case: Decodable {
+        let tokenizer: String
+        let texts: [String]
+        let ids: [[Int]]
+    }
     let cases: [Case]
 }
 
@@ -146,6 +156,30 @@ final class ParityTests: XCTestCase {
             model: model, prompt: ref.promptTokens, maxNew: steps, forced: forced, keepLogits: true)
         XCTAssertEqual(free.logits[0], pushed.logits[0], "step 0 sees only the prompt")
         XCTAssertNotEqual(free.logits[1], pushed.logits[1], "step 1 must see the forced token")
+    }
+
+    /// The Swift BPE tokenizer gives the same ids as the `tokenizers` library on a test corpus
+    /// (unicode, digits, whitespace runs, contractions, added tokens), and decodes them back.
+    func testTokenizerMatchesTokenizersLibrary() throws {
+        let (root, manifest) = try loadFixtures()
+        guard let file = manifest.tokenizers else {
+            throw LMPortError("manifest.json lists no tokenizer cases: rewrite the fixtures")
+        }
+        let data = try Data(contentsOf: root.appendingPathComponent(file))
+        let cases = try JSONDecoder().decode(TokenizerCases.self, from: data).cases
+        XCTAssertFalse(cases.isEmpty, "no tokenizer cases")
+        for testCase in cases {
+            let tokenizer = try BPETokenizer(url: URL(fileURLWithPath: testCase.tokenizer))
+            let specialPrefix = tokenizer.decode(tokenizer.encode(""), skipSpecial: false)
+            var agree = 0
+            for (text, want) in zip(testCase.texts, testCase.ids) {
+                let got = tokenizer.encode(text)
+                XCTAssertEqual(got, want, "\(testCase.tokenizer): \"\(text)\"")
+                if got == want { agree += 1 }
+                XCTAssertEqual(tokenizer.decode(want, skipSpecial: false), specialPrefix + text)
+            }
+            print("tokenizer \(testCase.tokenizer): \(agree)/\(testCase.texts.count) texts identical")
+        }
     }
 
     /// A broken model folder gets an error naming the file.
