@@ -381,13 +381,16 @@ class PagedKVCache:
         """K and V ``[B, kv_heads, length, head_dim]`` read through ``table`` ``[B, blocks]``.
 
         ``pool[table]`` is ``[B, blocks, kv_heads, block_size, head_dim]``; moving the heads in
-        front and merging (blocks, block_size) lays the positions out in order.
+        front and merging (blocks, block_size) lays the positions out in order. (Written with
+        ``index_select``, which copies whole blocks, instead of ``pool[table]``: the same values,
+        but on the CPU advanced indexing was ~50x slower here.)
         """
         b, n = table.shape
         out = []
         for pool in (self.k_pool[layer], self.v_pool[layer]):
             _, heads, block, dim = pool.shape
-            x = pool[table].permute(0, 2, 1, 3, 4).reshape(b, heads, n * block, dim)
+            blocks = pool.index_select(0, table.reshape(-1)).view(b, n, heads, block, dim)
+            x = blocks.permute(0, 2, 1, 3, 4).reshape(b, heads, n * block, dim)
             out.append(x[:, :, :length])
         return out[0], out[1]
 
