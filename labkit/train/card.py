@@ -172,7 +172,12 @@ def write_card(model_dir: Path, data_dir: Path | None = None, samples: bool = Tr
     mult64 = all(d % 64 == 0 for d in dims)
     L = []
     w = L.append
-    w(f"# tiny-llama ({cfg['model_type']}, {n_params / 1e6:.1f} M parameters)\n")
+    w(f"# {model_dir.name} ({cfg['model_type']}, {n_params / 1e6:.1f} M parameters)\n")
+    if tc["name"] != "shipped":
+        w(
+            f"Trained with the '{tc['name']}' configuration: a demonstration of the pipeline, "
+            "not the shipped model (data/models/tiny-llama).\n"
+        )
     w(
         "A small Llama-architecture decoder trained from scratch on Python source, shipped so that "
         "every study of the lab has real weights offline. It completes Python; it is not an "

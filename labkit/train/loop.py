@@ -343,10 +343,20 @@ def train(
         if cfg.time_budget_s is not None:
             if step == calib_start:
                 calib_t0 = time.perf_counter()
-            elif calib_t0 is not None and step == calib_start + cfg.calibrate_steps:
+            elif calib_t0 is not None and (
+                step == calib_start + cfg.calibrate_steps
+                # slow machine: calibrate on fewer steps rather than run out of budget first
+                or (step >= calib_start + 3 and _elapsed(t_start) > 0.1 * cfg.time_budget_s)
+            ):
                 total_steps = _fit_steps_to_budget(
-                    cfg, step, time.perf_counter() - calib_t0, t_start, eval_seconds, len(evals)
+                    cfg,
+                    step,
+                    (time.perf_counter() - calib_t0) / (step - calib_start),
+                    t_start,
+                    eval_seconds,
+                    len(evals),
                 )
+                calib_t0 = None
                 say(f"calibrated: {total_steps} steps fit the {cfg.time_budget_s:.0f} s budget")
                 if bar is not None:
                     bar.total = total_steps
@@ -408,11 +418,14 @@ def _forward_backward(
     return loss
 
 
+def _elapsed(t_start: float) -> float:
+    return time.perf_counter() - t_start
+
+
 def _fit_steps_to_budget(
-    cfg: TrainConfig, step: int, calib_s: float, t_start: float, eval_s: float, n_evals: int
+    cfg: TrainConfig, step: int, step_s: float, t_start: float, eval_s: float, n_evals: int
 ) -> int:
     """The step count whose steps and evaluations end inside cfg.time_budget_s."""
-    step_s = calib_s / cfg.calibrate_steps
     eval_each = eval_s / max(1, n_evals)
     remaining = cfg.time_budget_s - (time.perf_counter() - t_start)
     per_step = step_s + eval_each / cfg.eval_every
