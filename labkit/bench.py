@@ -13,6 +13,7 @@ from collections.abc import Callable
 BENCHMARKS: dict[str, str] = {
     "bandwidth": "labkit.bench:bench_bandwidth",
     "kv-cache": "labkit.kvstudy:bench",
+    "rag": "labkit.rag:bench_retrieval",
 }
 
 

@@ -393,6 +393,44 @@ def timed_greedy(
     return result, [int(t) for t in tokens]
 
 
+def bench_retrieval(quick: bool = False) -> list[dict]:
+    """`labkit bench rag`: recall@k and per-query embed/search time of MiniLM + faiss over the
+    shipped document set (study "10_rag_on_device"); quick: a seeded subset of 64 documents."""
+    from labkit import results
+    from labkit.models.encoder import embed
+    from labkit.models.registry import load
+    from labkit.timing import measure
+
+    docs, queries = load_docset()
+    if quick:
+        keep = sorted(np.random.default_rng(0).choice(len(docs), 64, replace=False).tolist())
+        position = {doc_id: i for i, doc_id in enumerate(keep)}
+        docs = [docs[i] for i in keep]
+        queries = [Query(q.text, position[q.doc_id]) for q in queries if q.doc_id in position]
+    minilm = load("minilm", device="cpu")
+    index = FaissIndex(embed([d.text for d in docs], minilm).numpy())
+    query_emb = embed([q.text for q in queries], minilm).numpy()
+    _, ids = index.search(query_emb, 10)
+    common = {"n_docs": len(docs), "n_queries": len(queries), "index": "faiss.IndexFlatIP",
+              "embedder": "all-MiniLM-L6-v2", "source": "labkit bench rag"}
+    out = [
+        results.record("10_rag_on_device", "recall_at_k", recall_at_k(ids, [q.doc_id for q in queries], k),
+                       "1", runtime="faiss", device="cpu", model="minilm", params={**common, "k": k})
+        for k in (1, 5, 10)
+    ]
+    text = queries[0].text
+    for stage, fn in (("embed", lambda: embed(text, minilm)),
+                      ("search", lambda: index.search(query_emb[:1], 10))):
+        stats = measure(fn, warmup=1, repeats=5 if quick else 20)
+        out.append(results.record(
+            "10_rag_on_device", "stage_ms", stats.median_ms, "ms",
+            runtime="faiss" if stage == "search" else "torch", device="cpu",
+            model="minilm" if stage == "embed" else "none",
+            params={**common, "stage": stage, "stat": "median", "repeats": stats.n},
+        ))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m labkit.rag [FOLDER]``: rebuild the document set (default data/rag/)."""
     args = list(sys.argv[1:] if argv is None else argv)
