@@ -10,12 +10,13 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 JOBS ?= 1
 
-.PHONY: system-deps setup reproduce quick test lint lab clean model-quick model swift-test help
+.PHONY: system-deps setup reproduce quick html test lint lab clean model-quick model swift-test help
 
 help:
 	@echo "make setup       create .venv and install labkit with its dev tools"
 	@echo "make reproduce   run every notebook with full parameters (figures/, data/results/)"
 	@echo "make quick       run every notebook with quick parameters"
+	@echo "make html        the static site of the executed notebooks (build/site)"
 	@echo "make test        unit tests, notebook smoke runs, Swift parity tests"
 	@echo "make lint        ruff"
 	@echo "make lab         JupyterLab on notebooks/"
@@ -43,11 +44,16 @@ system-deps:
 	  else echo "note: install libopenblas-dev (sudo apt-get install libopenblas-dev) for the Swift port"; fi; \
 	fi
 
+# Every notebook, then the site; a failed notebook still fails the target after the site is built.
 reproduce: $(STAMP)
-	$(PY) -m labkit reproduce --jobs $(JOBS)
+	$(PY) -m labkit reproduce --jobs $(JOBS); rc=$$?; $(PY) -m labkit site; exit $$rc
 
 quick: $(STAMP)
-	$(PY) -m labkit reproduce --quick --jobs $(JOBS)
+	$(PY) -m labkit reproduce --quick --jobs $(JOBS); rc=$$?; $(PY) -m labkit site; exit $$rc
+
+# The static site of the executed notebooks in build/notebooks (build/site/index.html).
+html: $(STAMP)
+	$(PY) -m labkit site
 
 test: $(STAMP)
 	$(PY) -m ruff check labkit tests

@@ -1,4 +1,4 @@
-"""The `labkit` command: info, reproduce, bench, train."""
+"""The `labkit` command: info, reproduce, bench, site, train."""
 
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from labkit.train import main as train_main
+def _cmd_site(args: argparse.Namespace) -> int:
+    from labkit.site import main as site_main
 
-    return train_main(args.train_args)
+    return site_main([])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,13 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("train", help="train the embedded decoder (see labkit.train)")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for labkit.train")
-    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("site", help="build the static site of the executed notebooks (build/site)")
+    p.set_defaults(func=_cmd_site)
+
+    sub.add_parser("train", help="train the embedded decoder: labkit train --help")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # everything after "train" belongs to labkit.train's own parser
+        from labkit.train import main as train_main
+
+        return int(train_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

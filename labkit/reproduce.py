@@ -257,8 +257,12 @@ def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
     """build/reproduce-summary.json: what ran, how it ended, what it wrote (for the site and CI logs)."""
     out = paths.build_dir() / "reproduce-summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    from labkit import env
+
+    fp = env.fingerprint()
     payload = {
         "quick": quick,
+        "machine": {k: fp.get(k) for k in ("machine_id", "cpu", "system", "os", "apple_chip", "gpu")},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "notebooks": [
             {"name": r.name, "status": r.status, "seconds": round(r.seconds, 2),
