@@ -93,3 +93,26 @@ def test_unknown_layers_are_refused(tiny) -> None:
 def test_heldout_windows_checks_the_request(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="heldout_slice"):
         ev.heldout_windows(tmp_path, 1, 8)
+
+
+def test_mixed_assignment_is_the_knapsack_optimum(tiny) -> None:
+    import itertools
+
+    _, cache, _, _ = tiny
+    groups = study.units(cache)
+    ladder = ["mlx-affine2-g32", "mlx-affine4-g32", "mlx-affine8-g32"]
+    rng = torch.Generator().manual_seed(1)
+    kld = {}
+    for g in groups:  # fake, decreasing-in-bits sensitivities
+        a = float(torch.rand(1, generator=rng)) + 0.1
+        kld.update({(g, ladder[0]): a, (g, ladder[1]): a / 8, (g, ladder[2]): a / 100})
+    budget = 5.0
+    got = study.mixed_assignment(cache, groups, ladder, kld, budget)
+    best = None
+    for combo in itertools.product(ladder, repeat=len(groups)):
+        a = {n: s for g, s in zip(groups, combo, strict=True) for n in groups[g]}
+        if ev.assignment_bpw(cache, a) <= budget:
+            total = sum(kld[(g, s)] for g, s in zip(groups, combo, strict=True))
+            best = total if best is None else min(best, total)
+    got_total = sum(kld[(g, got[groups[g][0]])] for g in groups)
+    assert got_total == pytest.approx(best)

@@ -4,14 +4,14 @@ and a sensitivity-guided mixed-precision assignment.
 Mixed precision, the idea: blocks are not equally fragile. Measure, for each unit (one block's
 attention or MLP Linears), the mean KLD when only that unit is quantized at each rung of a
 ladder of schemes (e.g. MLX affine 3, 4, 6 bits). Assume the damage adds up across units, and
-spend a bit budget where it buys the most KLD: start every unit on the cheapest rung and
-repeatedly upgrade the unit with the largest KLD saved per extra bit, while the whole model stays
-within the budget. The result is then *measured* like any other scheme; the additivity is only
+choose one rung per unit to minimize the summed KLD within a bit budget for the whole model (a
+small multiple-choice knapsack, solved exactly by dynamic programming). The result is then *measured* like any other scheme; the additivity is only
 the search's guess.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 
@@ -127,39 +127,57 @@ def mixed_assignment(
     kld: Mapping[tuple[str, str], float],
     budget_bpw: float,
 ) -> dict[str, str]:
-    """Greedy knapsack over ``ladder`` (cheapest first) within ``budget_bpw`` for the whole model.
+    """The {layer: scheme} assignment with the least summed unit KLD within ``budget_bpw``.
 
-    Raises ValueError when even the cheapest rung everywhere is over the budget.
+    A multiple-choice knapsack solved exactly by dynamic programming over the exact bit costs
+    (divided by their greatest common divisor, so the table stays small). Raises ValueError when
+    even the cheapest rung everywhere does not fit the budget.
     """
+    import numpy as np
+
     ladder = [get_scheme(s).name for s in ladder]
     shapes = cache.shapes()
     total = sum(a * b for a, b in shapes.values())
-
-    def group_bits(g: str, s: str) -> int:
-        return sum(tensor_bits(s, shapes[n]) for n in groups[g])
-
-    rung = dict.fromkeys(groups, 0)
-    used = sum(group_bits(g, ladder[0]) for g in groups)
-    if used / total > budget_bpw:
+    names = list(groups)
+    bits = {
+        (g, s): sum(tensor_bits(s, shapes[n]) for n in groups[g]) for g in names for s in ladder
+    }
+    cheapest = sum(min(bits[(g, s)] for s in ladder) for g in names)
+    budget_bits = math.floor(budget_bpw * total + 1e-6)
+    if cheapest > budget_bits:
         raise ValueError(
             f"budget_bpw={budget_bpw:.3f} is below the cheapest rung {ladder[0]} "
-            f"({used / total:.3f} bpw)"
+            f"({cheapest / total:.3f} bpw)"
         )
-    while True:
-        best, best_gain = None, 0.0
-        for g, r in rung.items():
-            if r + 1 >= len(ladder):
+    unit = math.gcd(*bits.values())
+    cost = {k: v // unit for k, v in bits.items()}
+    size = budget_bits // unit + 1
+    if size > 20_000_000:
+        raise ValueError(f"the knapsack table would hold {size} states; use fewer, larger units")
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    picks = []
+    for g in names:
+        nxt = np.full(size, np.inf)
+        pick = np.full(size, -1, dtype=np.int64)
+        for r, s in enumerate(ladder):
+            c = cost[(g, s)]
+            if c >= size:
                 continue
-            extra = group_bits(g, ladder[r + 1]) - group_bits(g, ladder[r])
-            if (used + extra) / total > budget_bpw:
-                continue
-            gain = (kld[(g, ladder[r])] - kld[(g, ladder[r + 1])]) / max(extra, 1)
-            if gain > best_gain:
-                best, best_gain = g, gain
-        if best is None:
-            break
-        used += group_bits(best, ladder[rung[best] + 1]) - group_bits(best, ladder[rung[best]])
-        rung[best] += 1
-    assignment = {n: ladder[rung[g]] for g, names in groups.items() for n in names}
-    assert assignment_bpw(cache, assignment) <= budget_bpw + 1e-12
+            cand = np.full(size, np.inf)
+            cand[c:] = best[: size - c] + kld[(g, s)]
+            better = cand < nxt
+            nxt[better] = cand[better]
+            pick[better] = r
+        best = nxt
+        picks.append(pick)
+    c = int(np.argmin(best))
+    rungs = {}
+    for g, pick in zip(reversed(names), reversed(picks), strict=True):
+        s = ladder[int(pick[c])]
+        rungs[g] = s
+        c -= cost[(g, s)]
+    assert c == 0
+    assignment = {n: rungs[g] for g in names for n in groups[g]}
+    assert assignment_bpw(cache, assignment) <= budget_bpw + 1e-9
     return assignment
