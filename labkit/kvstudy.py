@@ -602,26 +602,34 @@ def time_uncached(model: Any, prompt: torch.Tensor, gen_len: int,
     return timing, torch.stack(tokens, dim=1)
 
 
-def tokens_per_s_hf_generate(hf_model: Any, prompt: torch.Tensor, gen_len: int) -> tuple[float, Any]:
+def tokens_per_s_hf_generate(hf_model: Any, prompt: torch.Tensor, gen_len: int,
+                             sync: Callable[[], None] | None = None) -> tuple[float, Any]:
     """Wall-clock tokens/s of ``transformers`` ``generate`` (greedy, its default DynamicCache),
-    prefill included, and the tokens it produced."""
+    prefill included, and the tokens it produced. ``sync`` waits for a GPU before each clock read."""
     import time
 
+    wait = sync or (lambda: None)
     with torch.inference_mode():
+        wait()
         start = time.perf_counter()
         out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt),
                                 max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)
+        wait()
         seconds = time.perf_counter() - start
     return gen_len / seconds, out
 
 
-def tokens_per_s_ours(run: Callable[[], Any], gen_len: int) -> tuple[float, Any]:
+def tokens_per_s_ours(run: Callable[[], Any], gen_len: int,
+                      sync: Callable[[], None] | None = None) -> tuple[float, Any]:
     """Wall-clock tokens/s of ``run()`` (a whole greedy generation, prefill included)."""
     import time
 
+    wait = sync or (lambda: None)
+    wait()
     start = time.perf_counter()
     out = run()
+    wait()
     return gen_len / (time.perf_counter() - start), out
 
 

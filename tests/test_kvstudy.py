@@ -284,3 +284,16 @@ def test_roofline_configs_dwarf_the_caches():
         assert lo <= n <= hi, (size, n)
     with pytest.raises(ValueError, match="size"):
         ks.roofline_config("huge")
+
+
+def test_pick_threads_sets_the_fastest_candidate():
+    model = _model()
+    before = torch.get_num_threads()
+    try:
+        best, speeds = ks.pick_threads(model, [1, 2], tokens=2)
+        assert set(speeds) == {1, 2} and best in speeds
+        assert speeds[best] == max(speeds.values()) and torch.get_num_threads() == best
+    finally:
+        torch.set_num_threads(before)
+    load = ks.load_average()
+    assert load is None or load >= 0
