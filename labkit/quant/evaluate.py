@@ -49,14 +49,15 @@ def heldout_windows(model_dir: str | Path, n_windows: int, context: int):
     return torch.from_numpy(windows[:n_windows, : context + 1].astype(np.int64))
 
 
-def linear_layers(model) -> dict[str, object]:
-    """The quantizable Linear modules of the decoder blocks, by state-dict name (no '.weight')."""
+def linear_layers(model, include: str = ".layers.") -> dict[str, object]:
+    """The quantizable Linear modules, by module name: those whose name contains ``include``
+    (decoder blocks by default; "encoder.layer." for a BERT encoder)."""
     import torch.nn as nn
 
     return {
         name: mod
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and ".layers." in f".{name}"
+        if isinstance(mod, nn.Linear) and include in f".{name}"
     }
 
 
@@ -70,8 +71,8 @@ class QuantCache:
     """Fake-quantized weights per (layer name, scheme), computed once: the per-layer sweep and the
     mixed-precision search reuse the same tensors many times."""
 
-    def __init__(self, model) -> None:
-        self.layers = linear_layers(model)
+    def __init__(self, model, include: str = ".layers.") -> None:
+        self.layers = linear_layers(model, include)
         self.original = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self._cache: dict[tuple[str, str], object] = {}
 
