@@ -523,19 +523,57 @@ def shipped_model_dir() -> Path | None:
     return d if (d / "config.json").is_file() and has_weights else None
 
 
+_PROMPT_TEXTS = [
+    "Once upon a time, a small model",
+    "The weather today is",
+    "In a quiet village by the sea,",
+    "Here is a list of things to do:",
+]
+
+
 def prompt_for(model_dir: str | os.PathLike[str], length: int = 8, seed: int = 0) -> list[int]:
-    """A prompt for parity runs: the tokenizer's ids for a fixed sentence when the folder has a
-    tokenizer.json, else ``length`` seeded random ids in the vocabulary."""
+    """A prompt for parity runs: the tokenizer's ids for a fixed sentence (chosen by ``seed``)
+    when the folder has a tokenizer.json, else ``length`` seeded random ids in the vocabulary."""
     model_dir = Path(model_dir)
     tok = model_dir / "tokenizer.json"
     if tok.is_file():
         from tokenizers import Tokenizer
 
-        ids = Tokenizer.from_file(str(tok)).encode("Once upon a time, a small model").ids
+        text = _PROMPT_TEXTS[seed % len(_PROMPT_TEXTS)]
+        ids = Tokenizer.from_file(str(tok)).encode(text).ids
         if ids:
             return [int(i) for i in ids]
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, size=length)]
+
+
+# A port within LOGIT_TOL of the reference moves each logit by at most LOGIT_TOL, so it cannot
+# change a greedy choice whose top-two margin exceeds twice that. A step with a smaller margin is
+# decided by rounding, not by the model; fixtures avoid such prompts (see clear_reference).
+MIN_MARGIN = 2 * LOGIT_TOL
+
+
+def clear_reference(
+    model_dir: str | os.PathLike[str], steps: int, tries: int = 4
+) -> refdump.RefDump:
+    """A reference run whose greedy choices all win by at least MIN_MARGIN.
+
+    Why: when two logits tie to within float32 noise, PyTorch and any correct port may pick
+    different tokens, and the 100 % greedy-agreement test would fail for no fault of the port.
+    The prompt is changed (deterministically, up to ``tries`` prompts) until every step has a
+    clear winner; if none does, the clearest run is returned and its meta says so.
+    """
+    model = load_reference_model(model_dir)
+    best: refdump.RefDump | None = None
+    for seed in range(tries):
+        dump = reference(model_dir, prompt_for(model_dir, seed=seed), steps, model=model)
+        if best is None or dump.meta["min_top2_margin"] > best.meta["min_top2_margin"]:
+            best = dump
+        if dump.meta["min_top2_margin"] >= MIN_MARGIN:
+            break
+    assert best is not None
+    best.meta["clear_margin"] = bool(best.meta["min_top2_margin"] >= MIN_MARGIN)
+    return best
 
 
 @dataclass(frozen=True)
@@ -591,7 +629,7 @@ def prepare_fixtures(
 
     written: list[Case] = []
     for case in cases:
-        dump = reference(case.model, prompt_for(case.model), steps)
+        dump = clear_reference(case.model, steps)
         refdump.write(case.dump, dump)
         written.append(Case(case.name, case.model, case.dump, dump.meta["arch"], dump.meta["dtype"]))
 

@@ -27,6 +27,9 @@ public struct RefDump {
         public let dtype: String?
         public let steps: Int?
         public let source: String?
+        /// The smallest gap between the top two logits over all steps: below 2 × the logit
+        /// tolerance a greedy choice is decided by rounding (labkit avoids such prompts).
+        public let minTop2Margin: Double?
     }
 
     struct Header: Decodable {

@@ -104,7 +104,8 @@ final class ParityTests: XCTestCase {
             XCTAssertEqual(
                 agree, ref.steps,
                 "\(testCase.name): greedy agreement \(agree)/\(ref.steps), first mismatch at step "
-                    + "\(firstMismatch.map(String.init) ?? "-")")
+                    + "\(firstMismatch.map(String.init) ?? "-") (reference's smallest top-2 margin "
+                    + "\(ref.meta?.minTop2Margin.map { String($0) } ?? "?"))")
 
             // Logits over the first logitSteps steps (all steps are reported).
             var worstChecked: Float = 0
