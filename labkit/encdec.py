@@ -484,8 +484,9 @@ def output_positions(layout: str, length: int) -> list[int]:
 
 
 def interleaved_ceiling(length: int, n_symbols: int) -> float:
-    """Best expected token accuracy when answering while reading: outputs whose input was
-    already read can be right, the others are right by chance 1 / n_symbols."""
+    """Best expected token accuracy when answering while reading, for the *reverse* task:
+    y_i = x_(L+1-i) can be right when that input was already read (L+1-i <= i); the others
+    are right by chance, 1 / n_symbols. (Sorting has a different ceiling.)"""
     visible = sum(1 for i in range(1, length + 1) if length + 1 - i <= i)
     return (visible + (length - visible) / n_symbols) / length
 
