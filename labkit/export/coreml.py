@@ -1,0 +1,573 @@
+"""Core ML export of labkit's Llama: the ladder of Apple's "On Device Llama 3.1 with Core ML".
+
+Steps (``STEPS``), each an ``nn.Module`` wrapper around the same weights, exported with
+``torch.export(...).run_decompositions({})`` and converted by ``coremltools.convert`` to an ML
+program (iOS18 / macOS15 target, fp16 compute):
+
+* ``"a"`` no cache: ``input_ids [1, S]`` -> logits ``[1, S, V]``; every new token re-runs the
+  whole (right-padded) window. Causal attention makes the padding invisible to earlier positions.
+* ``"b"`` cache as inputs/outputs: one token, its position, an additive mask ``[1, 1, 1, S]`` and
+  the whole cache ``[L, 1, H_kv, S, d]`` (K and V) go in; logits and the updated cache come out.
+  The caller copies the cache in and out every step.
+* ``"c"`` stateful cache: the same one-token step, but K/V live in registered buffers that
+  coremltools turns into Core ML states (``ct.StateType``), updated in place
+  (``cache[:, :, position] = k``, an ``index_put`` that coremltools lowers to a slice update).
+* ``"d"`` = (c) + int4 per-block-32 symmetric weights (``linear_quantize_weights``).
+* ``"e"`` = (c) + 4-bit k-means LUT per tensor (``palettize_weights``).
+
+What works with coremltools 9.0 and torch 2.13 (checked by tests/test_export_coreml.py and
+``probe_*`` below): ``torch.jit.trace`` conversion fails in coremltools' ``int()`` of a numpy
+array under numpy 2, so only the torch.export path is used. The query length is fixed at export
+(1 for b-e: prefill runs token by token); a flexible query length is what
+:func:`probe_flexible_query` tries and reports. Why fixed shapes: a flexible cache write needs a
+symbolic slice whose bound torch.export's guards reject near the cache size.
+
+On Linux the packages cannot run (Core ML is macOS-only), so :func:`read_weights` reads every
+weight back out of the saved .mlpackage (``milproto.load`` + each ``constexpr_*`` op's
+``materialized_val_inference()``), and the caller runs labkit's PyTorch Llama on them: that is
+what the package computes, up to kernel precision.
+
+coremltools is imported inside the functions that need it; importing this module is light.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labkit.models import llama
+from labkit.models.llama import Llama, LlamaBlock, apply_rope, repeat_kv
+
+#: ladder step -> what it is (the order of Apple's ladder)
+STEPS: dict[str, str] = {
+    "a": "no cache",
+    "b": "cache as inputs/outputs",
+    "c": "stateful cache",
+    "d": "stateful + int4 per-block-32",
+    "e": "stateful + 4-bit k-means LUT",
+}
+#: step -> compression applied after conversion ("none", "int4-block32", "lut4")
+COMPRESSION: dict[str, str] = {"a": "none", "b": "none", "c": "none", "d": "int4-block32", "e": "lut4"}
+#: additive mask value for positions a query may not see (finite: fp16 -inf arithmetic is risky)
+MASK_MIN = -1e4
+
+
+def _check_llama(model: nn.Module) -> Llama:
+    if not isinstance(model, Llama):
+        raise TypeError(
+            f"model must be labkit.models.llama.Llama (Phi export is not implemented), "
+            f"got {type(model).__name__}"
+        )
+    return model
+
+
+# --- the wrappers that get exported ----------------------------------------------------------
+
+
+def _attend(
+    block: LlamaBlock,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over a whole fixed-size cache ``k_all/v_all [1, H_kv, S, d]`` with an additive mask.
+
+    Explicit repeat_kv (coremltools' SDPA has no ``enable_gqa``).
+    """
+    attn = block.self_attn
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
+    q = apply_rope(q, cos, sin)
+    n_rep = attn.n_heads // attn.n_kv_heads
+    k, v = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.o_proj(y.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
+
+
+def _new_kv(block: LlamaBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """K (rotated) and V of the new tokens, [1, H_kv, T, d]."""
+    attn = block.self_attn
+    b, t, _ = x.shape
+    k = attn.k_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    return apply_rope(k, cos, sin), v
+
+
+def _rope_at(model: Llama, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.rope_cos.index_select(0, position), model.rope_sin.index_select(0, position)
+
+
+class NoCacheStep(nn.Module):
+    """(a) logits for a whole window; the caller re-runs it for every new token."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+
+class IOCacheStep(nn.Module):
+    """(b) one token; the whole K/V cache is an input and the updated one an output."""
+
+    def __init__(self, model: Llama) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position, mask, k_cache, v_cache):
+        m = self.model
+        cos, sin = _rope_at(m, position)
+        x = m.model.embed_tokens(input_ids)
+        new_k, new_v = [], []
+        for i, block in enumerate(m.model.layers):
+            h = block.input_layernorm(x)
+            k, v = _new_kv(block, h, cos, sin)
+            k_i = k_cache[i].clone()
+            v_i = v_cache[i].clone()
+            k_i[:, :, position] = k
+            v_i[:, :, position] = v
+            new_k.append(k_i)
+            new_v.append(v_i)
+            x = x + _attend(block, h, cos, sin, k_i, v_i, mask)
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        logits = F.linear(m.model.norm(x), m.output_weight)
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+
+class StatefulStep(nn.Module):
+    """(c) one token; K/V in registered buffers (Core ML states), written in place."""
+
+    def __init__(self, model: Llama, max_len: int) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape))
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape))
+
+    def forward(self, input_ids, position, mask):
+        m = self.model
+        cos, sin = _rope_at(m, position)
+        x = m.model.embed_tokens(input_ids)
+        for i, block in enumerate(m.model.layers):
+            h = block.input_layernorm(x)
+            k, v = _new_kv(block, h, cos, sin)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            k_cache[:, :, position] = k
+            v_cache[:, :, position] = v
+            x = x + _attend(block, h, cos, sin, k_cache, v_cache, mask)
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        return F.linear(m.model.norm(x), m.output_weight)
+
+
+def decode_mask(position: int, max_len: int) -> np.ndarray:
+    """Additive mask [1, 1, 1, S] for the token at ``position``: 0 on [0, position], else MASK_MIN."""
+    if not 0 <= position < max_len:
+        raise ValueError(f"position must be in [0, max_len={max_len}), got {position}")
+    mask = np.full((1, 1, 1, max_len), MASK_MIN, np.float32)
+    mask[..., : position + 1] = 0.0
+    return mask
+
+
+def step_module(model: nn.Module, step: str, max_len: int) -> nn.Module:
+    """The fp32 wrapper of ladder ``step`` ("a".."e"; d and e share c's graph)."""
+    model = _check_llama(model)
+    if step not in STEPS:
+        raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
+    if max_len <= 0 or max_len > model.config.max_position_embeddings:
+        raise ValueError(
+            f"max_len must be in 1..{model.config.max_position_embeddings} "
+            f"(max_position_embeddings), got {max_len}"
+        )
+    if step == "a":
+        return NoCacheStep(model).eval()
+    if step == "b":
+        return IOCacheStep(model).eval()
+    return StatefulStep(model, max_len).eval()
+
+
+def example_inputs(model: Llama, step: str, max_len: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of the right shapes/dtypes for tracing ``step`` (token 0 at position 0)."""
+    cfg = model.config
+    if step == "a":
+        return (torch.zeros(1, max_len, dtype=torch.int32),)
+    ids = torch.zeros(1, 1, dtype=torch.int32)
+    position = torch.zeros(1, dtype=torch.int32)
+    mask = torch.from_numpy(decode_mask(0, max_len))
+    if step == "b":
+        shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        return ids, position, mask, torch.zeros(shape), torch.zeros(shape)
+    return ids, position, mask
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    """One converted ladder step, saved as an .mlpackage."""
+
+    step: str
+    compression: str
+    path: Path
+    package_bytes: int
+    export_seconds: float  # torch.export + run_decompositions
+    convert_seconds: float  # coremltools.convert (+ compression for d/e)
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _buffer_consts(mlmodel: Any) -> list[str]:
+    """Names of the constants that come from registered buffers (RoPE tables: ``b_...``)."""
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None:
+        return []
+    return [op.name for op in _ops(program) if op.op_type == "const" and op.name.startswith("b_")]
+
+
+def compress(mlmodel: Any, compression: str) -> Any:
+    """Apply coremltools' weight compression: "none", "int4-block32" or "lut4" (k-means, per tensor).
+
+    Weights only: coremltools would also compress the RoPE cos/sin tables (any constant of
+    2048+ elements), so those are excluded by name. Norm weights (512 elements) stay fp16 under
+    coremltools' default weight_threshold.
+    """
+    import coremltools.optimize.coreml as cto
+
+    if compression == "none":
+        return mlmodel
+    if compression == "int4-block32":
+        cfg = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=32
+        )
+        run = cto.linear_quantize_weights
+    elif compression == "lut4":
+        cfg = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_tensor")
+        run = cto.palettize_weights
+    else:
+        raise ValueError(
+            f"compression must be 'none', 'int4-block32' or 'lut4', got {compression!r}"
+        )
+    skip = {name: None for name in _buffer_consts(mlmodel)}
+    return run(mlmodel, cto.OptimizationConfig(global_config=cfg, op_name_configs=skip))
+
+
+def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, float]:
+    """(uncompressed ML program of ``step``'s graph, export seconds, convert seconds)."""
+    import coremltools as ct
+
+    wrapper = step_module(model, step, max_len)
+    args = example_inputs(model, step, max_len)
+    t0 = time.perf_counter()
+    saved_gqa = llama.SDPA_GQA
+    llama.SDPA_GQA = False  # coremltools' SDPA has no enable_gqa: export the explicit repeat_kv
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(wrapper, args).run_decompositions({})
+    finally:
+        llama.SDPA_GQA = saved_gqa
+    t1 = time.perf_counter()
+    states = None
+    if step in ("c", "d", "e"):
+        cfg = model.config
+        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        states = [
+            ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
+            for i in range(cfg.num_hidden_layers)
+            for name in (f"k_cache_{i}", f"v_cache_{i}")
+        ]
+    mlmodel = ct.convert(
+        ep,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT16,
+        states=states,
+        skip_model_load=platform.system() != "Darwin",
+    )
+    return mlmodel, t1 - t0, time.perf_counter() - t1
+
+
+def _save(mlmodel: Any, path: Path) -> None:
+    """Save to a temporary folder beside ``path``, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}-"))
+    try:
+        mlmodel.save(str(tmp / "m.mlpackage"))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp / "m.mlpackage", path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert(
+    model: nn.Module,
+    steps: str | list[str],
+    out_dir: str | os.PathLike[str],
+    max_len: int,
+    on_done: Any = None,
+) -> list[Export]:
+    """Export ladder ``steps`` of ``model`` to ``out_dir/step_<s>.mlpackage`` and measure each.
+
+    Converted from fp32 with fp16 compute precision (weights stored fp16). Steps d and e
+    compress step c's converted program, so c's graph is exported once; their
+    ``convert_seconds`` include that conversion plus the compression. ``on_done(export)`` is
+    called after each package is saved (for progress bars).
+    """
+    model = _check_llama(model).float().eval()
+    steps = list(steps)
+    for step in steps:
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
+    out: list[Export] = []
+    stateful: tuple[Any, float, float] | None = None
+    for step in steps:
+        if step in ("c", "d", "e"):
+            if stateful is None:
+                stateful = _to_mlmodel(model, "c", max_len)
+            base, export_s, convert_s = stateful
+        else:
+            base, export_s, convert_s = _to_mlmodel(model, step, max_len)
+        t0 = time.perf_counter()
+        mlmodel = compress(base, COMPRESSION[step])
+        convert_s += time.perf_counter() - t0
+        path = Path(out_dir) / f"step_{step}.mlpackage"
+        _save(mlmodel, path)
+        e = Export(
+            step=step,
+            compression=COMPRESSION[step],
+            path=path,
+            package_bytes=_dir_bytes(path),
+            export_seconds=export_s,
+            convert_seconds=convert_s,
+            op_counts=op_counts(path),
+        )
+        out.append(e)
+        if on_done is not None:
+            on_done(e)
+    return out
+
+
+# --- reading a package back ---------------------------------------------------------------------
+
+
+def load_program(path: str | os.PathLike[str]) -> Any:
+    """The MIL program of a saved .mlpackage (works on Linux: no Core ML runtime needed)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    path = Path(path)
+    if not (path / "Manifest.json").is_file():
+        raise FileNotFoundError(f"{path} is not an .mlpackage (no Manifest.json)")
+    loaded = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = loaded.get_spec()
+    return milproto_load(spec, spec.specificationVersion, loaded.weights_dir)
+
+
+def _ops(program: Any) -> list[Any]:
+    out = []
+
+    def walk(block):
+        for op in block.operations:
+            out.append(op)
+            for b in op.blocks:
+                walk(b)
+
+    for f in program.functions.values():
+        walk(f)
+    return out
+
+
+def op_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """How many ops of each type the package's program has (const included)."""
+    counts: dict[str, int] = {}
+    for op in _ops(load_program(path)):
+        counts[op.op_type] = counts.get(op.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+#: what coremltools adds around a lifted parameter's name: "p_" + the wrapper's "model_" prefix,
+#: then casts and compression suffixes
+_PREFIXES = ("p_model_",)
+_SUFFIXES = ("_quantized", "_palettized", "_to_fp16", "_to_fp32")
+
+
+def _param_key(name: str, flat: dict[str, str]) -> str | None:
+    """Map a MIL constant name back to a state-dict key (keys with '.' -> '_'), else None."""
+    for prefix in _PREFIXES:
+        name = name.removeprefix(prefix)
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix):
+                name, changed = name[: -len(suffix)], True
+    return flat.get(name)
+
+
+def read_weights(path: str | os.PathLike[str], state_keys: list[str]) -> dict[str, np.ndarray]:
+    """Every weight of ``state_keys`` found in the package, decompressed to numpy.
+
+    ``const`` ops give their value, ``constexpr_*`` ops (int4 blocks, LUTs) their
+    ``materialized_val_inference()`` — the dense tensor Core ML's op defines.
+    """
+    flat = {k.replace(".", "_"): k for k in state_keys}
+    out: dict[str, np.ndarray] = {}
+    for op in _ops(load_program(path)):
+        if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
+            continue
+        key = _param_key(op.name, flat)
+        if key is None:
+            continue
+        val = op.val.val if op.op_type == "const" else op.materialized_val_inference()
+        out[key] = np.asarray(val)
+    return out
+
+
+def readback_model(model: nn.Module, weights: dict[str, np.ndarray]) -> Llama:
+    """A float32 copy of ``model`` carrying the weights read back from a package.
+
+    Every parameter must be among ``weights`` (a KeyError names the missing ones), so the
+    copy computes what the package computes, not a mix with the original weights.
+    """
+    model = _check_llama(model)
+    missing = sorted(k for k, _ in model.named_parameters() if k not in weights)
+    if missing:
+        raise KeyError(f"package lacks weights for {len(missing)} parameters: {missing[:5]} ...")
+    out = _copy_float(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            w = weights[name]
+            if tuple(w.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: package has shape {w.shape}, model {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
+    return out
+
+
+def _copy_float(model: Llama) -> Llama:
+    import copy
+
+    return copy.deepcopy(model).float().eval()
+
+
+def logits_error(
+    reference: nn.Module, candidate: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """max |logits(candidate run in ``dtype``) - logits(reference in fp32)| over ``input_ids``."""
+    with torch.no_grad():
+        ref = _copy_float(reference)(input_ids)
+        cand = _copy_float(candidate).to(dtype)(input_ids).float()
+    return float((cand - ref).abs().max())
+
+
+# --- running a package (macOS only) -------------------------------------------------------------
+
+#: Core ML compute units the notebook times (names of coremltools.ComputeUnit)
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+
+
+def coreml_unavailable() -> str | None:
+    """None where a package can be run (macOS with coremltools), else why not."""
+    if platform.system() != "Darwin":
+        return "needs macOS (Core ML runs packages only on Apple platforms)"
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        return "coremltools not installed: pip install 'labkit[coreml]'"
+    return None
+
+
+@dataclass
+class CoreMLRun:
+    """One greedy run of a package: time to first token, decode tok/s, tokens, last logits."""
+
+    ttft_s: float
+    decode_tok_s: float
+    tokens: list[int]
+    first_logits: np.ndarray
+
+
+def coreml_generate(
+    path: str | os.PathLike[str],
+    step: str,
+    prompt: list[int],
+    n_new: int,
+    max_len: int,
+    compute_unit: str = "CPU_ONLY",
+) -> CoreMLRun:
+    """Greedy-decode ``n_new`` tokens with the package of ladder ``step`` (macOS only).
+
+    The prompt goes in token by token (the packages take one query token, see the module
+    docstring); TTFT is the time until the first new token's logits.
+    """
+    reason = coreml_unavailable()
+    if reason:
+        raise RuntimeError(reason)
+    import coremltools as ct
+
+    if compute_unit not in COMPUTE_UNITS:
+        raise ValueError(f"compute_unit must be one of {COMPUTE_UNITS}, got {compute_unit!r}")
+    if len(prompt) + n_new > max_len:
+        raise ValueError(f"prompt + n_new = {len(prompt) + n_new} exceeds max_len={max_len}")
+    mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_unit))
+    spec = mlmodel.get_spec()
+    names_in = [i.name for i in spec.description.input]
+    names_out = [o.name for o in spec.description.output]
+    window: list[int] = []
+    state = mlmodel.make_state() if step in ("c", "d", "e") else None
+    cache: list[np.ndarray] = []
+    if step == "b":
+        shape = tuple(spec.description.input[3].type.multiArrayType.shape)
+        cache = [np.zeros(shape, np.float16), np.zeros(shape, np.float16)]
+
+    def run(tok: int, pos: int) -> np.ndarray:
+        if step == "a":
+            window[pos:] = [tok]
+            ids = np.zeros((1, max_len), np.int32)
+            ids[0, : len(window)] = window
+            out = mlmodel.predict({names_in[0]: ids})
+            return np.asarray(out[names_out[0]])[0, len(window) - 1]
+        feeds = {
+            names_in[0]: np.array([[tok]], np.int32),
+            names_in[1]: np.array([pos], np.int32),
+            names_in[2]: decode_mask(pos, max_len),
+        }
+        if step == "b":
+            feeds[names_in[3]], feeds[names_in[4]] = cache
+            out = mlmodel.predict(feeds)
+            cache[:] = [out[names_out[1]], out[names_out[2]]]
+        else:
+            out = mlmodel.predict(feeds, state=state)
+        return np.asarray(out[names_out[0]]).reshape(-1)
+
+    t0 = time.perf_counter()
+    for pos, tok in enumerate(prompt):
+        logits = run(tok, pos)
+    ttft = time.perf_counter() - t0
+    first = logits.astype(np.float32)
+    tokens = [int(np.argmax(logits))]
+    t1 = time.perf_counter()
+    for i in range(n_new - 1):
+        logits = run(tokens[-1], len(prompt) + i)
+        tokens.append(int(np.argmax(logits)))
+    dt = time.perf_counter() - t1
+    return CoreMLRun(ttft, (n_new - 1) / dt if n_new > 1 else float("nan"), tokens, first)

@@ -1,0 +1,250 @@
+"""Core ML export (labkit.export.coreml) and study helpers (labkit.coremlstudy).
+
+Conversion runs on a 2-layer slice of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408;
+vocab 512 instead of 8192, random fp16-rounded weights): the full 8-layer model takes ~40-50 s per
+step on the shared 2-core box, the slice a few seconds; notebook 02 converts the full model.
+
+What is checked:
+- every ladder step (a-e) converts and saves; the stateful steps carry one state per K/V buffer;
+- the exported graphs are right: run in PyTorch token by token they give the model's logits;
+- weights read back out of each saved .mlpackage (via milproto and the constexpr ops) equal the
+  fp16 weights (a-c) or exactly what coremltools' own compressors produce (d: int4 blocks,
+  e: 4-bit k-means LUT), which equal labkit.quant's;
+- the PyTorch model run on read-back weights in fp16 stays within stated tolerances of fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import numpy as np
+import pytest
+import torch
+
+from labkit.models.config import LlamaConfig
+from labkit.models.llama import Llama
+from labkit.paths import models_dir
+
+ct = pytest.importorskip("coremltools", reason="needs coremltools (extra 'coreml')")
+
+from labkit import coremlstudy  # noqa: E402
+from labkit.export import coreml as cx  # noqa: E402
+
+MAX_LEN = 16
+LAYERS = 2
+
+
+def _slice_config() -> LlamaConfig:
+    d = json.loads((models_dir() / "tiny-llama" / "config.json").read_text())
+    d.update(num_hidden_layers=LAYERS, vocab_size=512, max_position_embeddings=64)
+    return LlamaConfig.from_dict(d, "tiny-llama slice")
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    torch.manual_seed(0)
+    m = Llama(_slice_config()).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:  # random norm weights: all-ones would be folded away by coremltools
+                p.uniform_(0.5, 1.5)
+            p.copy_(p.half().float())  # the shipped checkpoint is fp16
+    return m
+
+
+@pytest.fixture(scope="module")
+def exports(model, tmp_path_factory) -> dict[str, cx.Export]:
+    out = tmp_path_factory.mktemp("coreml")
+    return {e.step: e for e in cx.convert(model, list(cx.STEPS), out, MAX_LEN)}
+
+
+@pytest.fixture(scope="module")
+def readback(model, exports) -> dict[str, dict[str, np.ndarray]]:
+    keys = [k for k, _ in model.named_parameters()]
+    return {s: cx.read_weights(e.path, keys) for s, e in exports.items()}
+
+
+def _weights(model) -> dict[str, np.ndarray]:
+    return {k: p.detach().half().numpy() for k, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def test_every_step_converts_with_the_expected_ops(exports) -> None:
+    assert list(exports) == ["a", "b", "c", "d", "e"]
+    for step, e in exports.items():
+        assert (e.path / "Manifest.json").is_file(), step
+        assert e.package_bytes > 0 and e.convert_seconds > 0
+        ops = e.op_counts
+        assert ops["linear"] == 7 * LAYERS + 1, (step, ops)  # tied lm_head = one more linear
+        stateful = step in ("c", "d", "e")
+        assert ops.get("read_state", 0) == (2 * LAYERS if stateful else 0), (step, ops)
+        assert ops.get("coreml_update_state", 0) == (2 * LAYERS if stateful else 0), (step, ops)
+    # 7 matrices per layer + the (tied) embedding are compressed; RoPE tables and norms are not
+    n_mat = 7 * LAYERS + 1
+    assert exports["d"].op_counts["constexpr_blockwise_shift_scale"] == n_mat
+    assert exports["e"].op_counts["constexpr_lut_to_dense"] == n_mat
+    for step in "abc":
+        assert not any(k.startswith("constexpr_") for k in exports[step].op_counts), step
+    assert exports["d"].package_bytes < 0.4 * exports["c"].package_bytes
+    assert exports["e"].package_bytes < 0.4 * exports["c"].package_bytes
+
+
+def test_exported_graphs_match_the_model_token_by_token(model) -> None:
+    """The wrappers that get converted (a, b, c) and the int4 step (d), run in PyTorch."""
+    ids = [5, 17, 300, 2, 99, 41]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0]
+        int4_ref = coremlstudy.int4_model(model)(torch.tensor([ids]))[0]
+    steps = coremlstudy.ladder_steps(model, MAX_LEN)
+    assert list(steps) == ["a", "b", "c", "d"]
+    with torch.no_grad():
+        for name, step in steps.items():
+            expect = int4_ref if name == "d" else ref
+            atol = 1e-3 * float(expect.abs().max()) if name == "d" else 2e-4
+            for pos, tok in enumerate(ids):
+                got = step(tok, pos).reshape(-1)
+                torch.testing.assert_close(got, expect[pos], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_int4_linear_equals_coreml_dequantized_weight(model) -> None:
+    from labkit.quant.ops import fake_quantize
+
+    lin = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(1))
+    w_hat = torch.from_numpy(fake_quantize(lin.weight.detach().numpy(), "coreml-int4-block32"))
+    with torch.no_grad():
+        got = coremlstudy.Int4Linear.from_linear(lin)(x)
+    want = x @ w_hat.T
+    # torch's int4 kernel accumulates in its own order: equal up to fp32 rounding of the sums
+    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
+
+
+# --------------------------------------------------------------------------- read-back
+
+
+def test_uncompressed_packages_hold_the_fp16_weights_exactly(model, readback) -> None:
+    want = _weights(model)
+    for step in "abc":
+        got = readback[step]
+        assert sorted(got) == sorted(want), step
+        for k, w in want.items():
+            assert got[k].dtype == np.float16, (step, k)
+            np.testing.assert_array_equal(got[k], w, err_msg=f"{step} {k}")
+
+
+def test_int4_readback_equals_coremltools_compressor(model, readback) -> None:
+    from coremltools.optimize import _utils as ct_utils
+    from coremltools.optimize.coreml import _quantization_passes as passes
+
+    from labkit.quant.ops import fake_quantize
+
+    got = readback["d"]
+    for k, w in _weights(model).items():
+        if w.ndim == 1:  # norms stay fp16 (below coremltools' weight_threshold)
+            np.testing.assert_array_equal(got[k], w, err_msg=k)
+            continue
+        res = passes.linear_quantize_weights.blockwise_compress(
+            w, nbits=4, mode="LINEAR_SYMMETRIC", signed=True, block_sizes=[1, 32]
+        )
+        theirs = ct_utils.dequantize_by_scale_and_zp(res.data, res.scale, None)
+        np.testing.assert_array_equal(got[k], theirs, err_msg=k)
+        np.testing.assert_array_equal(got[k].astype(np.float32), fake_quantize(w, "coreml-int4-block32"))
+
+
+def test_lut_readback_equals_coremltools_compressor(model, readback) -> None:
+    from coremltools.optimize.coreml import _quantization_passes as passes
+
+    got = readback["e"]
+    for k, w in _weights(model).items():
+        if w.ndim == 1:
+            np.testing.assert_array_equal(got[k], w, err_msg=k)
+            continue
+        res = passes.palettize_weights.blockwise_compress(w, mode="KMEANS", nbits=4, block_sizes=[0, 0])
+        lut = np.asarray(res.lut).reshape(-1)
+        theirs = lut[np.asarray(res.indices)].reshape(w.shape)
+        np.testing.assert_array_equal(got[k], theirs, err_msg=k)
+        assert lut.size == 16, k  # one 4-bit table per tensor
+        assert set(got[k].astype(np.float32).ravel()) <= set(lut.astype(np.float32)), k
+
+
+#: max |logit error| vs fp32, on this slice's logits (std ~ 1): fp16 compute of fp16 weights
+#: (Core ML's precision), and fp32 compute of the compressed weights (weights' error only)
+FP16_TOL = 0.05
+INT4_TOL = 1.0
+LUT4_TOL = 1.0
+
+
+def test_readback_logits_within_tolerance(model, readback) -> None:
+    ids = torch.tensor([[5, 17, 300, 2, 99, 41, 7, 8]])
+    for step in "abc":
+        rb = cx.readback_model(model, readback[step])
+        assert cx.logits_error(model, rb, ids, torch.float32) == 0.0, step
+        assert cx.logits_error(model, rb, ids, torch.float16) < FP16_TOL, step
+    for step, tol in (("d", INT4_TOL), ("e", LUT4_TOL)):
+        err = cx.logits_error(model, cx.readback_model(model, readback[step]), ids, torch.float32)
+        assert 0.0 < err < tol, (step, err)
+
+
+# --------------------------------------------------------------------------- bad inputs, helpers
+
+
+def test_bad_inputs_are_named(model, tmp_path) -> None:
+    with pytest.raises(ValueError, match="step must be one of"):
+        cx.step_module(model, "z", MAX_LEN)
+    with pytest.raises(ValueError, match="max_len"):
+        cx.step_module(model, "c", 10_000)
+    with pytest.raises(TypeError, match="labkit.models.llama.Llama"):
+        cx.step_module(torch.nn.Linear(2, 2), "a", MAX_LEN)
+    with pytest.raises(FileNotFoundError, match="Manifest.json"):
+        cx.read_weights(tmp_path, ["x"])
+    with pytest.raises(KeyError, match="lacks weights"):
+        cx.readback_model(model, {})
+    with pytest.raises(ValueError, match="compression"):
+        cx.compress(object(), "int3")
+    with pytest.raises(ValueError, match="position"):
+        cx.decode_mask(MAX_LEN, MAX_LEN)
+
+
+def test_decode_mask_shows_filled_positions_only() -> None:
+    m = cx.decode_mask(3, 8)
+    assert m.shape == (1, 1, 1, 8)
+    np.testing.assert_array_equal(m[0, 0, 0] == 0, [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_roofline_is_bandwidth_over_planner_bytes() -> None:
+    from labkit import planner
+
+    table = coremlstudy.roofline_table(["M1 Max"], {"Llama 2 7B": "meta-llama__Llama-2-7b-hf"})
+    cfg = planner.load_config("meta-llama__Llama-2-7b-hf")
+    row = table.set_index("dtype").loc["fp16"]
+    assert row.weight_bytes == planner.weights_bytes(cfg, "fp16")
+    assert row.roofline_tok_s == pytest.approx(400e9 / planner.weights_bytes(cfg, "fp16"))
+    assert table.set_index("dtype").roofline_tok_s.is_monotonic_increasing  # fp16 < int8 < int4
+    assert all(c.source for c in coremlstudy.CHIPS.values())
+    with pytest.raises(KeyError, match="unknown chip"):
+        coremlstudy.roofline_table(["M9"])
+
+
+def test_published_references_carry_sources() -> None:
+    pub = coremlstudy.published()
+    apple = pub["apple_coreml_ladder"]
+    assert apple["source"].startswith("https://machinelearning.apple.com/")
+    assert [apple["steps"][s]["tok_s"] for s in "abcd"] == [0.19, 1.25, 16.26, 33.67]
+    assert pub["llamacpp_4167"]["source"].endswith("/discussions/4167")
+
+
+# --------------------------------------------------------------------------- macOS only
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="needs macOS (Core ML runs only there)")
+def test_coreml_predictions_match_pytorch_on_macos(model, exports) -> None:
+    ids = [5, 17, 300, 2]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0, -1].numpy()
+    for step, e in exports.items():
+        run = cx.coreml_generate(e.path, step, ids, 2, MAX_LEN, "CPU_ONLY")
+        tol = FP16_TOL if step in "abc" else INT4_TOL
+        assert np.abs(run.first_logits - ref).max() < tol, step
