@@ -7,7 +7,7 @@ asks the questions and draws the answers. The ideas, one per section:
 * **Attention weights** from real forward passes. BERT (MiniLM) returns them from transformers
   with eager attention; labkit's Llama computes attention inside SDPA and never materializes
   the weights, so :func:`llama_attentions` recomputes them from each layer's own q/k
-  projections (captured with forward pre-hooks), exactly as the layer uses them.
+  projections (inputs captured with forward hooks), exactly as the layer uses them.
 * **Perturbation matrix**: change token i, measure how much the final hidden state at every
   position j moves. A causal decoder cannot move j < i; a bidirectional encoder moves all j.
 * **Meaning**: leave-one-out top-1 retrieval on a labelled sentence set (data/encdec/).
@@ -214,7 +214,9 @@ def perturbation_matrix(
     t = input_ids.shape[1]
     bad = [p for p in positions if not 0 <= p < t]
     if bad or not positions:
-        raise ValueError(f"positions must be a non-empty list within [0, {t}), got {list(positions)}")
+        raise ValueError(
+            f"positions must be a non-empty list within [0, {t}), got {list(positions)}"
+        )
     base = hidden_fn(input_ids)[0]
     norm = base.norm(dim=-1).clamp(min=1e-12)
     rows = []
@@ -326,7 +328,9 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
     return float(torch.sum(p * (logp - logq)).clamp(min=0.0))
 
 
-def prefix_shift(model: Any, body_ids: torch.Tensor, prefixed_ids: torch.Tensor, k: int = 5) -> dict:
+def prefix_shift(
+    model: Any, body_ids: torch.Tensor, prefixed_ids: torch.Tensor, k: int = 5
+) -> dict:
     """How much a prefix moves the next-token distribution after the same body.
 
     Returns kl (KL(prefixed || plain), nats), top_changed (did the most likely token change?),
@@ -593,14 +597,18 @@ def _loss_encdec(model: Any, task: Seq2SeqTask, src: torch.Tensor, tgt: torch.Te
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def _loss_decoder(model: Any, task: Seq2SeqTask, layout: str, src, tgt):
+def _loss_decoder(
+    model: Any, task: Seq2SeqTask, layout: str, src: torch.Tensor, tgt: torch.Tensor
+):
     import torch
 
     seq = (prefix_layout if layout == "prefix" else interleaved_layout)(task, src, tgt)
     logits = model(input_ids=seq[:, :-1]).logits
     pos = torch.tensor(output_positions(layout, src.shape[1]))
     # logits at position p - 1 predict token p
-    return torch.nn.functional.cross_entropy(logits[:, pos - 1].flatten(0, 1), seq[:, pos].flatten())
+    return torch.nn.functional.cross_entropy(
+        logits[:, pos - 1].flatten(0, 1), seq[:, pos].flatten()
+    )
 
 
 ARCHS = ("encoder-decoder", "decoder (whole input first)", "decoder (answers while reading)")

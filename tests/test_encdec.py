@@ -235,8 +235,8 @@ def test_task_layouts_and_output_positions():
     inter = encdec.interleaved_layout(task, src, tgt)
     assert inter.tolist() == [[1, task.length_token(3), 10, 12, 11, 11, 12, 10, 2]]
     assert inter[0, encdec.output_positions("interleaved", 3)].tolist() == [12, 11, 10, 2]
-    assert encdec.Seq2SeqTask(kind="sort", max_len=4).target(torch.tensor([[12, 10, 11]])).tolist() \
-        == [[10, 11, 12]]
+    sort = encdec.Seq2SeqTask(kind="sort", max_len=4)
+    assert sort.target(torch.tensor([[12, 10, 11]])).tolist() == [[10, 11, 12]]
     assert task.first_symbol == 8 and task.vocab_size == 18
 
 
