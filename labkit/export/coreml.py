@@ -571,3 +571,76 @@ def coreml_generate(
         tokens.append(int(np.argmax(logits)))
     dt = time.perf_counter() - t1
     return CoreMLRun(ttft, (n_new - 1) / dt if n_new > 1 else float("nan"), tokens, first)
+
+
+# --- probes: what does and does not convert with this coremltools / torch -----------------------
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:240]}"
+
+
+def probe_jit_trace(model: nn.Module, seq_len: int = 8) -> str:
+    """Try the classic path (torch.jit.trace -> coremltools.convert) on step (a): "ok" or the error."""
+    import coremltools as ct
+
+    model = _check_llama(model).float().eval()
+    ids = torch.zeros(1, seq_len, dtype=torch.int32)
+    saved_gqa = llama.SDPA_GQA
+    llama.SDPA_GQA = False
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(NoCacheStep(model), (ids,), check_trace=False)
+        ct.convert(
+            traced,
+            inputs=[ct.TensorType(name="input_ids", shape=ids.shape, dtype=np.int32)],
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            skip_model_load=True,
+        )
+    except Exception as e:  # noqa: BLE001 - the probe reports whatever breaks
+        return _short(e)
+    finally:
+        llama.SDPA_GQA = saved_gqa
+    return "ok"
+
+
+def probe_flexible_query(model: nn.Module, max_len: int) -> str:
+    """Try step (c) with a flexible query length 1..max_len (one graph for prefill and decode):
+    torch.export with a dynamic dimension, then coremltools with a RangeDim. "ok" or the error."""
+    import coremltools as ct
+
+    model = _check_llama(model).float().eval()
+    wrapper = StatefulStep(model, max_len).eval()
+    t = 2
+    ids = torch.zeros(1, t, dtype=torch.int32)
+    position = torch.arange(t, dtype=torch.int32)
+    mask = torch.zeros(1, 1, t, max_len)
+    q = torch.export.Dim("q", min=1, max=max_len)
+    dynamic = {"input_ids": {1: q}, "position": {0: q}, "mask": {2: q}}
+    saved_gqa = llama.SDPA_GQA
+    llama.SDPA_GQA = False
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                wrapper, (ids, position, mask), dynamic_shapes=dynamic
+            ).run_decompositions({})
+        cfg = model.config
+        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        ct.convert(
+            ep,
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            states=[
+                ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=n)
+                for i in range(cfg.num_hidden_layers)
+                for n in (f"k_cache_{i}", f"v_cache_{i}")
+            ],
+            skip_model_load=True,
+        )
+    except Exception as e:  # noqa: BLE001 - the probe reports whatever breaks
+        return _short(e)
+    finally:
+        llama.SDPA_GQA = saved_gqa
+    return "ok"

@@ -1,0 +1,232 @@
+"""Write a Llama model folder (HF layout) as a GGUF file that llama.cpp reads: F32, F16, Q8_0, Q4_0.
+
+Why our own writer instead of llama.cpp's ``convert_hf_to_gguf.py``: the converter identifies a
+BPE tokenizer by hashing its pre-tokenizer's output and rejects ours (trained here, so unknown to
+its table). Our tokenizer is the GPT-2 byte-level split exactly (``ByteLevel(use_regex=True)``,
+see the model card), so we tag it ``gpt-2`` and llama.cpp tokenizes with the GPT-2 regex: ids
+then equal ``tokenizers``' (tests/test_export_gguf.py checks that through llama-cpp-python).
+
+What the converter does and we repeat:
+
+* tensor names: ``token_embd``, ``blk.N.attn_q`` ... ``output_norm``; no ``output.weight`` when
+  the embeddings are tied (llama.cpp then reuses ``token_embd`` for the logits);
+* q and k projections permuted (:func:`permute_qk`): HF Llama rotates the two *halves* of each
+  head ("rotate_half"), llama.cpp's ``LLAMA_ROPE_TYPE_NORM`` rotates adjacent *pairs*; permuting
+  the rows of W_q and W_k turns one layout into the other, and q.k is unchanged because both sides
+  move the same way;
+* 1-D tensors (the RMSNorm weights) stay F32 in every file type, as llama.cpp expects.
+
+The block quantizers are labkit.quant's (byte-exact against gguf-py), not a second copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: file types we write -> ggml type of the 2-D weights
+FILE_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+
+#: HF parameter name (after ``model.``) -> GGUF tensor name; ``{i}`` is the layer index
+_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    """GGUF tensor name of an HF Llama parameter (ValueError for anything else)."""
+    if hf_name in _TOP_NAMES:
+        return _TOP_NAMES[hf_name]
+    parts = hf_name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_NAMES:
+        return f"blk.{int(parts[2])}.{_LAYER_NAMES[parts[3]]}"
+    raise ValueError(f"no GGUF name for tensor {hf_name!r} (not a Llama parameter)")
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of W_q (``n_head`` = query heads) or W_k (``n_head`` = KV heads), halves -> pairs.
+
+    Within each head the output rows ``[x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}]`` become
+    ``[x_0, y_0, x_1, y_1, ...]``: convert_hf_to_gguf.py's ``LlamaModel.permute``.
+    """
+    if w.shape[0] % (2 * n_head):
+        raise ValueError(f"permute_qk: {w.shape[0]} rows do not split into {n_head} heads of pairs")
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected an HF model folder with config.json")
+    cfg = json.loads(path.read_text())
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}; the GGUF writer handles 'llama'")
+    return cfg
+
+
+def _read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of the folder's safetensors files as float32 numpy (fp16/bf16 upcast)."""
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model*.safetensors file")
+    out: dict[str, np.ndarray] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                out[name] = f.get_tensor(name).to(torch.float32).numpy()
+    return out
+
+
+def _tokenizer_fields(folder: Path) -> dict[str, Any]:
+    """Tokens (by id), their types, merges and special ids from tokenizer.json, for a byte-level BPE."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the GGUF file needs the tokenizer")
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    if model.get("type") != "BPE" or (tok.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"{path}: expected a byte-level BPE tokenizer (model BPE, ByteLevel pre-tokenizer)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab.update(special)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    for text, idx in vocab.items():
+        tokens[idx] = text
+    special_ids = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "special_ids": special_ids, "merges": merges}
+
+
+def _quantize_2d(w: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype) for GGUFWriter.add_tensor: float arrays as is, blocks as uint8 rows."""
+    from gguf import GGMLQuantizationType
+
+    from labkit.quant.gguf_blocks import quantize
+
+    if file_type == "F32":
+        return w.astype(np.float32), None
+    if file_type == "F16":
+        return w.astype(np.float16), None
+    blocks = quantize(w.astype(np.float32), file_type)
+    return blocks, GGMLQuantizationType[file_type]
+
+
+def export_gguf(
+    model_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    file_type: str = "F16",
+    *,
+    name: str | None = None,
+) -> Path:
+    """Write ``model_dir`` (config.json, model*.safetensors, tokenizer.json) to ``out_path``.
+
+    ``file_type``: F32, F16, Q8_0 or Q4_0 for the 2-D weights (norms stay F32). Written to a
+    temporary file beside ``out_path`` and renamed, so a failed export leaves no partial file.
+    """
+    import gguf
+
+    if file_type not in FILE_TYPES:
+        raise ValueError(f"file_type must be one of {FILE_TYPES}, got {file_type!r}")
+    folder = Path(model_dir)
+    cfg = _read_config(folder)
+    weights = _read_weights(folder)
+    tok = _tokenizer_fields(folder)
+
+    n_head = int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // n_head)
+    if head_dim * n_head != hidden:
+        raise ValueError(f"{folder / 'config.json'}: head_dim * heads != hidden_size; not supported")
+    rope_theta = float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        writer.add_name(name or folder.name)
+        writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{file_type}" if file_type != "F32" else "ALL_F32"]))
+        writer.add_context_length(int(cfg["max_position_embeddings"]))
+        writer.add_embedding_length(hidden)
+        writer.add_block_count(int(cfg["num_hidden_layers"]))
+        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(rope_theta)
+        writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+        writer.add_vocab_size(int(cfg["vocab_size"]))
+
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list(tok["tokens"])
+        writer.add_token_types([
+            gguf.TokenType.CONTROL if i in tok["special_ids"] else gguf.TokenType.NORMAL
+            for i in range(len(tok["tokens"]))
+        ])
+        writer.add_token_merges(tok["merges"])
+        for key, adder in (("bos_token_id", writer.add_bos_token_id),
+                           ("eos_token_id", writer.add_eos_token_id)):
+            if cfg.get(key) is not None:
+                adder(int(cfg[key]))
+        tcfg_path = folder / "tokenizer_config.json"
+        tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
+        pad = tcfg.get("pad_token")
+        if pad in tok["tokens"]:
+            writer.add_pad_token_id(tok["tokens"].index(pad))
+        writer.add_add_bos_token(bool(tcfg.get("add_bos_token", True)))
+        writer.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
+
+        tied = bool(cfg.get("tie_word_embeddings"))
+        for hf_name, w in weights.items():
+            if hf_name == "lm_head.weight" and tied:
+                continue
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue
+            if hf_name.endswith("self_attn.q_proj.weight"):
+                w = permute_qk(w, n_head)
+            elif hf_name.endswith("self_attn.k_proj.weight"):
+                w = permute_qk(w, n_kv)
+            if w.ndim == 1:
+                data, raw = w.astype(np.float32), None
+            else:
+                data, raw = _quantize_2d(w, file_type)
+            writer.add_tensor(gguf_name(hf_name), data, raw_dtype=raw)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,175 @@
+"""PyTorch adapters: eager (labkit's Llama + the fast decode loop), torch.compile, and CUDA.
+
+* ``torch-eager``: prefill is labkit's readable ``Llama`` writing a preallocated ``KVCache``;
+  each decode step is ``kvstudy.FastDecoder.step`` (same math, fused q/k/v and gate/up, no module
+  dispatch), i.e. what a careful eager loop costs, not the slowest one could write.
+* ``torch-compile``: the same two functions through ``torch.compile`` (inductor). The decode
+  step is written with static shapes (:class:`StaticStep`): it attends over the whole
+  preallocated cache with a mask, the position is a tensor, so one graph serves every position
+  (a Python-int position would recompile per token). Prefill is compiled with dynamic shapes,
+  one graph for every prompt length; warm-up runs pay for compilation, never the timed ones.
+* ``torch-cuda``: the eager adapter on ``cuda`` (available() says why not when there is none).
+
+The reference of the parity column is ``torch-eager`` in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from labkit.runtimes.base import Runtime
+
+
+class TorchEager(Runtime):
+    """labkit's Llama in eager PyTorch (float32 unless ``dtype`` says otherwise)."""
+
+    name: ClassVar[str] = "torch-eager"
+
+    def __init__(self, device: str = "cpu", dtype: str = "float32", threads: int | None = None) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.threads = threads
+        self.model: Any = None
+
+    @classmethod
+    def available(cls) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec("torch") else "torch not installed"
+
+    def load(self, model_dir: Path) -> None:
+        import torch
+
+        from labkit.kvstudy import FastDecoder
+        from labkit.models import load
+        from labkit.models.kv_cache import KVCache
+
+        self._check_available()
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        loaded = load(Path(model_dir), device=self.device, dtype=self.dtype)
+        self.model = loaded.model
+        self.cache = KVCache.for_model(self.model, max_len=self.model.config.max_position_embeddings)
+        self.decoder = FastDecoder(self.model)
+        self._sync = _sync_for(self.device)
+
+    def _logits(self, t: Any) -> np.ndarray:
+        self._sync()
+        return t.float().cpu().numpy()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            self.cache.reset()
+            x = torch.tensor([ids], device=self.device)
+            return self._logits(self.model(x, cache=self.cache)[0, -1])
+
+    def decode_step(self, token: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.tensor([token], device=self.device)
+            return self._logits(self.decoder.step(x, self.cache)[0])
+
+    def model_bytes(self) -> int | None:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def _sync_for(device: str):
+    from labkit.timing import device_sync
+
+    return device_sync(device)
+
+
+class TorchCuda(TorchEager):
+    """The eager adapter on a CUDA GPU (float32 by default; pass dtype="float16" for half)."""
+
+    name: ClassVar[str] = "torch-cuda"
+
+    def __init__(self, device: str = "cuda", dtype: str = "float32", threads: int | None = None) -> None:
+        super().__init__(device=device, dtype=dtype, threads=threads)
+
+    @classmethod
+    def available(cls) -> str | None:
+        reason = TorchEager.available()
+        if reason:
+            return reason
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"no CUDA device (torch {torch.__version__}; run on a GPU machine)"
+        return None
+
+
+class StaticStep:
+    """One decode step with static shapes, for torch.compile: attention over all ``max_len``
+    cache slots, masked beyond the position; the position is a 0-d tensor, not a Python int."""
+
+    def __init__(self, decoder: Any, cache: Any) -> None:
+        self.d = decoder
+        self.cache = cache
+
+    def __call__(self, token: Any, pos: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        d = self.d
+        b = token.shape[0]
+        hd = d.head_dim
+        cos = d.model.rope_cos.index_select(0, pos.view(1))  # [1, hd]
+        sin = d.model.rope_sin.index_select(0, pos.view(1))
+        max_len = self.cache.k[0].shape[2]
+        mask = (torch.arange(max_len, device=token.device) <= pos).view(1, 1, 1, max_len)
+        x = F.embedding(token, d.embed)
+        for i, layer in enumerate(d.layers):
+            h = d._rms(x, layer.attn_norm)
+            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split(
+                (d.q_size, d.kv_size, d.kv_size), dim=-1)
+            q = d._rope(q.view(b, d.n_heads, 1, hd), cos, sin)
+            k = d._rope(k.view(b, d.n_kv, 1, hd), cos, sin)
+            self.cache.k[i].index_copy_(2, pos.view(1), k)
+            self.cache.v[i].index_copy_(2, pos.view(1), v.view(b, d.n_kv, 1, hd))
+            y = F.scaled_dot_product_attention(
+                q, self.cache.k[i], self.cache.v[i], attn_mask=mask, enable_gqa=d.gqa
+            ).view(b, d.q_size)
+            x = x + F.linear(y, layer.wo, layer.bo)
+            h = d._rms(x, layer.mlp_norm)
+            gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).split(d.inter, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
+        return F.linear(d._rms(x, d.final_norm), d.out_weight)
+
+
+class TorchCompile(TorchEager):
+    """torch.compile (inductor) of the prefill forward and of a static-shape decode step."""
+
+    name: ClassVar[str] = "torch-compile"
+    note = "inductor; first calls per shape compile (warm-up, untimed)"
+
+    def load(self, model_dir: Path) -> None:
+        import torch
+
+        super().load(model_dir)
+        self._prefill = torch.compile(self.model, dynamic=True)
+        self._step = torch.compile(StaticStep(self.decoder, self.cache))
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            self.cache.reset()
+            x = torch.tensor([ids], device=self.device)
+            return self._logits(self._prefill(x, cache=self.cache)[0, -1])
+
+    def decode_step(self, token: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            pos = torch.tensor(self.cache.length, device=self.device)
+            x = torch.tensor([token], device=self.device)
+            out = self._step(x, pos)
+            self.cache.advance(1)
+            return self._logits(out[0])
