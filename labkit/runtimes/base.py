@@ -18,6 +18,7 @@ that return only when the work is done (the adapters synchronise: ``mx.eval``, C
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from abc import ABC, abstractmethod
@@ -206,3 +207,23 @@ def file_bytes(path: str | os.PathLike[str]) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
+
+
+def cache_dir() -> Path:
+    """Where exported files (ONNX, GGUF, float32 copies) are kept between runs: build/cache/
+    (ignored by git), or ``LABKIT_RUNTIME_CACHE`` when set (tests point it at a temporary folder)."""
+    env = os.environ.get("LABKIT_RUNTIME_CACHE")
+    if env:
+        return Path(env)
+    from labkit import paths
+
+    return paths.build_dir() / "cache"
+
+
+def weights_key(model_dir: Path) -> str:
+    """A short key for a model folder's weights (name, size and mtime of each safetensors file)."""
+    h = hashlib.sha256(str(model_dir.resolve()).encode())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]

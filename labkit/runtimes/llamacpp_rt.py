@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from labkit.runtimes import base
 from labkit.runtimes.base import Runtime, file_bytes
-from labkit.runtimes.onnx_rt import cache_dir, weights_key
 
 
 def gguf_path(model_dir: Path, file_type: str) -> Path:
@@ -22,7 +22,7 @@ def gguf_path(model_dir: Path, file_type: str) -> Path:
     from labkit.export.gguf import export_gguf
 
     model_dir = Path(model_dir)
-    path = cache_dir() / "gguf" / f"{model_dir.name}-{weights_key(model_dir)}-{file_type}.gguf"
+    path = base.cache_dir() / "gguf" / f"{model_dir.name}-{base.weights_key(model_dir)}-{file_type}.gguf"
     if not path.is_file():
         export_gguf(model_dir, path, file_type)
     return path

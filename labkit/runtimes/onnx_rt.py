@@ -7,30 +7,14 @@ the weights' size and mtime, so only the first run pays for it (about 1-2 minute
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from labkit.runtimes import base
 from labkit.runtimes.base import Runtime, file_bytes
-
-
-def cache_dir() -> Path:
-    """Where exported files (ONNX, GGUF) are kept between runs: build/cache/ (ignored by git)."""
-    from labkit import paths
-
-    return paths.build_dir() / "cache"
-
-
-def weights_key(model_dir: Path) -> str:
-    """A short key for a model folder's weights (name, size and mtime of each safetensors file)."""
-    h = hashlib.sha256(str(model_dir.resolve()).encode())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
 
 
 class OnnxRuntime(Runtime):
@@ -56,7 +40,7 @@ class OnnxRuntime(Runtime):
 
         self._check_available()
         model_dir = Path(model_dir)
-        self.path = cache_dir() / "onnx" / f"{model_dir.name}-{weights_key(model_dir)}.onnx"
+        self.path = base.cache_dir() / "onnx" / f"{model_dir.name}-{base.weights_key(model_dir)}.onnx"
         if not self.path.is_file():
             export_onnx(load_for_export(model_dir), self.path)
         opts = ort.SessionOptions()

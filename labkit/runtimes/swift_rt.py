@@ -14,8 +14,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from labkit.runtimes import base
 from labkit.runtimes.base import GenerationRun, Runtime, file_bytes
-from labkit.runtimes.onnx_rt import cache_dir, weights_key
 
 
 class SwiftPort(Runtime):
@@ -39,7 +39,7 @@ class SwiftPort(Runtime):
 
         self._check_available()
         model_dir = Path(model_dir)
-        self.dir = cache_dir() / "swift" / f"{model_dir.name}-{weights_key(model_dir)}-float32"
+        self.dir = base.cache_dir() / "swift" / f"{model_dir.name}-{base.weights_key(model_dir)}-float32"
         if not (self.dir / "model.safetensors").is_file():
             swiftport.convert_weights(model_dir, self.dir, "float32")
         swiftport.build(release=True)

