@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "bandwidth": "labkit.bench:bench_bandwidth",
     "kv-cache": "labkit.kvstudy:bench",
     "rag": "labkit.rag:bench_retrieval",
+    "runtimes": "labkit.runtimes.matrix:bench",
 }
 
 
