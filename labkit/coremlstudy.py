@@ -273,3 +273,22 @@ def pytorch_ladder(
         for name, step in steps.items():
             out[name] = [_decode_loop(step, prompt, n_new) for _ in range(repeats)]
     return out
+
+
+def first_layers(model: nn.Module, n: int | None) -> nn.Module:
+    """A copy of ``model`` keeping its first ``n`` decoder layers (None: the model itself).
+
+    Quick runs and tests convert such a slice: real weights and the same per-layer shapes, a
+    fraction of the conversion time. (Its outputs are not the full model's: it is a smaller model.)
+    """
+    import dataclasses
+
+    if n is None:
+        return model
+    total = model.config.num_hidden_layers
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
+        raise ValueError(f"layers must be an int in 1..{total} or None, got {n!r}")
+    m = copy.deepcopy(model)
+    m.model.layers = m.model.layers[:n]
+    m.config = dataclasses.replace(model.config, num_hidden_layers=n)
+    return m

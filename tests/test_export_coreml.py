@@ -1,11 +1,11 @@
 """Core ML export (labkit.export.coreml) and study helpers (labkit.coremlstudy).
 
-Conversion runs on a 2-layer slice of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408;
+Conversion runs on a 2-layer model of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408;
 vocab 512 instead of 8192, random fp16-rounded weights): the full 8-layer model takes ~40-50 s per
 step on the shared 2-core box, the slice a few seconds; notebook 02 converts the full model.
 
 What is checked:
-- every ladder step (a-e) converts and saves; the stateful steps carry one state per K/V buffer;
+- every ladder step (a-f, f = the ANE layout) converts and saves; the stateful steps carry one state per K/V buffer;
 - the exported graphs are right: run in PyTorch token by token they give the model's logits;
 - weights read back out of each saved .mlpackage (via milproto and the constexpr ops) equal the
   fp16 weights (a-c) or exactly what coremltools' own compressors produce (d: int4 blocks,
@@ -73,27 +73,30 @@ def _weights(model) -> dict[str, np.ndarray]:
 
 
 def test_every_step_converts_with_the_expected_ops(exports) -> None:
-    assert list(exports) == ["a", "b", "c", "d", "e"]
+    assert list(exports) == ["a", "b", "c", "d", "e", "f"]
     for step, e in exports.items():
         assert (e.path / "Manifest.json").is_file(), step
         assert e.package_bytes > 0 and e.convert_seconds > 0
         ops = e.op_counts
-        assert ops["linear"] == 7 * LAYERS + 1, (step, ops)  # tied lm_head = one more linear
-        stateful = step in ("c", "d", "e")
+        if step == "f":  # ANE layout: 1x1 convs for the layers, the tied output stays a linear
+            assert ops["conv"] == 7 * LAYERS and ops["linear"] == 1, ops
+        else:
+            assert ops["linear"] == 7 * LAYERS + 1, (step, ops)  # tied lm_head: one more linear
+        stateful = step in cx.STATEFUL
         assert ops.get("read_state", 0) == (2 * LAYERS if stateful else 0), (step, ops)
         assert ops.get("coreml_update_state", 0) == (2 * LAYERS if stateful else 0), (step, ops)
     # 7 matrices per layer + the (tied) embedding are compressed; RoPE tables and norms are not
     n_mat = 7 * LAYERS + 1
     assert exports["d"].op_counts["constexpr_blockwise_shift_scale"] == n_mat
     assert exports["e"].op_counts["constexpr_lut_to_dense"] == n_mat
-    for step in "abc":
+    for step in "abcf":
         assert not any(k.startswith("constexpr_") for k in exports[step].op_counts), step
     assert exports["d"].package_bytes < 0.4 * exports["c"].package_bytes
     assert exports["e"].package_bytes < 0.4 * exports["c"].package_bytes
 
 
 def test_exported_graphs_match_the_model_token_by_token(model) -> None:
-    """The wrappers that get converted (a, b, c) and the int4 step (d), run in PyTorch."""
+    """The wrappers that get converted (a, b, c, f) and the int4 step (d), run in PyTorch."""
     ids = [5, 17, 300, 2, 99, 41]
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0]
@@ -107,6 +110,12 @@ def test_exported_graphs_match_the_model_token_by_token(model) -> None:
             for pos, tok in enumerate(ids):
                 got = step(tok, pos).reshape(-1)
                 torch.testing.assert_close(got, expect[pos], atol=atol, rtol=1e-4, msg=name)
+    ane = cx.step_module(model, "f", MAX_LEN)
+    with torch.no_grad():
+        for pos, tok in enumerate(ids):
+            feeds = (torch.tensor([[tok]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32),
+                     torch.from_numpy(cx.decode_mask(pos, MAX_LEN)))
+            torch.testing.assert_close(ane(*feeds).reshape(-1), ref[pos], atol=2e-4, rtol=1e-4)
 
 
 def test_int4_linear_equals_coreml_dequantized_weight(model) -> None:
@@ -127,10 +136,13 @@ def test_int4_linear_equals_coreml_dequantized_weight(model) -> None:
 
 def test_uncompressed_packages_hold_the_fp16_weights_exactly(model, readback) -> None:
     want = _weights(model)
-    for step in "abc":
+    for step in "abcf":
         got = readback[step]
         assert sorted(got) == sorted(want), step
         for k, w in want.items():
+            if step == "f":  # conv shapes [out, in, 1, 1], norms [1, C, 1, 1]
+                assert got[k].size == w.size, k
+                got[k] = got[k].reshape(w.shape)
             assert got[k].dtype == np.float16, (step, k)
             np.testing.assert_array_equal(got[k], w, err_msg=f"{step} {k}")
 
@@ -179,7 +191,7 @@ LUT4_TOL = 1.0
 
 def test_readback_logits_within_tolerance(model, readback) -> None:
     ids = torch.tensor([[5, 17, 300, 2, 99, 41, 7, 8]])
-    for step in "abc":
+    for step in "abcf":
         rb = cx.readback_model(model, readback[step])
         assert cx.logits_error(model, rb, ids, torch.float32) == 0.0, step
         assert cx.logits_error(model, rb, ids, torch.float16) < FP16_TOL, step

@@ -15,12 +15,24 @@ program (iOS18 / macOS15 target, fp16 compute):
 * ``"d"`` = (c) + int4 per-block-32 symmetric weights (``linear_quantize_weights``).
 * ``"e"`` = (c) + 4-bit k-means LUT per tensor (``palettize_weights``).
 
-What works with coremltools 9.0 and torch 2.13 (checked by tests/test_export_coreml.py and
-``probe_*`` below): ``torch.jit.trace`` conversion fails in coremltools' ``int()`` of a numpy
-array under numpy 2, so only the torch.export path is used. The query length is fixed at export
-(1 for b-e: prefill runs token by token); a flexible query length is what
-:func:`probe_flexible_query` tries and reports. Why fixed shapes: a flexible cache write needs a
-symbolic slice whose bound torch.export's guards reject near the cache size.
+What works with coremltools 9.0 and torch 2.13 (checked by tests/test_export_coreml.py and the
+``probe_*`` functions below, which notebook 02 runs):
+
+* ``torch.jit.trace`` -> ``ct.convert`` fails: coremltools' ``int`` op calls ``int()`` on a
+  1-element numpy array, which numpy 2 refuses ("only 0-dimensional arrays can be converted to
+  Python scalars"). Only the torch.export path is used.
+* ``torch.export(...).run_decompositions({})`` converts every step with fixed shapes, given plain
+  ops: labkit's RMSNorm is explicit, and grouped-query attention is exported with an explicit
+  ``repeat_kv`` (coremltools' SDPA has no ``enable_gqa``; ``llama.SDPA_GQA`` is switched off
+  while exporting).
+* The query length is fixed at export (1 for b-e: prefill runs token by token). With a flexible
+  query length (:func:`probe_flexible_query`: a ``torch.export.Dim`` on the new tokens, the
+  cache written by ``cache[:, :, positions] = k``) torch.export succeeds, but coremltools'
+  ``index_put`` lowering takes only a single position ("Input squeeze_0 has rank 1 != other
+  inputs rank 0"). (A slice write ``cache[:, :, start:end]`` with symbolic bounds is the other
+  way; the issue's probe saw torch.export reject it with a guard violation.)
+* Compression (d, e) would also hit the RoPE cos/sin tables (any constant of 2048+ elements);
+  :func:`compress` excludes them by name.
 
 On Linux the packages cannot run (Core ML is macOS-only), so :func:`read_weights` reads every
 weight back out of the saved .mlpackage (``milproto.load`` + each ``constexpr_*`` op's
@@ -56,9 +68,14 @@ STEPS: dict[str, str] = {
     "c": "stateful cache",
     "d": "stateful + int4 per-block-32",
     "e": "stateful + 4-bit k-means LUT",
+    "f": "stateful, ANE layout (B, C, 1, S)",
 }
 #: step -> compression applied after conversion ("none", "int4-block32", "lut4")
-COMPRESSION: dict[str, str] = {"a": "none", "b": "none", "c": "none", "d": "int4-block32", "e": "lut4"}
+COMPRESSION: dict[str, str] = {
+    "a": "none", "b": "none", "c": "none", "d": "int4-block32", "e": "lut4", "f": "none"
+}
+#: steps whose K/V cache lives in Core ML states
+STATEFUL = ("c", "d", "e", "f")
 #: additive mask value for positions a query may not see (finite: fp16 -inf arithmetic is risky)
 MASK_MIN = -1e4
 
@@ -176,6 +193,82 @@ class StatefulStep(nn.Module):
         return F.linear(m.model.norm(x), m.output_weight)
 
 
+class ANEStatefulStep(nn.Module):
+    """(f) step (c) in the Neural Engine layout of apple/ml-ane-transformers: activations as
+    (B, C, 1, S) and every Linear as a 1x1 Conv2d (the ANE's native op and layout; the channel
+    axis is the one normalized). Attention itself runs per head as in (c).
+
+    The weights are registered on this module as copies named after the state-dict keys
+    ('.' -> '_'), already in their conv shapes ([out, in, 1, 1]; norms [1, C, 1, 1]), so
+    :func:`read_weights` finds them; the embedding stays 2-D (a gather), and the output
+    projection uses it as a Linear (tied).
+    """
+
+    def __init__(self, model: Llama, max_len: int) -> None:
+        super().__init__()
+        cfg = model.config
+        self.config = cfg
+        self.register_buffer("rope_cos", model.rope_cos.clone(), persistent=False)
+        self.register_buffer("rope_sin", model.rope_sin.clone(), persistent=False)
+        for key, p in model.named_parameters():
+            if key == "model.embed_tokens.weight":  # a gather (and the tied output): stays 2-D
+                w = p.detach().clone()
+            elif p.dim() == 2:
+                w = p.detach().clone()[:, :, None, None]
+            else:
+                w = p.detach().clone().reshape(1, -1, 1, 1)
+            self.register_parameter(key.replace(".", "_"), nn.Parameter(w, requires_grad=False))
+        self.eps = cfg.rms_norm_eps
+        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        for i in range(cfg.num_hidden_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape))
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape))
+
+    def _w(self, key: str) -> torch.Tensor:
+        return getattr(self, key.replace(".", "_"))
+
+    def _norm(self, x: torch.Tensor, key: str) -> torch.Tensor:
+        """RMSNorm over the channel axis of (B, C, 1, S)."""
+        x = x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
+        return self._w(key) * x
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """(1, n*d, 1, T) -> (1, n, T, d)."""
+        d = self.config.head_dim
+        return x.reshape(1, n, d, x.shape[-1]).transpose(2, 3)
+
+    def forward(self, input_ids, position, mask):
+        cfg = self.config
+        cos = self.rope_cos.index_select(0, position)
+        sin = self.rope_sin.index_select(0, position)
+        emb = self._w("model.embed_tokens.weight")
+        x = F.embedding(input_ids, emb).transpose(1, 2).unsqueeze(2)  # (1, C, 1, T)
+        t = x.shape[-1]
+        n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+        for i in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{i}."
+            h = self._norm(x, pre + "input_layernorm.weight")
+            q = self._heads(F.conv2d(h, self._w(pre + "self_attn.q_proj.weight")), cfg.num_attention_heads)
+            k = self._heads(F.conv2d(h, self._w(pre + "self_attn.k_proj.weight")), cfg.num_key_value_heads)
+            v = self._heads(F.conv2d(h, self._w(pre + "self_attn.v_proj.weight")), cfg.num_key_value_heads)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            k_cache[:, :, position] = k
+            v_cache[:, :, position] = v
+            y = F.scaled_dot_product_attention(
+                q, repeat_kv(k_cache, n_rep), repeat_kv(v_cache, n_rep), attn_mask=mask
+            )  # (1, H, T, d)
+            y = y.transpose(2, 3).reshape(1, -1, 1, t)
+            x = x + F.conv2d(y, self._w(pre + "self_attn.o_proj.weight"))
+            h = self._norm(x, pre + "post_attention_layernorm.weight")
+            gate = F.conv2d(h, self._w(pre + "mlp.gate_proj.weight"))
+            up = F.conv2d(h, self._w(pre + "mlp.up_proj.weight"))
+            x = x + F.conv2d(F.silu(gate) * up, self._w(pre + "mlp.down_proj.weight"))
+        x = self._norm(x, "model.norm.weight")
+        out_w = emb if cfg.tie_word_embeddings else self._w("lm_head.weight")[:, :, 0, 0]
+        return F.linear(x[:, :, 0, :].transpose(1, 2), out_w)  # (1, T, vocab)
+
+
 def decode_mask(position: int, max_len: int) -> np.ndarray:
     """Additive mask [1, 1, 1, S] for the token at ``position``: 0 on [0, position], else MASK_MIN."""
     if not 0 <= position < max_len:
@@ -199,6 +292,8 @@ def step_module(model: nn.Module, step: str, max_len: int) -> nn.Module:
         return NoCacheStep(model).eval()
     if step == "b":
         return IOCacheStep(model).eval()
+    if step == "f":
+        return ANEStatefulStep(model, max_len).eval()
     return StatefulStep(model, max_len).eval()
 
 
@@ -287,7 +382,7 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
         llama.SDPA_GQA = saved_gqa
     t1 = time.perf_counter()
     states = None
-    if step in ("c", "d", "e"):
+    if step in STATEFUL:
         cfg = model.config
         shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
         states = [
@@ -341,7 +436,7 @@ def convert(
     out: list[Export] = []
     stateful: tuple[Any, float, float] | None = None
     for step in steps:
-        if step in ("c", "d", "e"):
+        if step in ("c", "d", "e"):  # one conversion of (c)'s graph, compressed two ways
             if stateful is None:
                 stateful = _to_mlmodel(model, "c", max_len)
             base, export_s, convert_s = stateful
@@ -407,21 +502,22 @@ def op_counts(path: str | os.PathLike[str]) -> dict[str, int]:
 
 #: what coremltools adds around a lifted parameter's name: "p_" + the wrapper's "model_" prefix,
 #: then casts and compression suffixes
-_PREFIXES = ("p_model_",)
+_PREFIXES = ("p_model_", "p_")
 _SUFFIXES = ("_quantized", "_palettized", "_to_fp16", "_to_fp32")
 
 
 def _param_key(name: str, flat: dict[str, str]) -> str | None:
     """Map a MIL constant name back to a state-dict key (keys with '.' -> '_'), else None."""
-    for prefix in _PREFIXES:
-        name = name.removeprefix(prefix)
     changed = True
     while changed:
         changed = False
         for suffix in _SUFFIXES:
             if name.endswith(suffix):
                 name, changed = name[: -len(suffix)], True
-    return flat.get(name)
+    for prefix in _PREFIXES:
+        if name.startswith(prefix) and name[len(prefix) :] in flat:
+            return flat[name[len(prefix) :]]
+    return None
 
 
 def read_weights(path: str | os.PathLike[str], state_keys: list[str]) -> dict[str, np.ndarray]:
@@ -457,6 +553,8 @@ def readback_model(model: nn.Module, weights: dict[str, np.ndarray]) -> Llama:
     with torch.no_grad():
         for name, p in out.named_parameters():
             w = weights[name]
+            if w.size == p.numel() and w.ndim != p.dim():  # the ANE layout's conv shapes
+                w = w.reshape(tuple(p.shape))
             if tuple(w.shape) != tuple(p.shape):
                 raise ValueError(f"{name}: package has shape {w.shape}, model {tuple(p.shape)}")
             p.copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
@@ -533,7 +631,7 @@ def coreml_generate(
     names_in = [i.name for i in spec.description.input]
     names_out = [o.name for o in spec.description.output]
     window: list[int] = []
-    state = mlmodel.make_state() if step in ("c", "d", "e") else None
+    state = mlmodel.make_state() if step in STATEFUL else None
     cache: list[np.ndarray] = []
     if step == "b":
         shape = tuple(spec.description.input[3].type.multiArrayType.shape)
@@ -644,3 +742,13 @@ def probe_flexible_query(model: nn.Module, max_len: int) -> str:
     finally:
         llama.SDPA_GQA = saved_gqa
     return "ok"
+
+
+def top1_agreement(
+    reference: nn.Module, candidate: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype
+) -> float:
+    """Share of positions where the candidate (run in ``dtype``) picks fp32's most likely token."""
+    with torch.no_grad():
+        ref = _copy_float(reference)(input_ids).argmax(-1)
+        cand = _copy_float(candidate).to(dtype)(input_ids).float().argmax(-1)
+    return float((ref == cand).float().mean())
