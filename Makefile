@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 JOBS ?= 1
 
-.PHONY: system-deps setup reproduce quick html test lint lab clean model-quick model swift-test help
+.PHONY: system-deps setup reproduce quick html test lint lab clean model-quick swift-test help
 
 help:
 	@echo "make setup       create .venv and install labkit with its dev tools"
@@ -65,6 +65,11 @@ lint: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m pip install -q -e ".[lab]"
 	$(VENV)/bin/jupyter lab notebooks/
+
+# The Swift port's own tests against reference dumps written by labkit (make test runs them too).
+swift-test: $(STAMP)
+	$(PY) -c "from labkit import swiftport; swiftport.prepare_fixtures('build/lmport-fixtures')"
+	cd swift && LMPORT_FIXTURES=$(CURDIR)/build/lmport-fixtures swift test -c release
 
 model-quick: $(STAMP)
 	$(PY) -m labkit train --config quick --out build/models/tiny-llama-quick
