@@ -206,7 +206,9 @@ def test_all_zero_groups_quantize_to_zero() -> None:
 @pytest.mark.parametrize(("bits", "group_rows"), [(4, None), (2, 16)])
 def test_palettize_equals_coremltools_compressor(bits: int, group_rows) -> None:
     _ct()
-    pytest.importorskip("sklearn", reason="k-means palettes need scikit-learn (as coremltools does)")
+    pytest.importorskip(
+        "sklearn", reason="k-means palettes need scikit-learn (as coremltools does)"
+    )
     from coremltools.optimize.coreml import _quantization_passes as passes
 
     w = _random((32, 256), 3)
@@ -263,7 +265,9 @@ def _mlpackage_dense(w: np.ndarray, op_config, precision) -> np.ndarray:
 @pytest.mark.parametrize("source", ["random", "real"])
 def test_mlpackage_weights_equal_labkit(source: str) -> None:
     ct = _ct()
-    pytest.importorskip("sklearn", reason="k-means palettes need scikit-learn (as coremltools does)")
+    pytest.importorskip(
+        "sklearn", reason="k-means palettes need scikit-learn (as coremltools does)"
+    )
     import coremltools.optimize.coreml as cto
 
     w = _random((64, 256), 4) if source == "random" else WEIGHTS["real-q_proj"]()[:64, :256]
