@@ -102,7 +102,7 @@ def head_dim_of(cfg: Any) -> int:
 
 def configs_dir() -> Path:
     """data/configs/ in the checkout: config.json files of models we size but never load."""
-    return paths.repo_models_dir().parent / "configs"
+    return paths.configs_dir()
 
 
 def published_config(stem: str) -> dict[str, Any]:

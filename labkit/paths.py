@@ -3,6 +3,7 @@
 The root is the repository checkout (the folder holding pyproject.toml). ``LABKIT_ROOT``
 overrides it, which tests use to write figures and results into a temporary folder;
 ``LABKIT_OUTPUT_ROOT`` redirects only figures/ and data/results/ (quick runs use build/quick).
+Shipped inputs (``data_dir()``: models, configs, data sets) always come from the checkout.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ def root() -> Path:
 
 
 def data_dir() -> Path:
-    return root() / "data"
+    """The shipped inputs (data/models, data/configs, data/rag, ...): always the checkout's.
+
+    Unlike outputs, these do not follow ``LABKIT_ROOT``: a test that isolates its figures and
+    results in a temporary folder still reads the same embedded models and data sets.
+    """
+    return _PACKAGE_DIR.parent / "data"
 
 
 def models_dir() -> Path:
@@ -59,3 +65,8 @@ def notebooks_dir() -> Path:
 def repo_models_dir() -> Path:
     """The shipped models always live in the checkout, even when LABKIT_ROOT points elsewhere."""
     return _PACKAGE_DIR.parent / "data" / "models"
+
+
+def configs_dir() -> Path:
+    """data/configs: config.json files of models the lab plans for but never loads (no weights)."""
+    return data_dir() / "configs"

@@ -82,7 +82,9 @@ def bits_per_weight(precision: str) -> float:
 
 def configs_dir() -> Path:
     """data/configs/ in the checkout: config.json files of models the lab plans but never loads."""
-    return Path(__file__).resolve().parent.parent / "data" / "configs"
+    from labkit import paths
+
+    return paths.configs_dir()
 
 
 def load_config(source: Any) -> dict[str, Any]:
@@ -95,7 +97,9 @@ def load_config(source: Any) -> dict[str, Any]:
         text = os.fspath(source)
         path = Path(text).expanduser()
         if text == "tiny-llama":
-            path = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"
+            from labkit import paths
+
+            path = paths.models_dir() / "tiny-llama"
         elif not path.exists() and (configs_dir() / f"{text}.json").is_file():
             path = configs_dir() / f"{text}.json"
         if path.is_dir():

@@ -185,7 +185,9 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
 
 def docset_dir() -> Path:
     """data/rag/ in the checkout: the shipped document and query set."""
-    return Path(__file__).resolve().parent.parent / "data" / "rag"
+    from labkit import paths
+
+    return paths.data_dir() / "rag"
 
 
 def load_docset(folder: Path | None = None) -> tuple[list[Document], list[Query]]:
