@@ -591,8 +591,7 @@ def _attend_one_token(
 ) -> torch.Tensor:
     """``LlamaAttention`` for one new token per row: RoPE at each row's position, a padding mask.
 
-    x is [B, 1, hidden]; cos/sin are [B, 1, 1, head_dim]; mask is [B, 1, 1, S], added to the
-    scores (0 = attend, -inf = padding).
+    x is [B, 1, hidden]; cos/sin are [B, 1, 1, head_dim]; mask is [B, 1, 1, S] (True = attend).
     """
     import torch.nn.functional as F
 
@@ -636,11 +635,7 @@ def decode_step(model: Any, kv: BatchedCache, tokens: torch.Tensor) -> torch.Ten
     cos = model.rope_cos[positions].to(dtype)[:, None, None, :]
     sin = model.rope_sin[positions].to(dtype)[:, None, None, :]
     span = int(positions.max()) + 1
-    filled = torch.arange(span, device=device)[None, :] <= positions[:, None]
-    # Additive float mask, not a boolean one: same result, but on the CPU (torch 2.13) SDPA with a
-    # boolean mask and enable_gqa took milliseconds per call where the float mask takes microseconds.
-    mask = torch.zeros(filled.shape, dtype=dtype, device=device).masked_fill(~filled, float("-inf"))
-    mask = mask[:, None, None, :]
+    mask = (torch.arange(span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
     x = model.model.embed_tokens(tokens[:, None])
     for block in model.model.layers:
         h = block.input_layernorm(x)
