@@ -36,12 +36,18 @@ OPENVINO_ROWS = ("torch-eager", "openvino", "openvino-int8", "openvino-int4")
 
 def reference_run(model_dir: Path, prompt: list[int], n_new: int, threads: int | None) -> Any:
     """The parity reference: torch eager fp32 greedy run with logits kept."""
+    import torch
+
     from labkit.runtimes.torch_rt import TorchEager
 
-    ref = TorchEager(threads=threads)
-    ref.load(Path(model_dir))
-    run = ref.timed_generate(prompt, n_new, keep_logits=True)
-    ref.close()
+    before = torch.get_num_threads()
+    try:
+        ref = TorchEager(threads=threads)  # sets torch's thread count when threads is given
+        ref.load(Path(model_dir))
+        run = ref.timed_generate(prompt, n_new, keep_logits=True)
+        ref.close()
+    finally:
+        torch.set_num_threads(before)
     return run
 
 
@@ -78,7 +84,7 @@ def measure_runtime(
         runtime=name, status="ok", dtype=rt.dtype, note=rt.note, load_s=load_s,
         pp_tok_s=pp.mean, pp_tok_s_sd=pp.sd, ttft_s=ttft.mean, tg_tok_s=tg.mean, tg_tok_s_sd=tg.sd,
         repeats=repeats, prompt_tokens=len(prompt), n_gen=n_gen, model_bytes=rt.model_bytes(),
-        peak_rss_bytes=peak_rss_bytes(), threads=threads, **par,
+        peak_rss_bytes=peak_rss_bytes(), threads=threads, load_avg_1m=os.getloadavg()[0], **par,
     )
     rt.close()
     return row
@@ -181,7 +187,7 @@ def serve_paged(
     max_tokens: Sequence[int],
     *,
     concurrency: int,
-    block_size: int = 16,
+    block_size: int = 32,
 ) -> dict[str, Any]:
     """Greedy-serve ``prompts`` with our paged cache, continuous batching, ``concurrency`` at once.
 
@@ -256,8 +262,8 @@ def vllm_side_by_side(
     model: str = "tiny-llama",
     *,
     concurrency: int = 8,
-    block_size: int = 16,
-    kv_cache_gib: float = 1.0,
+    block_size: int = 32,
+    kv_cache_gib: int = 1,
     threads: int | None = None,
     seed: int = 0,
 ) -> Any:
@@ -278,15 +284,19 @@ def vllm_side_by_side(
     from labkit.runtimes.vllm_rt import VLLM, VLLMWorker
 
     _, folder, _ = resolve(model)
-    if threads:
-        torch.set_num_threads(int(threads))
     loaded = load(folder, device="cpu", dtype="float32")
     prompts = mix_prompts(requests, loaded.model.config.vocab_size, seed)
     max_tokens = [int(r.output_len) for r in requests]
     common = dict(requests=len(requests), concurrency=concurrency, block_size=block_size,
                   generated_tokens=int(sum(max_tokens)))
-    ours = serve_paged(loaded.model, prompts, max_tokens, concurrency=concurrency,
-                       block_size=block_size)
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads or before))
+    try:
+        serve_paged(loaded.model, prompts[:1], [2], concurrency=1, block_size=block_size)  # warm-up
+        ours = serve_paged(loaded.model, prompts, max_tokens, concurrency=concurrency,
+                           block_size=block_size)
+    finally:
+        torch.set_num_threads(before)  # the caller's (notebook's) setting, untouched
     rows = [dict(engine="labkit-paged", status="ok", **common, wall_s=ours["wall_s"],
                  tok_s=sum(max_tokens) / ours["wall_s"], kv_reserved_bytes=ours["kv_pool_bytes"],
                  kv_peak_in_use_bytes=ours["kv_peak_in_use_bytes"], greedy_agreement_pct=100.0,

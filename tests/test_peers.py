@@ -32,15 +32,29 @@ needs_nncf = pytest.mark.skipif(not (HAS_OPENVINO and HAS_NNCF), reason="openvin
 PROMPT = [1, 17, 42, 99, 5, 64, 3, 120, 77, 8]
 
 
-@pytest.fixture
-def tiny(hf_checkpoint) -> Path:
-    return hf_checkpoint("llama")
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny random transformers Llama (GQA, perturbed norms), shared by this module's tests."""
+    from conftest import build_hf_checkpoint
+
+    return build_hf_checkpoint(tmp_path_factory.mktemp("peers") / "llama", "llama")
 
 
-def reference(folder: Path, n_new: int = 12):
-    ref = runtimes.get("torch-eager")
-    ref.load(folder)
-    return ref.timed_generate(PROMPT, n_new, keep_logits=True)
+@pytest.fixture(scope="module")
+def ref(tiny):
+    """torch eager fp32: 12 greedy tokens after PROMPT, logits kept (the parity reference)."""
+    rt = runtimes.get("torch-eager")
+    rt.load(tiny)
+    return rt.timed_generate(PROMPT, 12, keep_logits=True)
+
+
+@pytest.fixture(scope="module")
+def ov_f32(tiny):
+    if not HAS_OPENVINO:
+        pytest.skip("openvino not installed")
+    rt = runtimes.get("openvino")
+    rt.load(tiny)
+    return rt
 
 
 # --- registry and available() ---------------------------------------------------------------
@@ -106,10 +120,8 @@ def test_vllm_attempt_record_is_complete() -> None:
 
 
 @needs_openvino
-def test_openvino_f32_parity(tiny) -> None:
-    ref = reference(tiny)
-    rt = runtimes.get("openvino")
-    rt.load(tiny)
+def test_openvino_f32_parity(ov_f32, ref) -> None:
+    rt = ov_f32
     got = rt.timed_generate(PROMPT, len(ref.tokens), keep_logits=True)
     p = parity(got, ref)
     assert p["greedy_agreement_pct"] == 100.0, p
@@ -119,10 +131,9 @@ def test_openvino_f32_parity(tiny) -> None:
 
 
 @needs_openvino
-def test_openvino_prefill_matches_decode_path(tiny) -> None:
+def test_openvino_prefill_matches_decode_path(ov_f32) -> None:
     # prompt + t in one prefill == prefill(prompt) then decode_step(t): the state carries K/V
-    rt = runtimes.get("openvino")
-    rt.load(tiny)
+    rt = ov_f32
     rt.prefill(PROMPT)
     stepped = rt.decode_step(11)
     whole = rt.prefill(PROMPT + [11])
@@ -130,10 +141,8 @@ def test_openvino_prefill_matches_decode_path(tiny) -> None:
 
 
 @needs_nncf
-def test_openvino_weight_compression(tiny) -> None:
-    ref = reference(tiny)
-    f32 = runtimes.get("openvino")
-    f32.load(tiny)
+def test_openvino_weight_compression(tiny, ref, ov_f32) -> None:
+    f32 = ov_f32
     int8 = runtimes.get("openvino-int8")
     int8.load(tiny)
     int4 = runtimes.get("openvino-int4")
