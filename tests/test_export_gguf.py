@@ -6,8 +6,8 @@ labkit's Llama in float32 for the numbers; ``tokenizers`` for the ids. Tolerance
 * F32 / F16 tensors read back bit-for-bit equal to what we wrote (after the q/k permutation);
   Q8_0 / Q4_0 bytes equal labkit.quant's (themselves byte-exact vs gguf-py, see
   test_quant_crosslib), dequantized within half a quantization step of the original;
-* llama.cpp on tiny-llama F32: max |logit - torch| <= 1e-3 over every position of a prompt
-  (issue 10's acceptance; the two sum in different orders, so not bit-exact);
+* llama.cpp on tiny-llama F32 (F32 KV cache): max |logit - torch| <= 1e-3 over every position
+  of a prompt (issue 10's acceptance; measured 1.3e-5: the two sum in different orders);
 * token ids: equal, exactly.
 """
 
@@ -162,8 +162,9 @@ def test_llamacpp_logits_and_tokens_match_torch(shipped_f32):
     from labkit.models import load
 
     loaded = load(SHIPPED, device="cpu", dtype="float32")
+    # F32 KV cache: llama.cpp's default F16 cache alone moves the logits by ~1e-2
     llm = llama_cpp.Llama(model_path=str(shipped_f32), n_ctx=256, n_batch=256, logits_all=True,
-                          n_threads=1, verbose=False)
+                          n_threads=1, verbose=False, type_k=0, type_v=0)
     for text in TEXTS:
         ours = loaded.tokenizer(text)["input_ids"]
         theirs = llm.tokenize(text.encode(), add_bos=True, special=False)

@@ -2,7 +2,14 @@
 
 One class per file type (F32, F16, Q8_0, Q4_0), each converting the model folder once into
 build/cache/gguf/. ``n_batch`` = ``n_ubatch`` = 512 so pp512 runs as one batch, as llama-bench's
-default; logits of the last position only (``logits_all=False``), read from ``Llama.scores``.
+default; logits of the last position only (``logits_all=False``; llama-cpp-python then leaves
+``Llama.scores`` empty, so they are read from the context with ``llama_get_logits_ith(ctx, -1)``).
+
+The KV cache: llama.cpp stores K and V in F16 by default, which alone moves the logits by
+~1e-2 (measured on tiny-llama: 8.4e-3 max |dlogit| with an F16 cache, 1.3e-5 with F32). The F32
+file therefore runs with an F32 cache (``type_k = type_v = GGML_TYPE_F32``): the F32 row is the
+"same arithmetic as torch" check. The F16/Q8_0/Q4_0 rows keep llama.cpp's default F16 cache, as
+llama-bench and ollama run them; the note on each record says which.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import numpy as np
 
 from labkit.runtimes import base
 from labkit.runtimes.base import Runtime, file_bytes
+
+GGML_TYPE_F32 = 0  # ggml's enum value for float32 (ggml.h)
 
 
 def gguf_path(model_dir: Path, file_type: str) -> Path:
@@ -37,7 +46,7 @@ class LlamaCpp(Runtime):
     def __init__(self, threads: int | None = None, n_ctx: int = 1024) -> None:
         self.threads = threads
         self.n_ctx = n_ctx
-        self.dtype = self.file_type.lower()
+        self.dtype = {"F32": "float32", "F16": "float16"}.get(self.file_type, self.file_type.lower())
         self.device = "cpu"
 
     @classmethod
@@ -55,11 +64,17 @@ class LlamaCpp(Runtime):
         kwargs: dict[str, Any] = {}
         if self.threads:
             kwargs.update(n_threads=int(self.threads), n_threads_batch=int(self.threads))
+        if self.file_type == "F32":
+            kwargs.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+        self.note = f"KV cache {'F32' if self.file_type == 'F32' else 'F16 (default)'}"
         self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
                          logits_all=False, verbose=False, **kwargs)
 
     def _last_logits(self) -> np.ndarray:
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.array(np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)), dtype=np.float32)
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()

@@ -150,8 +150,15 @@ class TorchCompile(TorchEager):
     note = "inductor; first calls per shape compile (warm-up, untimed)"
 
     def load(self, model_dir: Path) -> None:
+        import os
+
         import torch
 
+        from labkit.runtimes.base import cache_dir
+
+        # A private inductor cache: the shared /tmp one can hold a half-written kernel from a
+        # killed run ("file too short"), which breaks every later compile that hits it.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         super().load(model_dir)
         self._prefill = torch.compile(self.model, dynamic=True)
         self._step = torch.compile(StaticStep(self.decoder, self.cache))
