@@ -25,8 +25,9 @@ Setup (what ran here, recorded with its errors in ``data/peers/vllm_attempt.json
     # `from vllm import LLM` ("operator torchvision::nms does not exist"); text models need neither
     build/venvs/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
 
-The CPU attention backend needs ``block_size`` a multiple of 32 and ``VLLM_CPU_KVCACHE_SPACE``
-in whole GiB; vLLM reads every ``*.safetensors`` of a folder as weights (:func:`stage_model`).
+The CPU attention backend needs ``block_size`` a multiple of 32, has no kernel for small heads
+("Unsupported CPU attention configuration: head_dim=16", tiny-llama's 64 is fine), and reads
+``VLLM_CPU_KVCACHE_SPACE`` in whole GiB; vLLM reads every ``*.safetensors`` of a folder as weights (:func:`stage_model`).
 
 ``available()`` is honest: it says why vLLM cannot run (no venv, the import error, or the
 failure recorded in ``data/peers/vllm_attempt.json`` by the last install/run attempt).
