@@ -161,18 +161,34 @@ def time_tg(rt: Runtime, n_gen: int, repeats: int, start: list[int], warmup: int
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process and its finished children, in bytes.
+    """Peak resident set size of this process, in bytes (Python, its libraries and the model).
 
-    ru_maxrss is KiB on Linux, bytes on macOS. The matrix runs each runtime in its own process,
-    so this is that runtime's peak (Python, its libraries and the model included).
+    On Linux, VmHWM from /proc/self/status: getrusage's ru_maxrss is NOT used there, because
+    Linux carries the maximum across fork+exec, so a child process started by a large parent
+    reports the parent's size (every small runtime showed the orchestrator's 233 MiB). macOS
+    and others: ru_maxrss (bytes on macOS). The matrix runs each runtime in its own process, so
+    this is that runtime's peak.
     """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     import resource
     import sys
 
     scale = 1 if sys.platform == "darwin" else 1024
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return int(max(own, children) * scale)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def children_peak_rss_bytes() -> int:
+    """ru_maxrss of finished child processes (the Swift CLI), in bytes. An upper bound on Linux:
+    it includes the spawning Python's size at fork, carried across exec."""
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale)
 
 
 def parity(
