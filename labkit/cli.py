@@ -51,8 +51,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except KeyError as exc:
         console.print(f"[red]{exc.args[0]}[/red]")
         return 2
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    options = {"model": args.model, "prompt": args.prompt, "gen": args.gen,
+               "runtimes": None if args.runtimes in (None, "all") else args.runtimes.split(",")}
+    given = {k: v for k, v in options.items() if v is not None}
+    refused = sorted(k for k in given if k not in accepted)
+    if refused:
+        console.print(f"[red]benchmark {args.name} takes no {', '.join('--' + k for k in refused)}[/red]")
+        return 2
     with console.status(f"running benchmark {args.name}"):
-        records = fn(quick=args.quick)
+        records = fn(quick=args.quick, **given)
     for r in records:
         console.print(f"{r['study']} {r['metric']} = {r['value']:.4g} {r['unit']} {r['params']}")
     console.print(f"{len(records)} records written under data/results/")
@@ -82,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="benchmark name (see --list)")
     p.add_argument("--list", action="store_true", help="list the benchmarks")
     p.add_argument("--quick", action="store_true", help="smaller sizes")
+    p.add_argument("--model", help="model name or folder (benchmarks that load one)")
+    p.add_argument("--runtimes", help="comma-separated runtimes, or 'all' (runtimes benchmark)")
+    p.add_argument("--prompt", type=int, help="prompt tokens, e.g. 512 for pp512 (runtimes benchmark)")
+    p.add_argument("--gen", type=int, help="generated tokens, e.g. 128 for tg128 (runtimes benchmark)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("site", help="build the static site of the executed notebooks (build/site)")
