@@ -81,12 +81,14 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _signature(obj: Any) -> str:
-    """The signature as text, without the memory addresses of default objects (which change
-    from run to run and would make the document set nondeterministic)."""
+    """The signature as text, without what changes from machine to machine or run to run: the
+    memory addresses of default objects, and the running interpreter's path (a default of
+    ``platform.architecture``), which would make the document set depend on the checkout."""
     try:
-        return _ADDRESS.sub("", str(inspect.signature(obj)))
+        text = _ADDRESS.sub("", str(inspect.signature(obj)))
     except (TypeError, ValueError):
         return "(...)"
+    return text.replace(repr(sys.executable), "sys.executable")
 
 
 def split_docstring(doc: str) -> tuple[str, str]:
