@@ -41,12 +41,15 @@ __all__ = [
 ]
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
-    """Fail early, naming the argument, rather than deep inside a matmul."""
+def _check_qkv(q: Any, k: Any, v: Any, causal: bool) -> None:
+    """Fail early, naming the argument, rather than deep inside a matmul.
+
+    Only ``.ndim`` and ``.shape`` are read, so the MLX versions share this check.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
+        if t.ndim != 4:
             raise ValueError(f"{name} must have shape [B, H, N, d]; got {tuple(t.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
+    if tuple(q.shape[:2]) != tuple(k.shape[:2]) or tuple(k.shape[:3]) != tuple(v.shape[:3]):
         raise ValueError(
             f"q, k, v must share batch and heads, and k, v the sequence length; got "
             f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from labkit.models.attention import _check_qkv
+
 __all__ = [
     "available",
     "device_name",
@@ -45,26 +47,6 @@ def device_name() -> str:
     import mlx.core as mx
 
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
-
-
-def _check_qkv(q: Any, k: Any, v: Any, causal: bool) -> None:
-    """Same shape rules as the torch versions, with the same messages."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.ndim != 4:
-            raise ValueError(f"{name} must have shape [B, H, N, d]; got {tuple(t.shape)}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3]:
-        raise ValueError(
-            f"q, k, v must share batch and heads, and k, v the sequence length; got "
-            f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}"
-        )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must have the same head dimension d; got {q.shape[-1]} and {k.shape[-1]}"
-        )
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(
-            f"causal=True needs as many queries as keys; got N_q={q.shape[2]}, N_k={k.shape[2]}"
-        )
 
 
 def sdpa_attention_mlx(q: Any, k: Any, v: Any, causal: bool = False) -> Any:
