@@ -56,11 +56,11 @@ html: $(STAMP)
 	$(PY) -m labkit site
 
 test: $(STAMP)
-	$(PY) -m ruff check labkit tests
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check labkit tests
+	$(PY) -m ruff check .
 
 lab: $(STAMP)
 	$(PY) -m pip install -q -e ".[lab]"
