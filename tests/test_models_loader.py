@@ -162,6 +162,16 @@ def test_embedding_does_not_depend_on_batch_padding():
     assert (alone[0] - padded[0]).abs().max().item() < 1e-5
 
 
+def test_embedding_rows_follow_input_order_despite_length_sorting():
+    from labkit.models.encoder import embed
+
+    loaded = load("minilm", device="cpu")
+    texts = ["short.", "a much longer sentence " * 10, "a medium sentence about food.", "x"]
+    together = embed(texts, loaded, batch_size=2)
+    one_by_one = torch.cat([embed([t], loaded) for t in texts])
+    assert (together - one_by_one).abs().max().item() < 1e-5
+
+
 # --- bad inputs: each names the file and the problem -----------------------------------------
 
 

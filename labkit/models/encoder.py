@@ -34,6 +34,8 @@ def embed(
 
     ``loaded`` defaults to ``load("minilm")`` (cached after the first call). ``max_length`` 256
     is the sequence length all-MiniLM-L6-v2 was trained with; longer texts are truncated.
+    Texts are batched longest first (as sentence-transformers does), so each batch pads to
+    similar lengths; rows come back in the order given.
     """
     import torch
     import torch.nn.functional as F
@@ -51,11 +53,12 @@ def embed(
         loaded = _DEFAULT
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     chunks = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             batch = tok(
-                texts[i : i + batch_size],
+                [texts[j] for j in order[i : i + batch_size]],
                 padding=True,
                 truncation=True,
                 max_length=max_length,
@@ -64,7 +67,9 @@ def embed(
             hidden = model(**batch).last_hidden_state
             pooled = mean_pool(hidden, batch["attention_mask"]).float()
             chunks.append(F.normalize(pooled, dim=-1) if normalize else pooled)
-    return torch.cat(chunks).cpu()
+    out = torch.empty_like(torch.cat(chunks))
+    out[torch.tensor(order)] = torch.cat(chunks)
+    return out.cpu()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
