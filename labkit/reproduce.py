@@ -101,25 +101,44 @@ def default_parameters(path: Path) -> dict:
     return {}
 
 
-def ensure_kernel() -> str:
-    """Register this interpreter as the ``labkit`` Jupyter kernel inside its own prefix.
+def kernel_dir() -> Path:
+    """A Jupyter data folder that holds only the runner's own kernelspec.
 
-    Papermill then runs notebooks with the same Python (and venv) as the runner, never with
-    some other ``python3`` kernel a user happens to have installed.
+    Inside this interpreter's prefix (a venv's folder), so each venv has its own and a run with
+    LABKIT_ROOT elsewhere finds the same one.
     """
-    from jupyter_client.kernelspec import KernelSpecManager
+    return Path(sys.prefix) / "share" / "labkit-jupyter"
 
-    specs = KernelSpecManager().find_kernel_specs()
-    spec_dir = specs.get(KERNEL_NAME)
-    if spec_dir:
-        argv = json.loads((Path(spec_dir) / "kernel.json").read_text()).get("argv", [])
-        if argv and Path(argv[0]).resolve() == Path(sys.executable).resolve():
-            return KERNEL_NAME
-    subprocess.run(
-        [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", KERNEL_NAME,
-         "--display-name", "Python (labkit)"],
-        check=True, capture_output=True,
-    )
+
+def kernel_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with :func:`kernel_dir` first on JUPYTER_PATH, ahead of every other kernelspec."""
+    rest = env.get("JUPYTER_PATH", "")
+    return {**env, "JUPYTER_PATH": os.pathsep.join(p for p in (str(kernel_dir()), rest) if p)}
+
+
+def ensure_kernel() -> str:
+    """Write the ``labkit`` kernelspec for this very interpreter and return its name.
+
+    Papermill must run the notebooks with the runner's Python and venv. Two traps: a venv's
+    python is a symlink to the base interpreter, so comparing resolved paths makes every venv
+    look alike; and a kernelspec of the same name in the user's folder (~/.local/share/jupyter)
+    shadows one installed with ``--sys-prefix``. So the spec names ``sys.executable`` as it is
+    (not resolved) and lives in :func:`kernel_dir`, which :func:`run_notebook` puts first on
+    JUPYTER_PATH.
+    """
+    spec = kernel_dir() / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True, exist_ok=True)
+    body = {
+        "argv": [os.path.abspath(sys.executable), "-m", "ipykernel_launcher", "-f",
+                 "{connection_file}"],
+        "display_name": "Python (labkit)",
+        "language": "python",
+    }
+    target = spec / "kernel.json"
+    if not target.is_file() or json.loads(target.read_text()) != body:
+        tmp = spec / ".kernel.json.tmp"
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, target)
     return KERNEL_NAME
 
 
@@ -160,7 +179,7 @@ def run_notebook(
     params = quick_parameters(stem, path.parent / "quick.yml") if quick else {}
     effective = {**default_parameters(path), **params}
 
-    env = dict(os.environ)
+    env = kernel_env(dict(os.environ))
     env.update(
         LABKIT_NOTEBOOK=stem,
         LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),

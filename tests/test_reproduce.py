@@ -119,3 +119,28 @@ def test_no_match_is_an_error(lab):
 def test_jobs_must_be_positive(lab):
     with pytest.raises(ValueError, match="jobs"):
         reproduce.reproduce(jobs=0)
+
+
+def test_kernel_is_this_interpreter_even_when_a_user_spec_shadows_it(tmp_path, monkeypatch):
+    """A 'labkit' kernelspec in the user's Jupyter folder (another venv's, or a stale one) must not
+    run the notebooks: the runner's own spec comes first on JUPYTER_PATH and names this venv's
+    python unresolved (a venv's python is a symlink to the base interpreter)."""
+    import os
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    user = tmp_path / "user-data" / "kernels" / reproduce.KERNEL_NAME
+    user.mkdir(parents=True)
+    (user / "kernel.json").write_text(json.dumps(
+        {"argv": ["/elsewhere/.venv/bin/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+         "display_name": "stale", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "user-data"))
+    monkeypatch.delenv("JUPYTER_PATH", raising=False)
+    name = reproduce.ensure_kernel()
+    assert KernelSpecManager().get_kernel_spec(name).argv[0] == "/elsewhere/.venv/bin/python"  # the trap
+    for key, value in reproduce.kernel_env(dict(os.environ)).items():
+        monkeypatch.setenv(key, value)
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert spec.argv[0] == os.path.abspath(sys.executable)
+    assert reproduce.ensure_kernel() == name  # idempotent
