@@ -217,3 +217,22 @@ def test_vllm_greedy_parity_with_ours(tmp_path) -> None:
     assert v.status == "ok", v.status
     assert v.greedy_agreement_pct == 100.0
     assert v.kv_reserved_bytes > 0
+
+
+def test_vllm_stage_links_only_the_model_files_and_replaces_stale_links(tmp_path) -> None:
+    """stage_model is keyed by the folder's path, and a link left from an earlier folder at the
+    same path (pytest reuses names) is replaced rather than failing or serving old weights."""
+    src = tmp_path / "m"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors", "heldout_slice.safetensors"):
+        (src / name).write_text(name)
+    stage = vllm_rt.stage_model(src)
+    assert sorted(p.name for p in stage.iterdir()) == ["config.json", "model.safetensors"]
+    (stage / "model.safetensors").unlink()
+    (stage / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")  # dangling
+    assert vllm_rt.stage_model(src) == stage
+    assert (stage / "model.safetensors").read_text() == "model.safetensors"
+    other = tmp_path / "elsewhere" / "m"
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    assert vllm_rt.stage_model(other) != stage

@@ -35,6 +35,7 @@ failure recorded in ``data/peers/vllm_attempt.json`` by the last install/run att
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -105,7 +106,9 @@ def stage_model(model_dir: Path) -> Path:
     parameter named 'windows'"). Links, not copies: nothing is duplicated on disk.
     """
     model_dir = Path(model_dir).resolve()
-    stage = ROOT / "build" / "peers" / "vllm-models" / model_dir.name
+    # keyed by the folder's full path: two models of the same name never share a stage
+    key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:10]
+    stage = ROOT / "build" / "peers" / "vllm-models" / f"{model_dir.name}-{key}"
     stage.mkdir(parents=True, exist_ok=True)
     keep = ["model.safetensors", "model.safetensors.index.json", "config.json",
             "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -113,7 +116,9 @@ def stage_model(model_dir: Path) -> Path:
     keep += [p.name for p in model_dir.glob("model-*.safetensors")]
     for name in keep:
         src, dst = model_dir / name, stage / name
-        if src.exists() and not dst.exists():
+        if dst.is_symlink() and (not src.exists() or os.readlink(dst) != str(src)):
+            dst.unlink()  # a link left from an earlier folder at this path, or a file now gone
+        if src.exists() and not dst.is_symlink():
             dst.symlink_to(src)
     return stage
 
@@ -133,7 +138,10 @@ class VLLMWorker:
         dtype: str = "float32",
         max_logprobs: int = 20,
         seed: int = 0,
+        prefix_caching: bool | None = None,
     ) -> None:
+        """``prefix_caching`` None keeps vLLM's default (automatic prefix caching on); a benchmark
+        that repeats one prompt passes False, or every repeat after the first skips its prefill."""
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
             raise FileNotFoundError(f"VLLMWorker: {model_dir} has no config.json (a HF model folder)")
@@ -158,6 +166,8 @@ class VLLMWorker:
         args = dict(model=str(stage_model(model_dir)), max_model_len=max_model_len,
                     max_num_seqs=max_num_seqs, block_size=block_size, dtype=dtype,
                     max_logprobs=max_logprobs, seed=seed)
+        if prefix_caching is not None:
+            args["enable_prefix_caching"] = bool(prefix_caching)
         self.info = self._send(args)
 
     def _send(self, message: dict) -> dict:
@@ -241,6 +251,7 @@ class VLLM(Runtime):
             Path(model_dir), max_model_len=int(config["max_position_embeddings"]),
             max_num_seqs=1, threads=self.threads, kv_cache_gib=self.kv_cache_gib,
             max_logprobs=self.vocab_size,
+            prefix_caching=False,  # the matrix repeats one prompt: each run must prefill it
         )
 
     def prefill(self, ids: list[int]) -> np.ndarray:

@@ -31,6 +31,9 @@ def _build(args: dict):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    extra = {}
+    if "enable_prefix_caching" in args:  # absent: vLLM's default (on)
+        extra["enable_prefix_caching"] = bool(args["enable_prefix_caching"])
     return LLM(
         model=args["model"],
         tokenizer=args["model"],
@@ -42,6 +45,7 @@ def _build(args: dict):
         enforce_eager=True,
         trust_remote_code=False,
         max_logprobs=int(args.get("max_logprobs", 20)),
+        **extra,
     )
 
 
