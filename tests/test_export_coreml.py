@@ -260,3 +260,41 @@ def test_coreml_predictions_match_pytorch_on_macos(model, exports) -> None:
         run = cx.coreml_generate(e.path, step, ids, 2, MAX_LEN, "CPU_ONLY")
         tol = FP16_TOL if step in "abc" else INT4_TOL
         assert np.abs(run.first_logits - ref).max() < tol, step
+
+
+# --------------------------------------------------------------------------- the runtime adapter
+
+
+def test_runtime_adapter_feeds_the_stateful_step_like_the_model(model) -> None:
+    """labkit.runtimes.coreml_rt drives the package through StatefulFeeder; here the predictor
+    is the PyTorch module that gets converted (step c), so positions, masks and the state reset
+    are checked without macOS. Tolerance as in the token-by-token test above (fp32)."""
+    from labkit.runtimes.coreml_rt import StatefulFeeder
+
+    ids = [5, 17, 300, 2, 99, 41]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0]
+
+    def predict(feeds, state):
+        with torch.no_grad():
+            return state(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "position", "mask")))
+
+    feeder = StatefulFeeder(predict, lambda: cx.step_module(model, "c", MAX_LEN), MAX_LEN)
+    with pytest.raises(RuntimeError, match="prefill"):
+        feeder.step(1)
+    for _ in range(2):  # a second prefill starts from an empty cache
+        got = [feeder.prefill(ids[:4])] + [feeder.step(t) for t in ids[4:]]
+        for pos, logits in zip(range(3, 6), got, strict=True):
+            torch.testing.assert_close(torch.from_numpy(logits), ref[pos], atol=2e-4, rtol=1e-4)
+    feeder.prefill(list(range(MAX_LEN)))
+    with pytest.raises(ValueError, match=f"max_len={MAX_LEN}"):
+        feeder.step(1)
+    with pytest.raises(ValueError, match="at least one token"):
+        feeder.prefill([])
+
+
+def test_stateful_package_inputs_are_in_the_feeder_order(exports) -> None:
+    """The adapter renames the feeder's inputs positionally; the package's order must match."""
+    spec = ct.models.MLModel(str(exports["c"].path), skip_model_load=True).get_spec()
+    assert [i.name for i in spec.description.input] == ["input_ids", "position", "mask"]
+    assert [s.name for s in spec.description.state][:2] == ["k_cache_0", "v_cache_0"]
