@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labkit import paths
+
 if TYPE_CHECKING:
     import torch
 
-# The sentence set ships in the checkout (like data/models), even when LABKIT_ROOT points a run
-# at a temporary folder, so it is found relative to this package, not through labkit.paths.
-DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "encdec"
+# The sentence set ships in the checkout (like data/models): paths.data_dir() finds it there even
+# when LABKIT_ROOT points a run's outputs at a temporary folder.
+DATA_DIR = paths.data_dir() / "encdec"
 SENTENCES = DATA_DIR / "sentences.tsv"
 
 
