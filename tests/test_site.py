@@ -65,8 +65,22 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+@pytest.fixture(scope="module", params=["fresh", "repo"])
+def checked_site(request, built_site):
+    """The site built above ("fresh"), then the checkout's own build/site ("repo": what
+    `make reproduce` or `make html` last wrote, every executed study in it)."""
+    if request.param == "fresh":
+        return built_site
+    repo_site = REPO_BUILD / "site"
+    if not (repo_site / "index.html").is_file():
+        pytest.skip(f"{repo_site} not built yet: run make reproduce (or make html) first")
+    return repo_site
+
+
 @pytest.fixture(scope="module")
-def served(built_site):
+def served(checked_site):
+    built_site = checked_site
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):  # keep pytest's output readable
             pass
@@ -84,7 +98,9 @@ def served(built_site):
 
 
 @pytest.mark.slow
-def test_pages_in_headless_chromium(built_site, served):
+def test_pages_in_headless_chromium(checked_site, served):
+    built_site = checked_site
+    prefix = "" if built_site != REPO_BUILD / "site" else "repo-"
     found = _chromium()
     if found is None:
         pytest.skip("needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
@@ -125,12 +141,12 @@ def test_pages_in_headless_chromium(built_site, served):
                 target = built_site / urllib.parse.unquote(parsed.path[len(urllib.parse.urlparse(served).path):])
                 assert target.exists(), f"{rel}: broken internal link {link}"
             if rel == "index.html":
-                driver.save_screenshot(str(shots / "landing.png"))
+                driver.save_screenshot(str(shots / f"{prefix}landing.png"))
             if rel == "notebooks/00_tour.html":
                 toggles = driver.find_elements("css selector", ".lab-toggle")
                 assert toggles, "code cells should be collapsible"
                 toggles[0].click()
-                driver.save_screenshot(str(shots / "study-00_tour.png"))
+                driver.save_screenshot(str(shots / f"{prefix}study-00_tour.png"))
         assert "index.html" in pages and "notebooks/00_tour.html" in pages
     finally:
         driver.quit()
