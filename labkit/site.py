@@ -115,6 +115,7 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a site is for serving and sharing
     os.replace(tmp, path)
 
 
@@ -265,6 +266,7 @@ def build_site(out_dir: Path | None = None, notebooks_dir: Path | None = None) -
     if problems:
         shutil.rmtree(site)
         raise RuntimeError(f"site would request outside hosts: {problems[:3]}")
+    site.chmod(0o755)  # mkdtemp makes 0700
     if final.exists():
         old = final.with_name(f".{final.name}-old")
         shutil.rmtree(old, ignore_errors=True)

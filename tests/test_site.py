@@ -57,6 +57,8 @@ def test_site_has_every_notebook_and_no_outside_requests(built_site):
     index = (built_site / "index.html").read_text()
     assert "00_tour-copy-bandwidth.png" in index  # the tour's key figure
     assert "run on" in index and "not executed in this build" in index
+    for path in [built_site, *built_site.rglob("*")]:  # readable by a web server's user
+        assert path.stat().st_mode & 0o004, f"{path}: not world-readable"
 
 
 def _chromium() -> tuple[str, str] | None:
