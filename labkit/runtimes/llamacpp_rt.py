@@ -66,9 +66,15 @@ class LlamaCpp(Runtime):
             kwargs.update(n_threads=int(self.threads), n_threads_batch=int(self.threads))
         if self.file_type == "F32":
             kwargs.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
-        self.note = f"KV cache {'F32' if self.file_type == 'F32' else 'F16 (default)'}"
+        self.note = (f"KV cache {'F32' if self.file_type == 'F32' else 'F16 (default)'}; "
+                     "weights read into memory (use_mmap=False)")
+        # Not mmap (llama.cpp's default): decoding streams every weight per token, and through an
+        # mmap its speed follows the page cache's history of the GGUF file. On the 2-core build
+        # box the same bytes decoded at 125 tok/s (file cached long ago) and 179 tok/s (file just
+        # written); read into memory, 148-156 tok/s either way. Every other runtime here holds
+        # its weights in process memory too.
         self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
-                         logits_all=False, verbose=False, **kwargs)
+                         logits_all=False, verbose=False, use_mmap=False, **kwargs)
 
     def _last_logits(self) -> np.ndarray:
         import llama_cpp
