@@ -68,11 +68,11 @@ class LlamaCpp(Runtime):
             kwargs.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         self.note = (f"KV cache {'F32' if self.file_type == 'F32' else 'F16 (default)'}; "
                      "weights read into memory (use_mmap=False)")
-        # Not mmap (llama.cpp's default): decoding streams every weight per token, and through an
-        # mmap its speed follows the page cache's history of the GGUF file. On the 2-core build
-        # box the same bytes decoded at 125 tok/s (file cached long ago) and 179 tok/s (file just
-        # written); read into memory, 148-156 tok/s either way. Every other runtime here holds
-        # its weights in process memory too.
+        # Not mmap (llama.cpp's default): every other runtime here holds its weights in process
+        # memory, so llama.cpp does too. Decode streams every weight per token, so it is
+        # bandwidth-bound and noisy on a shared VM: on the 2-core build box tiny-llama F32 decoded
+        # at 125-180 tok/s (1 thread) from one process to the next, with mmap and without; the
+        # cause is not established. Compare runtimes within one run, as the matrix does.
         self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
                          logits_all=False, verbose=False, use_mmap=False, **kwargs)
 
