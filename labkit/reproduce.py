@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import os
 import subprocess
@@ -105,9 +106,14 @@ def kernel_dir() -> Path:
     """A Jupyter data folder that holds only the runner's own kernelspec.
 
     Inside this interpreter's prefix (a venv's folder), so each venv has its own and a run with
-    LABKIT_ROOT elsewhere finds the same one.
+    LABKIT_ROOT elsewhere finds the same one. Where the prefix is read-only (a system Python),
+    a folder in the user's cache named after the interpreter's path.
     """
-    return Path(sys.prefix) / "share" / "labkit-jupyter"
+    prefix = Path(sys.prefix)
+    if os.access(prefix, os.W_OK):
+        return prefix / "share" / "labkit-jupyter"
+    key = hashlib.sha256(os.path.abspath(sys.executable).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "labkit" / f"jupyter-{key}"
 
 
 def kernel_env(env: dict[str, str]) -> dict[str, str]:

@@ -144,3 +144,13 @@ def test_kernel_is_this_interpreter_even_when_a_user_spec_shadows_it(tmp_path, m
     spec = KernelSpecManager().get_kernel_spec(name)
     assert spec.argv[0] == os.path.abspath(sys.executable)
     assert reproduce.ensure_kernel() == name  # idempotent
+
+
+def test_kernel_dir_falls_back_to_the_user_cache_for_a_read_only_prefix(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    assert reproduce.kernel_dir().parent.parent == Path(sys.prefix)  # a writable venv
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert reproduce.kernel_dir().is_relative_to(tmp_path / ".cache" / "labkit")
