@@ -44,11 +44,13 @@ coremltools is imported inside the functions that need it; importing this module
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,6 +368,30 @@ def compress(mlmodel: Any, compression: str) -> Any:
     return run(mlmodel, cto.OptimizationConfig(global_config=cfg, op_name_configs=skip))
 
 
+@contextlib.contextmanager
+def _explicit_gqa() -> Iterator[None]:
+    """coremltools' SDPA has no ``enable_gqa``: while exporting, Llama repeats K/V explicitly."""
+    saved = llama.SDPA_GQA
+    llama.SDPA_GQA = False
+    try:
+        yield
+    finally:
+        llama.SDPA_GQA = saved
+
+
+def _kv_states(model: Llama, max_len: int) -> list[Any]:
+    """One fp16 Core ML state per K and V buffer of every layer (the names StatefulStep registers)."""
+    import coremltools as ct
+
+    cfg = model.config
+    shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    return [
+        ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
+        for i in range(cfg.num_hidden_layers)
+        for name in (f"k_cache_{i}", f"v_cache_{i}")
+    ]
+
+
 def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, float]:
     """(uncompressed ML program of ``step``'s graph, export seconds, convert seconds)."""
     import coremltools as ct
@@ -373,23 +399,10 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
     wrapper = step_module(model, step, max_len)
     args = example_inputs(model, step, max_len)
     t0 = time.perf_counter()
-    saved_gqa = llama.SDPA_GQA
-    llama.SDPA_GQA = False  # coremltools' SDPA has no enable_gqa: export the explicit repeat_kv
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(wrapper, args).run_decompositions({})
-    finally:
-        llama.SDPA_GQA = saved_gqa
+    with _explicit_gqa(), torch.no_grad():
+        ep = torch.export.export(wrapper, args).run_decompositions({})
     t1 = time.perf_counter()
-    states = None
-    if step in STATEFUL:
-        cfg = model.config
-        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        states = [
-            ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
-            for i in range(cfg.num_hidden_layers)
-            for name in (f"k_cache_{i}", f"v_cache_{i}")
-        ]
+    states = _kv_states(model, max_len) if step in STATEFUL else None
     mlmodel = ct.convert(
         ep,
         convert_to="mlprogram",
@@ -685,10 +698,8 @@ def probe_jit_trace(model: nn.Module, seq_len: int = 8) -> str:
 
     model = _check_llama(model).float().eval()
     ids = torch.zeros(1, seq_len, dtype=torch.int32)
-    saved_gqa = llama.SDPA_GQA
-    llama.SDPA_GQA = False
     try:
-        with torch.no_grad():
+        with _explicit_gqa(), torch.no_grad():
             traced = torch.jit.trace(NoCacheStep(model), (ids,), check_trace=False)
         ct.convert(
             traced,
@@ -699,8 +710,6 @@ def probe_jit_trace(model: nn.Module, seq_len: int = 8) -> str:
         )
     except Exception as e:  # noqa: BLE001 - the probe reports whatever breaks
         return _short(e)
-    finally:
-        llama.SDPA_GQA = saved_gqa
     return "ok"
 
 
@@ -717,30 +726,20 @@ def probe_flexible_query(model: nn.Module, max_len: int) -> str:
     mask = torch.zeros(1, 1, t, max_len)
     q = torch.export.Dim("q", min=1, max=max_len)
     dynamic = {"input_ids": {1: q}, "position": {0: q}, "mask": {2: q}}
-    saved_gqa = llama.SDPA_GQA
-    llama.SDPA_GQA = False
     try:
-        with torch.no_grad():
+        with _explicit_gqa(), torch.no_grad():
             ep = torch.export.export(
                 wrapper, (ids, position, mask), dynamic_shapes=dynamic
             ).run_decompositions({})
-        cfg = model.config
-        shape = (1, cfg.num_key_value_heads, max_len, cfg.head_dim)
         ct.convert(
             ep,
             convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS18,
-            states=[
-                ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=n)
-                for i in range(cfg.num_hidden_layers)
-                for n in (f"k_cache_{i}", f"v_cache_{i}")
-            ],
+            states=_kv_states(model, max_len),
             skip_model_load=True,
         )
     except Exception as e:  # noqa: BLE001 - the probe reports whatever breaks
         return _short(e)
-    finally:
-        llama.SDPA_GQA = saved_gqa
     return "ok"
 
 
