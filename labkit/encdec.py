@@ -509,20 +509,13 @@ class ModelSize:
     decoder_only_layers: int = 5
 
 
-def build_encoder_decoder(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
-    """A randomly initialized BART encoder-decoder for the task's vocabulary."""
-    import torch
+def _bart_config(task: Seq2SeqTask, size: ModelSize, **layout: Any) -> Any:
+    """A BartConfig for the task's vocabulary with no dropout; ``layout`` sets the stacks."""
     import transformers
 
-    cfg = transformers.BartConfig(
+    return transformers.BartConfig(
         vocab_size=task.vocab_size,
         d_model=size.d_model,
-        encoder_layers=size.encoder_layers,
-        decoder_layers=size.decoder_layers,
-        encoder_attention_heads=size.heads,
-        decoder_attention_heads=size.heads,
-        encoder_ffn_dim=size.ffn,
-        decoder_ffn_dim=size.ffn,
         max_position_embeddings=2 * task.max_len + 8,
         dropout=0.0,
         attention_dropout=0.0,
@@ -530,9 +523,27 @@ def build_encoder_decoder(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
         pad_token_id=task.PAD,
         bos_token_id=task.BOS,
         eos_token_id=task.EOS,
+        scale_embedding=False,
+        **layout,
+    )
+
+
+def build_encoder_decoder(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
+    """A randomly initialized BART encoder-decoder for the task's vocabulary."""
+    import torch
+    import transformers
+
+    cfg = _bart_config(
+        task,
+        size,
+        encoder_layers=size.encoder_layers,
+        decoder_layers=size.decoder_layers,
+        encoder_attention_heads=size.heads,
+        decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.ffn,
+        decoder_ffn_dim=size.ffn,
         decoder_start_token_id=task.BOS,
         forced_eos_token_id=None,
-        scale_embedding=False,
     )
     torch.manual_seed(seed)
     return transformers.BartForConditionalGeneration(cfg)
@@ -544,23 +555,15 @@ def build_decoder_only(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
     import torch
     import transformers
 
-    cfg = transformers.BartConfig(
-        vocab_size=task.vocab_size,
-        d_model=size.d_model,
+    cfg = _bart_config(
+        task,
+        size,
         decoder_layers=size.decoder_only_layers,
         decoder_attention_heads=size.heads,
         decoder_ffn_dim=size.ffn,
-        max_position_embeddings=2 * task.max_len + 8,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=task.PAD,
-        bos_token_id=task.BOS,
-        eos_token_id=task.EOS,
         is_decoder=True,
         is_encoder_decoder=False,
         add_cross_attention=False,
-        scale_embedding=False,
     )
     torch.manual_seed(seed)
     return transformers.BartForCausalLM(cfg)
