@@ -54,6 +54,7 @@ class TorchEager(Runtime):
         self.model = loaded.model
         self.cache = KVCache.for_model(self.model, max_len=self.model.config.max_position_embeddings)
         self.decoder = FastDecoder(self.model)
+        self._prefill = self.model  # TorchCompile swaps in the compiled forward
         self._sync = _sync_for(self.device)
 
     def _logits(self, t: Any) -> np.ndarray:
@@ -66,7 +67,7 @@ class TorchEager(Runtime):
         with torch.inference_mode():
             self.cache.reset()
             x = torch.tensor([ids], device=self.device)
-            return self._logits(self.model(x, cache=self.cache)[0, -1])
+            return self._logits(self._prefill(x, cache=self.cache)[0, -1])
 
     def decode_step(self, token: int) -> np.ndarray:
         import torch
@@ -162,14 +163,6 @@ class TorchCompile(TorchEager):
         super().load(model_dir)
         self._prefill = torch.compile(self.model, dynamic=True)
         self._step = torch.compile(StaticStep(self.decoder, self.cache))
-
-    def prefill(self, ids: list[int]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            self.cache.reset()
-            x = torch.tensor([ids], device=self.device)
-            return self._logits(self._prefill(x, cache=self.cache)[0, -1])
 
     def decode_step(self, token: int) -> np.ndarray:
         import torch
