@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labkit import bench, cli
+from labkit.lab import bench, cli
 
 
 def test_info_prints_fingerprint_and_runtimes(capsys):

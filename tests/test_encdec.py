@@ -1,4 +1,4 @@
-"""labkit.encdec: attention weights vs transformers' eager attention, the perturbation test on a
+"""labkit.studies.encoder_vs_decoder: attention weights vs transformers' eager attention, the perturbation test on a
 causal and a bidirectional model, retrieval accuracy, the prefix measurements, and the toy
 seq2seq task's layouts, ceilings, parameter counts and determinism.
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import encdec
+from labkit.inference.generate import greedy
 from labkit.models import load
-from labkit.models.generate import greedy
+from labkit.studies import encoder_vs_decoder as encdec
 
 ATOL = 1e-5
 

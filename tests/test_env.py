@@ -1,4 +1,4 @@
-"""labkit.env: device choice, fingerprint and machine id, bandwidth probe, optional runtimes."""
+"""labkit.core.env: device choice, fingerprint and machine id, bandwidth probe, optional runtimes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit import env
+from labkit.core import env
 
 
 @pytest.fixture(autouse=True)

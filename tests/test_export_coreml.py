@@ -1,4 +1,4 @@
-"""Core ML export (labkit.export.coreml) and study helpers (labkit.coremlstudy).
+"""Core ML export (labkit.export.coreml) and study helpers (labkit.studies.pytorch_vs_coreml).
 
 Conversion runs on a 2-layer model of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408;
 vocab 512 instead of 8192, random fp16-rounded weights): the full 8-layer model takes ~40-50 s per
@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import torch
 
+from labkit.core.paths import models_dir
 from labkit.models.config import LlamaConfig
 from labkit.models.llama import Llama
-from labkit.paths import models_dir
 
 ct = pytest.importorskip("coremltools", reason="needs coremltools (extra 'coreml')")
 
-from labkit import coremlstudy  # noqa: E402
 from labkit.export import coreml as cx  # noqa: E402
+from labkit.studies import pytorch_vs_coreml as coremlstudy  # noqa: E402
 
 MAX_LEN = 16
 LAYERS = 2
@@ -227,7 +227,7 @@ def test_decode_mask_shows_filled_positions_only() -> None:
 
 
 def test_roofline_is_bandwidth_over_planner_bytes() -> None:
-    from labkit import planner
+    from labkit.studies import will_it_fit as planner
 
     table = coremlstudy.roofline_table(["M1 Max"], {"Llama 2 7B": "meta-llama__Llama-2-7b-hf"})
     cfg = planner.load_config("meta-llama__Llama-2-7b-hf")

@@ -35,7 +35,7 @@ needs_shipped = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory) -> Path:
     """A random tied-embedding GQA Llama (2 layers, hidden 64) with the shipped tokenizer."""
-    from labkit.swiftport import random_llama
+    from labkit.ports.swift import random_llama
 
     out = tmp_path_factory.mktemp("gguf-small") / "small-llama"
     random_llama(out, "float32", 0, vocab_size=8192, hidden_size=64, intermediate_size=128,

@@ -7,9 +7,9 @@ import pytest
 import torch
 import transformers
 
+from labkit.inference.generate import greedy, sample, stream
+from labkit.inference.kv_cache import KVCache
 from labkit.models.config import LlamaConfig
-from labkit.models.generate import greedy, sample, stream
-from labkit.models.kv_cache import KVCache
 from labkit.models.llama import Llama
 
 

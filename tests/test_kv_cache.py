@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from labkit.inference.kv_cache import Cache, KVCache, kv_cache_bytes, kv_cache_bytes_for_config
 from labkit.models.config import LlamaConfig
-from labkit.models.kv_cache import Cache, KVCache, kv_cache_bytes, kv_cache_bytes_for_config
 
 # Shapes as published in the models' config.json files (inputs, not measurements).
 LLAMA2_7B = {

@@ -1,4 +1,4 @@
-"""Study 01 (labkit.kvstudy): what the study adds on top of the models' cache and generate tests.
+"""Study 01 (labkit.studies.kv_cache): what the study adds on top of the models' cache and generate tests.
 
 * the byte formula against the bytes of real cache tensors (ours, concatenating, sliding, and
   transformers' DynamicCache) and against published configs (Apple's ~1 GB for Llama 3.1 8B);
@@ -18,11 +18,11 @@ import pytest
 import torch
 import transformers
 
-from labkit import kvstudy as ks
+from labkit.inference.generate import greedy
+from labkit.inference.kv_cache import KVCache, kv_cache_bytes, kv_cache_bytes_for_config
 from labkit.models.config import LlamaConfig
-from labkit.models.generate import greedy
-from labkit.models.kv_cache import KVCache, kv_cache_bytes, kv_cache_bytes_for_config
 from labkit.models.llama import Llama
+from labkit.studies import kv_cache as ks
 
 ATOL = 1e-5
 
@@ -228,7 +228,7 @@ def test_shipped_tiny_llama_cached_equals_uncached_128_tokens():
     only on tokens <= p, so one uncached forward over the cached run's whole sequence gives every
     step's uncached logits at once; the runs agree on all 128 tokens iff each argmax equals the
     next cached token (induction on the step). 128 full reruns would cost ~100x more."""
-    from labkit import paths
+    from labkit.core import paths
     from labkit.models import load
 
     folder = paths.repo_models_dir() / "tiny-llama"

@@ -15,8 +15,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from labkit.inference.kv_cache import KVCache
 from labkit.models.config import LlamaConfig
-from labkit.models.kv_cache import KVCache
 from labkit.models.llama import Llama
 
 ATOL = 1e-5
@@ -249,7 +249,7 @@ def test_shipped_tiny_llama_matches_transformers():
     """
     from transformers import DynamicCache
 
-    from labkit import paths
+    from labkit.core import paths
 
     folder = paths.repo_models_dir() / "tiny-llama"
     if not (folder / "config.json").is_file():

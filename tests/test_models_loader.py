@@ -99,7 +99,7 @@ def test_half_precision_checkpoint_is_upcast_or_kept(hf_checkpoint, tmp_path):
 
 
 def test_tiny_llama_name_resolves_to_the_repo_folder(hf_checkpoint, tmp_path, monkeypatch):
-    from labkit import paths
+    from labkit.core import paths
 
     models = tmp_path / "models"
     monkeypatch.setattr(paths, "repo_models_dir", lambda: models)

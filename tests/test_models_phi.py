@@ -11,9 +11,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from labkit.inference.kv_cache import KVCache
 from labkit.models.config import PhiConfig
 from labkit.models.errors import ModelLoadError
-from labkit.models.kv_cache import KVCache
 from labkit.models.phi import Phi, gelu_new
 
 ATOL = 1e-5

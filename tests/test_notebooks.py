@@ -9,7 +9,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from labkit import paths, reproduce
+from labkit.core import paths
+from labkit.lab import reproduce
 
 NOTEBOOKS = reproduce.discover(notebooks_dir=paths.notebooks_dir())
 IDS = [p.stem for p in NOTEBOOKS]

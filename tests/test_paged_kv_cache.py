@@ -9,12 +9,9 @@ import random
 import pytest
 import torch
 
-from labkit import pagedstudy
-from labkit.models import generate
-from labkit.models.config import LlamaConfig
-from labkit.models.kv_cache import Cache, KVCache
-from labkit.models.llama import Llama
-from labkit.models.paged_kv_cache import (
+from labkit.inference import generate
+from labkit.inference.kv_cache import Cache, KVCache
+from labkit.inference.paged_kv_cache import (
     AllocatorError,
     BlockAllocator,
     BlockTables,
@@ -24,6 +21,9 @@ from labkit.models.paged_kv_cache import (
     greedy_batch,
     prefill,
 )
+from labkit.models.config import LlamaConfig
+from labkit.models.llama import Llama
+from labkit.studies import paged_kv_cache as pagedstudy
 
 VOCAB = 96
 NEW_TOKENS = 12
@@ -206,7 +206,7 @@ def test_batched_decode_of_different_lengths_matches_contiguous(model, block_siz
 
 
 def test_batched_decode_logits_close_to_contiguous(model):
-    from labkit.models.paged_kv_cache import decode_step
+    from labkit.inference.paged_kv_cache import decode_step
 
     prompts = _prompts([4, 9], seed=3)
     paged = PagedKVCache.for_model(model, num_blocks=16, block_size=4)

@@ -161,8 +161,9 @@ def test_openvino_weight_compression(tiny, ref, ov_f32) -> None:
 def test_serve_paged_equals_greedy_alone(tiny) -> None:
     import torch
 
-    from labkit import peers
-    from labkit.models import generate, load
+    from labkit.inference import generate
+    from labkit.models import load
+    from labkit.studies import peers
 
     model = load(tiny, dtype="float32").model
     rng = np.random.default_rng(0)
@@ -176,7 +177,7 @@ def test_serve_paged_equals_greedy_alone(tiny) -> None:
 
 
 def test_greedy_agreement_counts_positions() -> None:
-    from labkit.peers import greedy_agreement
+    from labkit.studies.peers import greedy_agreement
 
     g = greedy_agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]])
     assert g["greedy_agreement_pct"] == pytest.approx(100 * 4 / 5)
@@ -184,8 +185,8 @@ def test_greedy_agreement_counts_positions() -> None:
 
 
 def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) -> None:
-    from labkit import peers
-    from labkit.pagedstudy import Request
+    from labkit.studies import peers
+    from labkit.studies.paged_kv_cache import Request
 
     monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
     monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
@@ -205,8 +206,8 @@ def test_vllm_greedy_parity_with_ours(tmp_path) -> None:
         pytest.skip(f"vLLM cannot run here: {reason}")
     from conftest import build_hf_checkpoint
 
-    from labkit import peers
-    from labkit.pagedstudy import Request
+    from labkit.studies import peers
+    from labkit.studies.paged_kv_cache import Request
 
     # head_dim 64: vLLM's CPU attention has no kernel for the fixture's head_dim 16
     folder = build_hf_checkpoint(tmp_path / "llama-hd64", "llama", hidden_size=128,

@@ -1,4 +1,4 @@
-"""labkit.planner: bytes from a config alone must equal the bytes of real tensors.
+"""labkit.studies.will_it_fit: bytes from a config alone must equal the bytes of real tensors.
 
 Weights: the planner's tensor list against the safetensors header of saved checkpoints (names,
 shapes, and data bytes, exactly) and against the parameters of models built on the meta device
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import planner
+from labkit.inference.kv_cache import KVCache
 from labkit.models import load
-from labkit.models.kv_cache import KVCache
-from labkit.models.registry import read_safetensors_header, weight_files
+from labkit.models.loader import read_safetensors_header, weight_files
+from labkit.studies import will_it_fit as planner
 
 SHIPPED_CONFIGS = sorted(p.stem for p in planner.configs_dir().glob("*.json"))
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"

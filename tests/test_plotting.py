@@ -1,4 +1,4 @@
-"""labkit.plotting: house style, figure checks, atomic PNG+SVG with provenance.
+"""labkit.core.plotting: house style, figure checks, atomic PNG+SVG with provenance.
 
 Figures go to tmp_path through LABKIT_ROOT, never into the real figures/.
 """
@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import labkit
-from labkit import env, paths, plotting
+from labkit.core import env, paths, plotting
 
 
 @pytest.fixture(autouse=True)
@@ -204,7 +204,7 @@ def test_read_png_provenance_refuses_plain_png(tmp_path: Path) -> None:
 
 
 def test_format_bytes():
-    from labkit.plotting import format_bytes
+    from labkit.core.plotting import format_bytes
 
     assert format_bytes(16384) == "16 KiB"
     assert format_bytes(2**20) == "1 MiB"

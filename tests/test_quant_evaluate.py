@@ -11,7 +11,7 @@ import torch
 from labkit.models.config import LlamaConfig
 from labkit.models.llama import Llama
 from labkit.quant import evaluate as ev
-from labkit.quant import study
+from labkit.studies import quantization_error as study
 
 
 @pytest.fixture(scope="module")

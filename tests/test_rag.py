@@ -1,4 +1,4 @@
-"""labkit.rag: the document set, search against a numpy reference, recall@k, prompts within
+"""labkit.studies.rag_on_device: the document set, search against a numpy reference, recall@k, prompts within
 budget, and prefix KV-cache reuse that gives the same logits as a full prefill."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from labkit import rag
+from labkit.inference.generate import greedy
+from labkit.inference.kv_cache import KVCache
 from labkit.models import load
-from labkit.models.generate import greedy
-from labkit.models.kv_cache import KVCache
+from labkit.studies import rag_on_device as rag
 
 LOGIT_TOL = 1e-5  # float32: a cached prefix and a full prefill differ only by summation order
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from labkit import reproduce
+from labkit.lab import reproduce
 
 
 def _write_notebook(path: Path, body: str, params: str = "QUICK = False\nN = 3") -> None:
@@ -36,11 +36,11 @@ GOOD = """
 from pathlib import Path
 import os, json
 root = Path(os.environ["LABKIT_ROOT"])
-from labkit import paths
+from labkit.core import paths
 paths.figures_dir().mkdir(parents=True, exist_ok=True)
 (paths.figures_dir() / "01_good-n.png").write_text(str(N))
 (root / "seen.json").write_text(json.dumps({"N": N, "QUICK": QUICK, "nb": os.environ["LABKIT_NOTEBOOK"]}))
-from labkit.skips import skip
+from labkit.core.skips import skip
 skip("Core ML prediction", "needs macOS")
 """
 

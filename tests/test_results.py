@@ -1,4 +1,4 @@
-"""labkit.results: record schema, validation, atomic appends, loading joined with fingerprints.
+"""labkit.core.results: record schema, validation, atomic appends, loading joined with fingerprints.
 
 Every test writes under tmp_path through LABKIT_ROOT, never into the real data/results/.
 """
@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labkit import env, paths, results
-from labkit.results import RECORD_KEYS, load_results, record
+from labkit.core import env, paths, results
+from labkit.core.results import RECORD_KEYS, load_results, record
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ N_NEW = 6
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A random tied GQA Llama (2 layers, hidden 64, vocab 8192) with the shipped tokenizer."""
-    from labkit.swiftport import random_llama
+    from labkit.ports.swift import random_llama
 
     out = tmp_path_factory.mktemp("rt") / "rt-llama"
     random_llama(out, "float32", 1, vocab_size=8192, hidden_size=64, intermediate_size=128,
@@ -170,7 +170,7 @@ def test_llamacpp_f32(folder, reference):
 
 
 def test_swift(folder, reference):
-    from labkit import swiftport
+    from labkit.ports import swift as swiftport
 
     if swiftport.available() is not None:
         pytest.skip(f"Swift port: {swiftport.available()}")
@@ -179,8 +179,8 @@ def test_swift(folder, reference):
 
 def test_matrix_records_every_metric(folder, tmp_path, monkeypatch):
     """One small matrix (torch-eager in its own process) writes the issue's records."""
-    from labkit import results
-    from labkit.runtimes.matrix import STUDY, Spec, run_matrix
+    from labkit.core import results
+    from labkit.studies.runtime_benchmark import STUDY, Spec, run_matrix
 
     monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path / "out"))
     spec = Spec(model=str(folder), prompt_len=8, gen_len=3, repeats=2, ttft_lens=[4, 8],

@@ -18,7 +18,8 @@ import urllib.parse
 
 import pytest
 
-from labkit import paths, reproduce, site
+from labkit.core import paths
+from labkit.lab import reproduce, site
 
 REPO_BUILD = paths.build_dir()  # resolved before LABKIT_ROOT is redirected
 REPO_NOTEBOOKS = paths.notebooks_dir()

@@ -8,7 +8,7 @@ The reference is transformers' LlamaForCausalLM / PhiForCausalLM in float32.
 Two sides are checked: ``swift test`` (the Swift test target reads the reference dumps itself and
 must exit 0) and the ``lmport`` CLI (its logits dump, read with numpy, against the same reference).
 The refdump round-trip tests need neither swift nor torch. When swift is absent the Swift tests
-skip with the reason from ``labkit.swiftport.available()``.
+skip with the reason from ``labkit.ports.swift.available()``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labkit import refdump, swiftport
+from labkit.ports import refdump
+from labkit.ports import swift as swiftport
 
 SWIFT_REASON = swiftport.available()
 needs_swift = pytest.mark.skipif(SWIFT_REASON is not None, reason=f"skipped: {SWIFT_REASON}")

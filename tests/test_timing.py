@@ -1,4 +1,4 @@
-"""labkit.timing with an injected fake clock: no sleeps, no wall-clock assertions."""
+"""labkit.core.timing with an injected fake clock: no sleeps, no wall-clock assertions."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable
 
 import pytest
 
-from labkit import timing
-from labkit.timing import GenerationTiming, Stats, Timer, measure, time_generation
+from labkit.core import timing
+from labkit.core.timing import GenerationTiming, Stats, Timer, measure, time_generation
 
 
 def fake_clock(times: Iterable[float], events: list[str] | None = None) -> Callable[[], float]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from labkit import paths
+from labkit.core import paths
 from labkit.train import configs, corpus, loop, tokenizer
 
 SHIPPED = paths.repo_models_dir() / "tiny-llama"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from labkit.models.registry import LoadedModel
+    from labkit.models.loader import LoadedModel
 
 _DEFAULT: LoadedModel | None = None
 
@@ -47,7 +47,7 @@ def embed(
         raise ValueError("texts must be a non-empty list of strings")
     if loaded is None:
         if _DEFAULT is None:
-            from labkit.models.registry import load
+            from labkit.models.loader import load
 
             _DEFAULT = load("minilm")
         loaded = _DEFAULT

@@ -12,7 +12,7 @@ Forward, two modes:
 * ``model(input_ids)`` — a plain causal forward over the whole sequence (training, perplexity).
 * ``model(input_ids, cache=cache)`` — the new tokens get positions ``cache.length ...``; their K
   and V are written into the preallocated cache and attention runs over everything filled.
-  The model calls ``cache.advance(T)`` after its last layer (see ``labkit.models.kv_cache``).
+  The model calls ``cache.advance(T)`` after its last layer (see ``labkit.inference.kv_cache``).
 
 Initialization (for training from scratch): every Linear and the embedding ~ N(0, 0.02);
 the two projections that write into the residual stream (``o_proj`` and ``down_proj``) get
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.inference.kv_cache import Cache
 from labkit.models.config import LlamaConfig
-from labkit.models.kv_cache import Cache
 
 INIT_STD = 0.02
 

@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
+from labkit.inference.kv_cache import Cache
 from labkit.models.config import PhiConfig
-from labkit.models.kv_cache import Cache
 from labkit.models.llama import INIT_STD, apply_rope, causal_attention, rope_cos_sin
 
 

@@ -231,7 +231,7 @@ def cache_dir() -> Path:
     env = os.environ.get("LABKIT_RUNTIME_CACHE")
     if env:
         return Path(env)
-    from labkit import paths
+    from labkit.core import paths
 
     return paths.build_dir() / "cache"
 

@@ -1,4 +1,4 @@
-"""The Swift port (swift/, its ``lmport`` CLI) through ``labkit.swiftport``.
+"""The Swift port (swift/, its ``lmport`` CLI) through ``labkit.ports.swift``.
 
 The CLI is a process per generation, not a library: it cannot be stepped token by token from
 Python. So this adapter overrides ``timed_generate`` with the CLI's own in-process timers
@@ -30,12 +30,12 @@ class SwiftPort(Runtime):
 
     @classmethod
     def available(cls) -> str | None:
-        from labkit import swiftport
+        from labkit.ports import swift as swiftport
 
         return swiftport.available()
 
     def load(self, model_dir: Path) -> None:
-        from labkit import swiftport
+        from labkit.ports import swift as swiftport
 
         self._check_available()
         model_dir = Path(model_dir)
@@ -46,7 +46,7 @@ class SwiftPort(Runtime):
         self.note = ""
 
     def _generate(self, ids: list[int], n_new: int, logits: bool):
-        from labkit import swiftport
+        from labkit.ports import swift as swiftport
 
         return swiftport.run(self.dir, ids, n_new, dump=True if logits else None, threads=self.threads)
 

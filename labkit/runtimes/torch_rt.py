@@ -43,9 +43,9 @@ class TorchEager(Runtime):
     def load(self, model_dir: Path) -> None:
         import torch
 
-        from labkit.kvstudy import FastDecoder
+        from labkit.inference.kv_cache import KVCache
         from labkit.models import load
-        from labkit.models.kv_cache import KVCache
+        from labkit.studies.kv_cache import FastDecoder
 
         self._check_available()
         if self.threads:
@@ -81,7 +81,7 @@ class TorchEager(Runtime):
 
 
 def _sync_for(device: str):
-    from labkit.timing import device_sync
+    from labkit.core.timing import device_sync
 
     return device_sync(device)
 

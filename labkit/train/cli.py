@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit import paths
+from labkit.core import paths
 
 DEFAULT_DATA = paths.data_dir() / "corpus"
 PART_BYTES = 15 * 1024 * 1024  # the device tool brings back files of at most 16 MiB

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from labkit import env, paths
+from labkit.core import env, paths
 
 if TYPE_CHECKING:
     import pandas as pd

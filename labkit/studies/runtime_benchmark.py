@@ -1,6 +1,6 @@
 """The runtime benchmark matrix: every runtime x (pp, tg, TTFT, peak RSS, bytes, parity).
 
-``python -m labkit.runtimes.matrix --device cpu --out DIR`` (no Jupyter needed: this is how the
+``python -m labkit.studies.runtime_benchmark --device cpu --out DIR`` (no Jupyter needed: this is how the
 CUDA column is measured on a GPU machine) or ``labkit bench runtimes`` or notebook 08.
 
 How it runs, and why:
@@ -64,7 +64,7 @@ class Spec:
 
 def model_dir(model: str) -> Path:
     """The model folder for a registry name or a path (the same resolution as labkit.models)."""
-    from labkit.models.registry import resolve
+    from labkit.models.loader import resolve
 
     return Path(resolve(model)[1])
 
@@ -134,7 +134,7 @@ def run_isolated(name: str, spec: Spec, parity_file: Path, timeout: float = 3600
     """``measure_one`` in a fresh Python process; a crash becomes {"failed": stderr tail}."""
     with tempfile.TemporaryDirectory(prefix="labkit-matrix-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "labkit.runtimes.matrix", "--one", name,
+        cmd = [sys.executable, "-m", "labkit.studies.runtime_benchmark", "--one", name,
                "--spec", json.dumps(asdict(spec)), "--parity-file", str(parity_file),
                "--result", str(result)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -152,7 +152,7 @@ def load_average() -> float | None:
 
 def record_result(res: dict[str, Any], spec: Spec, parity: dict[str, Any] | None) -> list[dict]:
     """Write one runtime's measurements as records; returns them."""
-    from labkit import results
+    from labkit.core import results
 
     name = res["runtime"]
     base = {"runtime": name, "dtype": res["dtype"], "repeats": spec.repeats,
@@ -200,10 +200,11 @@ def run_matrix(
     """Measure every runtime of ``names`` (default: all registered), each in its own process.
 
     Returns {runtime: result dict}; skipped/failed runtimes carry "skipped"/"failed" reasons
-    (and ``labkit.skips.skip`` is told). The reference (torch-eager on the CPU) is run first
+    (and ``labkit.core.skips.skip`` is told). The reference (torch-eager on the CPU) is run first
     even when not asked for, because every parity number needs it.
     """
-    from labkit import runtimes, skips
+    from labkit import runtimes
+    from labkit.core import skips
 
     names = list(names or runtimes.RUNTIMES)
     ref_spec = Spec(**{**asdict(spec), "device": "cpu"})
@@ -281,7 +282,7 @@ def bench(quick: bool = False, model: str = "tiny-llama", runtimes: list[str] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m labkit.runtimes.matrix", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m labkit.studies.runtime_benchmark", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny-llama")
     ap.add_argument("--device", default="cpu", help="device of the torch runtimes (cpu, cuda)")
     ap.add_argument("--runtimes", default="all", help="comma-separated names, or 'all'")

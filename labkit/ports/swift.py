@@ -2,14 +2,14 @@
 
 Why this module: the port earns trust the way llm.c's test_gpt2 does. PyTorch (transformers'
 LlamaForCausalLM / PhiForCausalLM in float32, the reference) writes a versioned dump
-(:mod:`labkit.refdump`); the Swift test target reads it and fails outside stated tolerances; and
+(:mod:`labkit.ports.refdump`); the Swift test target reads it and fails outside stated tolerances; and
 the Python side runs the ``lmport`` CLI and compares its logits with the same reference. This
 module holds the plumbing for all three, so the tests and notebook 04 share one code path:
 
 * :func:`available` says why the port cannot run here (no ``swift``, no OpenBLAS), or None.
 * :func:`build` runs ``swift build`` once per process (SwiftPM caches in ``swift/.build``).
 * :func:`run` runs the CLI and parses its tokens, tok/s and dumps.
-* :func:`reference` computes a :class:`~labkit.refdump.RefDump` with PyTorch.
+* :func:`reference` computes a :class:`~labkit.ports.refdump.RefDump` with PyTorch.
 * :func:`prepare_fixtures` writes tiny random Llama (GQA) and Phi folders plus their dumps, and
   the shipped tiny-llama's dump when it exists, into the folder ``swift test`` reads through
   the ``LMPORT_FIXTURES`` environment variable.
@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from labkit import paths, refdump
+from labkit.core import paths
+from labkit.ports import refdump
 
-SWIFT_DIR = Path(__file__).resolve().parent.parent / "swift"
+SWIFT_DIR = Path(__file__).resolve().parents[2] / "swift"
 FIXTURES_ENV = "LMPORT_FIXTURES"
 FIXTURES_VERSION = 1
 CLI_NAME = "lmport"
@@ -609,7 +610,7 @@ def prepare_fixtures(
     """Write the folder ``swift test`` reads (through ``LMPORT_FIXTURES``) and return its cases.
 
     Layout: ``<out>/<case>/model/`` (an HF folder), ``<out>/<case>/reference.lmref`` (a
-    :mod:`labkit.refdump` file of ``steps`` greedy steps), ``<out>/dtypes.safetensors`` (the
+    :mod:`labkit.ports.refdump` file of ``steps`` greedy steps), ``<out>/dtypes.safetensors`` (the
     same values stored as F32, F16 and BF16 with their exact float32 expansions, for the
     reader's unit test) and ``<out>/manifest.json`` listing the cases. The shipped tiny-llama,
     when present, is referenced in place (not copied).
@@ -800,12 +801,12 @@ def torch_model(model_dir: str | os.PathLike[str]) -> Any:
 
 def torch_decode_timing(model: Any, prompt: list[int], steps: int) -> Any:
     """Time greedy decoding of ``steps`` tokens with labkit's KV-cached eager model at the
-    current torch.get_num_threads(); returns labkit.timing.GenerationTiming (tokens_per_s is the
+    current torch.get_num_threads(); returns labkit.core.timing.GenerationTiming (tokens_per_s is the
     decode rate, prefill excluded, as the Swift CLI reports it)."""
     import torch
 
-    from labkit import timing
-    from labkit.models.kv_cache import KVCache
+    from labkit.core import timing
+    from labkit.inference.kv_cache import KVCache
 
     with torch.inference_mode():
         cache = KVCache.for_model(model, max_len=len(prompt) + steps)

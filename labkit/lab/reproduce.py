@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit import paths
-from labkit.skips import clear_skips, read_skips
+from labkit.core import paths
+from labkit.core.skips import clear_skips, read_skips
 
 KERNEL_NAME = "labkit"
 
@@ -282,7 +282,7 @@ def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
     """build/reproduce-summary.json: what ran, how it ended, what it wrote (for the site and CI logs)."""
     out = paths.build_dir() / "reproduce-summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    from labkit import env
+    from labkit.core import env
 
     fp = env.fingerprint()
     payload = {

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from labkit import paths
+from labkit.core import paths
 
 if TYPE_CHECKING:
     import torch
@@ -377,11 +377,11 @@ def time_decode(
 ) -> tuple[Any, torch.Tensor]:
     """Time one greedy generation of ``n_tokens`` with a preallocated KV cache: the prefill
     (time to first token) and every decode step (time per output token), through
-    :func:`labkit.timing.time_generation`. Returns (GenerationTiming, generated ids [1, n])."""
+    :func:`labkit.core.timing.time_generation`. Returns (GenerationTiming, generated ids [1, n])."""
     import torch
 
-    from labkit.models.kv_cache import KVCache
-    from labkit.timing import time_generation
+    from labkit.core.timing import time_generation
+    from labkit.inference.kv_cache import KVCache
 
     cache = KVCache.for_model(model, max_len=input_ids.shape[1] + n_tokens)
 

@@ -107,7 +107,7 @@ def resolve(
     name_or_path: str | os.PathLike[str], *, allow_network: bool = False
 ) -> tuple[str, Path, str]:
     """(name, folder, source) for a known name, a local folder or a hub id; no weights read."""
-    from labkit import paths
+    from labkit.core import paths
 
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
@@ -409,7 +409,7 @@ def load(
     impl: "labkit" (our readable Llama/Phi) or "hf" (transformers' AutoModelForCausalLM, for
         comparison). BERT always loads with transformers; the card's note says so.
     """
-    from labkit.env import pick_device
+    from labkit.core.env import pick_device
 
     if impl not in ("labkit", "hf"):
         raise ValueError(f"impl must be 'labkit' or 'hf', got {impl!r}")

@@ -6,7 +6,7 @@ Two entry points the notebooks call:
   torch eager fp32 for ``torch-eager``, ``openvino``, ``openvino-int8`` and ``openvino-int4``,
   each measured in its own Python process so that peak RSS is that runtime's alone.
 * :func:`vllm_side_by_side` (notebook 07) — one request mix served by our paged KV cache
-  (:func:`serve_paged`: continuous batching over ``labkit.models.paged_kv_cache``) and by vLLM's
+  (:func:`serve_paged`: continuous batching over ``labkit.inference.paged_kv_cache``) and by vLLM's
   CPU build (``labkit.runtimes.vllm_rt``): throughput, KV memory reserved, greedy parity. Where
   vLLM cannot run, its row says why (the recorded error), with no numbers.
 
@@ -91,19 +91,19 @@ def measure_runtime(
 
 
 def _encode(model_dir: Path, text: str) -> list[int]:
-    from labkit.models.registry import load_tokenizer
+    from labkit.models.loader import load_tokenizer
 
     tok = load_tokenizer(Path(model_dir))
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def measure_in_subprocess(name: str, job: dict[str, Any], timeout_s: float = 1800) -> dict[str, Any]:
-    """:func:`measure_runtime` in a fresh ``python -m labkit.peers`` process (own peak RSS)."""
+    """:func:`measure_runtime` in a fresh ``python -m labkit.studies.peers`` process (own peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="labkit-peers-") as tmp:
         job_file, out_file = Path(tmp) / "job.json", Path(tmp) / "row.json"
         job_file.write_text(json.dumps({**job, "name": name}))
         proc = subprocess.run(
-            [sys.executable, "-m", "labkit.peers", str(job_file), str(out_file)],
+            [sys.executable, "-m", "labkit.studies.peers", str(job_file), str(out_file)],
             capture_output=True, text=True, timeout=timeout_s,
         )
         if proc.returncode != 0:
@@ -132,7 +132,7 @@ def openvino_rows(
     """
     import pandas as pd
 
-    from labkit.models.registry import resolve
+    from labkit.models.loader import resolve
 
     _, folder, _ = resolve(model)
     ids = _encode(folder, prompt_text)
@@ -200,7 +200,7 @@ def serve_paged(
     """
     import torch
 
-    from labkit.models.paged_kv_cache import (
+    from labkit.inference.paged_kv_cache import (
         PagedBatch,
         PagedKVCache,
         blocks_needed,
@@ -280,7 +280,7 @@ def vllm_side_by_side(
     import torch
 
     from labkit.models import load
-    from labkit.models.registry import resolve
+    from labkit.models.loader import resolve
     from labkit.runtimes.vllm_rt import VLLM, VLLMWorker
 
     _, folder, _ = resolve(model)

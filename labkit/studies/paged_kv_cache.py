@@ -3,7 +3,7 @@
 Why a simulator: how much KV memory a serving policy reserves but never fills depends on the
 lengths of the requests, not on the model's numbers, so it can be measured on thousands of
 requests in milliseconds. The paged policy is not modelled by a formula: it runs the real
-bookkeeping of ``labkit.models.paged_kv_cache.BlockTables`` (allocator, free list, block tables,
+bookkeeping of ``labkit.inference.paged_kv_cache.BlockTables`` (allocator, free list, block tables,
 copy-on-write), the same code the paged cache uses when the model decodes, and reads the blocks
 in use from it. The contiguous policies reserve what a contiguous cache must reserve up front.
 
@@ -16,7 +16,7 @@ Policies, per live request:
 * ``paged`` — the blocks the request holds: ``ceil(length / block_size)`` x ``block_size``.
 
 Memory is counted in token positions; multiply by
-``labkit.models.kv_cache.kv_cache_bytes_for_config(cfg, 1, dtype_bytes)`` for bytes.
+``labkit.inference.kv_cache.kv_cache_bytes_for_config(cfg, 1, dtype_bytes)`` for bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from labkit.models.paged_kv_cache import BlockTables, blocks_needed
+from labkit.inference.paged_kv_cache import BlockTables, blocks_needed
 
 POLICIES = ("contiguous_max_len", "contiguous_cap", "paged")
 

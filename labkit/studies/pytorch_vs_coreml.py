@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labkit.paths import data_dir
+from labkit.core.paths import data_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -73,7 +73,7 @@ ROOFLINE_MODELS = {
     "Phi-2": "microsoft__phi-2",
     "xLAM-1b": "Salesforce__xLAM-1b-fc-r",
 }
-#: fp16 as stored; int8 / int4 = llama.cpp Q8_0 / Q4_0 (scales included), priced by labkit.planner
+#: fp16 as stored; int8 / int4 = llama.cpp Q8_0 / Q4_0 (scales included), priced by labkit.studies.will_it_fit
 ROOFLINE_DTYPES = ("fp16", "int8", "int4")
 
 
@@ -92,7 +92,7 @@ def roofline_table(
     """One row per (chip, model, dtype): bandwidth, weight bytes, upper-bound tok/s, source."""
     import pandas as pd
 
-    from labkit import planner
+    from labkit.studies import will_it_fit as planner
 
     rows = []
     for chip_name in chips or list(CHIPS):

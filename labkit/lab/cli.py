@@ -10,7 +10,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from labkit import env
+    from labkit.core import env
 
     console = Console()
     fp = env.fingerprint()
@@ -31,7 +31,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from labkit.reproduce import main_from_args
+    from labkit.lab.reproduce import main_from_args
 
     return main_from_args(args)
 
@@ -39,7 +39,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from labkit import bench
+    from labkit.lab import bench
 
     console = Console()
     if args.list or not args.name:
@@ -70,13 +70,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
-    from labkit.site import main as site_main
+    from labkit.lab.site import main as site_main
 
     return site_main([])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from labkit.reproduce import add_arguments
+    from labkit.lab.reproduce import add_arguments
 
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,10 +5,10 @@ The notebook ``notebooks/01_kv_cache.ipynb`` and ``labkit bench kv-cache`` both 
 so the numbers they record are computed one way. What lives here, one idea per section:
 
 * Bytes. ``cache_shapes`` (what one layer stores) and ``tensor_bytes`` (bytes of the real
-  tensors of any cache); the formula itself is ``labkit.models.kv_cache.kv_cache_bytes`` (the one
+  tensors of any cache); the formula itself is ``labkit.inference.kv_cache.kv_cache_bytes`` (the one
   source of truth), applied to published configs read from ``data/configs/`` (no weights) and to
   MHA / GQA / MQA variants of one shape.
-* Cache variants, each following the cache protocol of ``labkit.models.kv_cache`` so the models
+* Cache variants, each following the cache protocol of ``labkit.inference.kv_cache`` so the models
   run with them unchanged: ``ConcatKVCache`` grows by ``torch.cat`` (what a first implementation
   does, and what a Core ML stateful model cannot do: its state has a fixed shape, notebook 02),
   and ``SlidingWindowKVCache``, a ring buffer of the last ``window`` positions.
@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from labkit import paths
-from labkit.models.kv_cache import KVCache, kv_cache_bytes_for_config
+from labkit.core import paths
+from labkit.inference.kv_cache import KVCache, kv_cache_bytes_for_config
 from labkit.models.llama import Llama, rotate_half
 
 if TYPE_CHECKING:
@@ -427,7 +427,7 @@ class FastDecoder:
         return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefill with the readable model, then ``step`` per token. Returns ``(tokens [B, T+n],
-        logits [B, n, V] or None)`` — the same tokens as ``labkit.models.generate.greedy``."""
+        logits [B, n, V] or None)`` — the same tokens as ``labkit.inference.generate.greedy``."""
         b, t = input_ids.shape
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -492,7 +492,7 @@ def roofline_seconds(bytes_per_token: float, bandwidth_gbs: float) -> float:
 
 def roofline_fraction(bytes_per_token: float, seconds_per_token: float, bandwidth_gbs: float) -> float:
     """Achieved bandwidth / available bandwidth = roofline time / measured time (1.0 = at the
-    limit). Bandwidth is the copy bandwidth of ``labkit.env`` (read + write counted), so a step
+    limit). Bandwidth is the copy bandwidth of ``labkit.core.env`` (read + write counted), so a step
     that only reads could in principle exceed 1."""
     if not seconds_per_token > 0:
         raise ValueError(f"seconds_per_token must be > 0, got {seconds_per_token!r}")
@@ -556,9 +556,9 @@ def time_cached(model: Any, prompt: torch.Tensor, gen_len: int, *, decoder: Fast
 
     Prefill = the readable model over the prompt into ``cache`` (default: a preallocated
     KVCache); each decode step = ``decoder.step`` if a FastDecoder is given, else the readable
-    model on one token. Returns ``(labkit.timing.GenerationTiming, new tokens [B, gen_len])``.
+    model on one token. Returns ``(labkit.core.timing.GenerationTiming, new tokens [B, gen_len])``.
     """
-    from labkit.timing import time_generation
+    from labkit.core.timing import time_generation
 
     t = prompt.shape[1]
     kv = cache if cache is not None else KVCache.for_model(
@@ -584,7 +584,7 @@ def time_uncached(model: Any, prompt: torch.Tensor, gen_len: int,
                   sync: Callable[[], None] | None = None):
     """The same generation without a cache: every step reruns the model on the whole sequence.
     Returns ``(GenerationTiming, new tokens [B, gen_len])``."""
-    from labkit.timing import time_generation
+    from labkit.core.timing import time_generation
 
     b, t = prompt.shape
     seq = torch.empty(b, t + gen_len, dtype=torch.long, device=prompt.device)
@@ -637,7 +637,7 @@ def cache_update_seconds(kind: str, lengths: Iterable[int], *, num_kv_heads: int
                          repeats: int = 20) -> list[float]:
     """Median seconds of one cache update (one layer, one token) at each cache length, for
     'concat' (torch.cat into a new tensor) or 'inplace' (write into a preallocated buffer)."""
-    from labkit.timing import measure
+    from labkit.core.timing import measure
 
     out = []
     for n in lengths:
@@ -699,7 +699,7 @@ def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
     speedup_vs_hf_generate on it; decode_roofline_fraction on a random ~168 M (quick: ~60 M)
     parameter Llama against the measured DRAM copy bandwidth. CPU only.
     """
-    from labkit import env, results
+    from labkit.core import env, results
     from labkit.models import load
 
     recs: list[dict] = []

@@ -249,7 +249,7 @@ def git_revision(root: Path | None = None) -> str:
     """``git rev-parse --short HEAD`` of ``root`` (default: the lab root), ``+dirty`` if tracked
     files changed, ``"unknown"`` when there is no git or no commit. Provenance for records and
     figures."""
-    from labkit import paths
+    from labkit.core import paths
 
     where = str(root if root is not None else paths.root())
     rev = _run(["git", "-C", where, "rev-parse", "--short", "HEAD"])
@@ -335,7 +335,7 @@ def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd
     """
     import pandas as pd
 
-    from labkit.timing import measure
+    from labkit.core.timing import measure
 
     sizes = default_copy_sizes() if sizes_bytes is None else list(sizes_bytes)
     if not sizes or not all(

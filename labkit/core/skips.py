@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from labkit import paths
+from labkit.core import paths
 
 
 def _skips_file(notebook: str) -> Path:

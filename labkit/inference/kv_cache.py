@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # torch is heavy; keep `import labkit.models.kv_cache` light for the formula
+if TYPE_CHECKING:  # torch is heavy; keep `import labkit.inference.kv_cache` light for the formula
     import torch
 
 

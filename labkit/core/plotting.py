@@ -19,7 +19,8 @@ from typing import Any
 
 import matplotlib as mpl
 
-from labkit import __version__, env, paths
+from labkit import __version__
+from labkit.core import env, paths
 
 SCREEN_DPI = 110
 SAVE_DPI = 150

@@ -11,10 +11,10 @@ import importlib
 from collections.abc import Callable
 
 BENCHMARKS: dict[str, str] = {
-    "bandwidth": "labkit.bench:bench_bandwidth",
-    "kv-cache": "labkit.kvstudy:bench",
-    "rag": "labkit.rag:bench_retrieval",
-    "runtimes": "labkit.runtimes.matrix:bench",
+    "bandwidth": "labkit.lab.bench:bench_bandwidth",
+    "kv-cache": "labkit.studies.kv_cache:bench",
+    "rag": "labkit.studies.rag_on_device:bench_retrieval",
+    "runtimes": "labkit.studies.runtime_benchmark:bench",
 }
 
 
@@ -29,7 +29,7 @@ def resolve(name: str) -> Callable[..., list[dict]]:
 
 def bench_bandwidth(quick: bool = False) -> list[dict]:
     """Copy bandwidth against buffer size (study "00_tour"): the roofline denominator of later studies."""
-    from labkit import env, results
+    from labkit.core import env, results
 
     sizes = [2**k for k in range(14, 25 if quick else 29, 2)]
     df = env.copy_bandwidth(sizes, repeats=3 if quick else 7)

@@ -1,6 +1,6 @@
 """A paged KV cache: vLLM's PagedAttention idea (Kwon et al., SOSP 2023) in readable PyTorch.
 
-Why: a contiguous cache (``labkit.models.kv_cache.KVCache``) reserves ``max_len`` positions per
+Why: a contiguous cache (``labkit.inference.kv_cache.KVCache``) reserves ``max_len`` positions per
 sequence up front, because it cannot grow in place. Most sequences stop far short of ``max_len``,
 so most of that reservation is never written. A paged cache cuts the positions of a sequence into
 fixed-size *blocks* of ``block_size`` tokens, stored anywhere in one shared pool, and keeps a
@@ -18,7 +18,7 @@ Layers, from the bottom:
 * ``BlockAllocator`` — a fixed pool of block ids: a free list and reference counts.
 * ``BlockTables`` — sequences -> block tables and lengths over one allocator; decides which blocks
   to allocate and which to copy before a write. No tensors, so the waste study
-  (``labkit.pagedstudy``) runs the same bookkeeping on thousands of requests without memory.
+  (``labkit.studies.paged_kv_cache``) runs the same bookkeeping on thousands of requests without memory.
 * ``PagedKVCache`` — the K and V pools (per layer ``[num_blocks, kv_heads, block_size, head_dim]``)
   plus the tables: writes K/V through the table and gathers them back for attention.
 * ``SequenceCache`` — one sequence seen through the ``Cache`` protocol of ``kv_cache.py``
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # torch is heavy; the bookkeeping classes do not need it
     import torch
 
-    from labkit.models.kv_cache import KVCache
+    from labkit.inference.kv_cache import KVCache
 
 
 class AllocatorError(RuntimeError):

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit import paths
+from labkit.core import paths
 
 # Anything that makes the browser fetch from elsewhere: src=, <link href=>, CSS url(), @import.
 _EXTERNAL = re.compile(
@@ -225,8 +225,8 @@ def build_site(out_dir: Path | None = None, notebooks_dir: Path | None = None) -
     """Write the site into ``build/site`` (atomically: a new folder replaces the old one)."""
     import nbformat
 
-    from labkit import env
-    from labkit.reproduce import discover
+    from labkit.core import env
+    from labkit.lab.reproduce import discover
 
     summary = _summary()
     outputs = _outputs_root(summary)

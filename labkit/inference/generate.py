@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.models.kv_cache import Cache, KVCache
+from labkit.inference.kv_cache import Cache, KVCache
 
 
 @dataclass

@@ -10,7 +10,7 @@ read), so a 7B or 8B model can be planned on a laptop that could never load it.
   ``labkit.quant.tensor_bits`` (the one source of truth for bits per weight; int8/int4 are Q8_0 and
   Q4_0). One list, so the sum equals the bytes of a real checkpoint — a test checks it on the
   shipped model, byte for byte.
-* KV cache: ``labkit.models.kv_cache.kv_cache_bytes_for_config`` (the lab's one formula).
+* KV cache: ``labkit.inference.kv_cache.kv_cache_bytes_for_config`` (the lab's one formula).
 * Activations: an *estimate* of the transient buffers of one forward (see
   ``activation_bytes``); unlike the other two it is not exact and is labelled so.
 * Mac memory: unified-memory sizes of Apple-silicon Macs and the share the GPU may use by
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from labkit.models.kv_cache import kv_cache_bytes_for_config
+from labkit.inference.kv_cache import kv_cache_bytes_for_config
 
 # --- bits per weight -----------------------------------------------------------------------------
 
@@ -82,7 +82,7 @@ def bits_per_weight(precision: str) -> float:
 
 def configs_dir() -> Path:
     """data/configs/ in the checkout: config.json files of models the lab plans but never loads."""
-    from labkit import paths
+    from labkit.core import paths
 
     return paths.configs_dir()
 
@@ -97,7 +97,7 @@ def load_config(source: Any) -> dict[str, Any]:
         text = os.fspath(source)
         path = Path(text).expanduser()
         if text == "tiny-llama":
-            from labkit import paths
+            from labkit.core import paths
 
             path = paths.models_dir() / "tiny-llama"
         elif not path.exists() and (configs_dir() / f"{text}.json").is_file():

@@ -37,7 +37,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from labkit.models.kv_cache import KVCache
+    from labkit.inference.kv_cache import KVCache
 
 #: Modules the document set is drawn from: widely used, with real docstrings.
 STDLIB_MODULES = (
@@ -170,7 +170,7 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
     _atomic_write(folder / "docs.jsonl", "".join(json.dumps(asdict(d)) + "\n" for d in docs))
     _atomic_write(folder / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
     manifest = {
-        "built_by": "labkit.rag.stdlib_docset",
+        "built_by": "labkit.studies.rag_on_device.stdlib_docset",
         "python": sys.version.split()[0],
         "modules": list(STDLIB_MODULES),
         "documents": len(docs),
@@ -187,7 +187,7 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
 
 def docset_dir() -> Path:
     """data/rag/ in the checkout: the shipped document and query set."""
-    from labkit import paths
+    from labkit.core import paths
 
     return paths.data_dir() / "rag"
 
@@ -200,7 +200,7 @@ def load_docset(folder: Path | None = None) -> tuple[list[Document], list[Query]
         path = folder / fname
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path}: missing; rebuild with `python -m labkit.rag {folder}`"
+                f"{path}: missing; rebuild with `python -m labkit.studies.rag_on_device {folder}`"
             )
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
         out.append([cls(**row) for row in rows])
@@ -346,7 +346,7 @@ def fork_cache(prefix: KVCache, max_len: int) -> KVCache:
     Copying (instead of sharing) keeps the prefix intact for the next query; the copy is
     ``prefix.length`` positions per layer, far cheaper than recomputing them.
     """
-    from labkit.models.kv_cache import KVCache
+    from labkit.inference.kv_cache import KVCache
 
     n = prefix.length
     b, h, _, d = prefix.k[0].shape
@@ -371,7 +371,7 @@ def timed_greedy(
     sync: Any = None,
 ) -> tuple[Any, list[int]]:
     """Greedy generation of ``new_tokens`` tokens after ``ids``, timed by
-    ``labkit.timing.time_generation``: (GenerationTiming with TTFT and per-token times, tokens).
+    ``labkit.core.timing.time_generation``: (GenerationTiming with TTFT and per-token times, tokens).
 
     ``cache=None`` allocates a KVCache for prompt + new tokens. A cache that already holds a prefix
     (``fork_cache``) continues from it: ``ids`` is then only the part after the prefix. The count
@@ -379,8 +379,8 @@ def timed_greedy(
     """
     import torch
 
-    from labkit.models.kv_cache import KVCache
-    from labkit.timing import time_generation
+    from labkit.core.timing import time_generation
+    from labkit.inference.kv_cache import KVCache
 
     if cache is None:
         cache = KVCache.for_model(model, max_len=len(ids) + new_tokens)
@@ -400,10 +400,10 @@ def timed_greedy(
 def bench_retrieval(quick: bool = False) -> list[dict]:
     """`labkit bench rag`: recall@k and per-query embed/search time of MiniLM + faiss over the
     shipped document set (study "10_rag_on_device"); quick: a seeded subset of 64 documents."""
-    from labkit import results
+    from labkit.core import results
+    from labkit.core.timing import measure
     from labkit.models.encoder import embed
-    from labkit.models.registry import load
-    from labkit.timing import measure
+    from labkit.models.loader import load
 
     docs, queries = load_docset()
     if quick:
@@ -436,7 +436,7 @@ def bench_retrieval(quick: bool = False) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m labkit.rag [FOLDER]``: rebuild the document set (default data/rag/)."""
+    """``python -m labkit.studies.rag_on_device [FOLDER]``: rebuild the document set (default data/rag/)."""
     args = list(sys.argv[1:] if argv is None else argv)
     folder = Path(args[0]) if args else docset_dir()
     docs, queries = stdlib_docset()
