@@ -1,0 +1,67 @@
+"""Tolerances: how far two computations of the same thing may differ, and why. One source.
+
+Tests and notebooks take their bounds from here (``tol.SAME_MATH.at("cpu")``), so a bound is
+stated once, with its reason, and a bound that must differ by device (a GPU kernel sums in
+another order than a CPU BLAS) differs here and nowhere else. Values are maximum absolute
+differences unless the name says otherwise.
+
+Why these sizes (float32 has a 24-bit mantissa, so one rounding is ~6e-8 relative):
+
+* the same float32 math on another code path (cached vs uncached, fused vs unfused projections,
+  ours vs transformers on the same kernels) differs only in summation order: ~1e-6 on logits of
+  size ~10 after a few layers, so 1e-5 on a CPU. GPU kernels (MPS, CUDA: other reductions,
+  TF32 off) get 1e-4.
+* another runtime or language on the same float32 weights (Swift with BLAS, ONNX Runtime,
+  OpenVINO, MLX) reorders every matrix product: 1e-4.
+* llama.cpp's F32 GGUF path quantizes nothing but accumulates in its own kernels and keeps
+  its own RoPE tables: 1e-3.
+* a float16 Core ML package read back and run in float32 differs by fp16 rounding of weights:
+  0.05 logits; 8-bit weight quantization likewise 0.05; 4-bit 1.0 (a check that nothing is
+  broken, not of quality: quality is measured in notebook 03).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEVICES = ("cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A bound with its reason, per device kind (``cpu``, ``cuda``, ``mps``)."""
+
+    cpu: float
+    why: str
+    gpu: float | None = None  # cuda and mps; defaults to the CPU bound
+    per_device: dict[str, float] = field(default_factory=dict)
+
+    def at(self, device: str = "cpu") -> float:
+        """The bound on ``device`` ("cpu", "cuda", "mps", or "cuda:0"-style names)."""
+        kind = str(device).split(":")[0]
+        if kind not in DEVICES:
+            raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+        if kind in self.per_device:
+            return self.per_device[kind]
+        if kind == "cpu" or self.gpu is None:
+            return self.cpu
+        return self.gpu
+
+    def __float__(self) -> float:
+        return self.cpu
+
+
+SAME_MATH = Tolerance(
+    1e-5, "the same float32 math on another code path: only summation order differs", gpu=1e-4
+)
+EXACT = Tolerance(0.0, "the same kernels on the same values in the same order: bit-identical",
+                  gpu=1e-6)
+OTHER_RUNTIME = Tolerance(1e-4, "float32 weights through another runtime or language (BLAS order)")
+GGUF_F32 = Tolerance(1e-3, "llama.cpp's F32 path: its own kernels and RoPE tables")
+FP16_WEIGHTS = Tolerance(0.05, "float16 weights run in float32: fp16 rounding of every weight")
+INT8_WEIGHTS = Tolerance(0.05, "8-bit weights: a sanity bound; quality is measured in notebook 03")
+INT4_WEIGHTS = Tolerance(1.0, "4-bit weights: a sanity bound; quality is measured in notebook 03")
+ATTENTION = Tolerance(
+    1e-5, "exact attention, reordered (tiled online softmax vs SDPA): outputs are convex "
+    "combinations of V, so errors stay at float32 rounding", gpu=1e-4
+)
