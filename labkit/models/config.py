@@ -12,10 +12,20 @@ writes both, so old and new transformers versions agree on the value.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from labkit.models.errors import ModelLoadError
+
+LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
+PHI_ARCHS = ("PhiForCausalLM",)
+BERT_ARCHS = ("BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
+_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "phi": "phi", "bert": "bert"}
+SUPPORTED = LLAMA_ARCHS + PHI_ARCHS + BERT_ARCHS
 
 #: Keys without which the shapes of the weights are unknown.
 _REQUIRED = (
@@ -42,6 +52,31 @@ def _positive_int(value: Any, key: str, source: str) -> int:
             source, f"config key {key!r} must be a positive integer, got {value!r}"
         )
     return value
+
+
+def _positive_float(value: Any, key: str, source: str) -> float:
+    """A finite number > 0 (an int is fine: ``rope_theta: 10000``), else ModelLoadError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ModelLoadError(
+            source, f"config key {key!r} must be a finite number > 0, got {value!r}"
+        )
+    return float(value)
+
+
+def _optional_token_id(value: Any, key: str, source: str) -> None:
+    ids = value if isinstance(value, list) else [value]
+    for i in ids:
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int) or i < 0):
+            raise ModelLoadError(
+                source, f"config key {key!r} must be a token id (an integer >= 0), a list of "
+                f"them or null, got {value!r}"
+            )
+
+
+def _bool(value: Any, key: str, source: str) -> None:
+    if not isinstance(value, bool):
+        raise ModelLoadError(source, f"config key {key!r} must be true or false, got {value!r}")
 
 
 def _rope_params(d: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +146,15 @@ class _DecoderConfig:
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         _positive_int(self.head_dim, "head_dim", source)
+        _positive_float(self.rope_theta, "rope_theta", source)
+        _bool(self.tie_word_embeddings, "tie_word_embeddings", source)
+        _optional_token_id(self.bos_token_id, "bos_token_id", source)
+        _optional_token_id(self.eos_token_id, "eos_token_id", source)
         if self.rope_scaling is not None:
-            _check_rope(_rope_params({"rope_scaling": self.rope_scaling}), source)
+            rope = _rope_params({"rope_scaling": self.rope_scaling})
+            _check_rope(rope, source)
+            if rope["rope_type"] == "linear":
+                _positive_float(rope.get("factor", 1.0), "rope_scaling.factor", source)
 
     @property
     def rope_scaling_factor(self) -> float:
@@ -132,7 +174,7 @@ class _DecoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names and v is not None}
         if "rope_theta" in rope:
-            kwargs["rope_theta"] = float(rope["rope_theta"])
+            kwargs["rope_theta"] = _positive_float(rope["rope_theta"], "rope_theta", source)
         if rope["rope_type"] != "default":
             kwargs["rope_scaling"] = {
                 "rope_type": rope["rope_type"],
@@ -198,6 +240,9 @@ class LlamaConfig(_DecoderConfig):
 
     def _validate(self, source: str) -> None:
         super()._validate(source)
+        _positive_float(self.rms_norm_eps, "rms_norm_eps", source)
+        _bool(self.attention_bias, "attention_bias", source)
+        _bool(self.mlp_bias, "mlp_bias", source)
         if self.hidden_act != "silu":
             raise ModelLoadError(
                 source, f"hidden_act {self.hidden_act!r} is not supported (Llama uses 'silu')"
@@ -230,6 +275,7 @@ class PhiConfig(_DecoderConfig):
 
     def _validate(self, source: str) -> None:
         super()._validate(source)
+        _positive_float(self.layer_norm_eps, "layer_norm_eps", source)
         if self.hidden_act != "gelu_new":
             raise ModelLoadError(
                 source, f"hidden_act {self.hidden_act!r} is not supported (Phi uses 'gelu_new')"
@@ -241,6 +287,7 @@ class PhiConfig(_DecoderConfig):
                 source,
                 "tie_word_embeddings=True is not supported by labkit's Phi (lm_head has a bias)",
             )
+        _positive_float(self.partial_rotary_factor, "partial_rotary_factor", source)
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             raise ModelLoadError(
                 source,
@@ -257,7 +304,9 @@ class PhiConfig(_DecoderConfig):
         kwargs = super()._fields_from_dict(d, source)
         rope = _rope_params(d)
         if "partial_rotary_factor" in rope:
-            kwargs["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
+            kwargs["partial_rotary_factor"] = _positive_float(
+                rope["partial_rotary_factor"], "partial_rotary_factor", source
+            )
         return kwargs
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -276,3 +325,71 @@ class PhiConfig(_DecoderConfig):
             attention_dropout=0.0,
         )
         return d
+
+
+# --- reading a config.json: the one parser every layer uses ------------------------------------
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``config.json`` of a model folder (or the file itself), errors naming the file.
+
+    Only JSON and "is an object" are checked here; :func:`parse_config` checks every field the
+    lab reads. Loaders, exporters, the planner and the Swift fixtures all read configs here.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(path, "missing config.json: not a Hugging Face model folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(path, f"not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(path, "config must be a JSON object")
+    return config
+
+
+def architecture_of(config: dict[str, Any], source: Path | str) -> tuple[str, str]:
+    """(family, architecture name): family is "llama", "phi" or "bert"."""
+    archs = config.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ModelLoadError(source, f"config key 'architectures' must be a list, got {archs!r}")
+    for arch in archs:
+        if arch in LLAMA_ARCHS:
+            return "llama", arch
+        if arch in PHI_ARCHS:
+            return "phi", arch
+        if arch in BERT_ARCHS:
+            return "bert", arch
+    model_type = config.get("model_type")
+    if not archs and model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type], str(model_type)
+    found = ", ".join(map(str, archs)) if archs else "none listed"
+    raise ModelLoadError(
+        source,
+        f"unsupported architecture {found} (model_type {model_type!r}); supported: "
+        f"{', '.join(SUPPORTED)}",
+    )
+
+
+def parse_config(config: dict[str, Any], source: str | os.PathLike[str] = "<dict>"):
+    """The typed, validated config (LlamaConfig or PhiConfig) of a decoder's ``config.json``.
+
+    Every field the lab reads is checked (type, range, heads dividing the hidden size, KV heads
+    dividing the heads) and an error names ``source``, the key, the value and what was expected,
+    before any weight is read. BERT configs are refused: labkit runs BERT through transformers.
+    """
+    family, _ = architecture_of(config, source)
+    if family == "llama":
+        return LlamaConfig.from_dict(config, source=str(source))
+    if family == "phi":
+        return PhiConfig.from_dict(config, source=str(source))
+    raise ModelLoadError(source, "a BERT config: labkit has no BERT implementation of its own")
+
+
+def load_config(path: str | os.PathLike[str]):
+    """``parse_config(read_config(path))``: a model folder's typed config, in one call."""
+    config = read_config(path)
+    file = Path(path) if Path(path).suffix else Path(path) / "config.json"
+    return parse_config(config, file)

@@ -35,13 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit.models.config import architecture_of, parse_config, read_config
 from labkit.models.errors import ModelLoadError
-
-LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM")
-PHI_ARCHS = ("PhiForCausalLM",)
-BERT_ARCHS = ("BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForSequenceClassification")
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "phi": "phi", "bert": "bert"}
-SUPPORTED = LLAMA_ARCHS + PHI_ARCHS + BERT_ARCHS
 
 #: Names that resolve without a path.
 NAMES = ("tiny-llama", "minilm")
@@ -152,41 +147,6 @@ def resolve(
 
 
 # --- checking a folder --------------------------------------------------------------------------
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """The parsed config.json, with errors naming the file."""
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(path, "missing config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(path, f"not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelLoadError(path, "config must be a JSON object")
-    return config
-
-
-def architecture_of(config: dict[str, Any], source: Path | str) -> tuple[str, str]:
-    """(family, architecture name): family is "llama", "phi" or "bert"."""
-    archs = config.get("architectures") or []
-    for arch in archs:
-        if arch in LLAMA_ARCHS:
-            return "llama", arch
-        if arch in PHI_ARCHS:
-            return "phi", arch
-        if arch in BERT_ARCHS:
-            return "bert", arch
-    model_type = config.get("model_type")
-    if not archs and model_type in _MODEL_TYPES:
-        return _MODEL_TYPES[model_type], str(model_type)
-    found = ", ".join(archs) if archs else "none listed"
-    raise ModelLoadError(
-        source,
-        f"unsupported architecture {found} (model_type {model_type!r}); supported: "
-        f"{', '.join(SUPPORTED)}",
-    )
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -313,7 +273,6 @@ def _torch_dtype(dtype: Any, config: dict[str, Any]):
 def _build_labkit(family: str, config: dict[str, Any], config_path: Path):
     import torch
 
-    from labkit.models.config import LlamaConfig, PhiConfig
     from labkit.models.llama import Llama
     from labkit.models.phi import Phi
 
@@ -324,9 +283,8 @@ def _build_labkit(family: str, config: dict[str, Any], config_path: Path):
                 "Llama; outputs are exact only while the context fits in the window",
                 stacklevel=3,
             )
-        cfg, cls = LlamaConfig.from_dict(config, source=str(config_path)), Llama
-    else:
-        cfg, cls = PhiConfig.from_dict(config, source=str(config_path)), Phi
+    cfg = parse_config(config, config_path)
+    cls = Llama if family == "llama" else Phi
     with torch.device("meta"):  # a skeleton: no time or memory spent on a random init
         model = cls(cfg)
     return model
@@ -416,6 +374,8 @@ def load(
     name, folder, source = resolve(name_or_path, allow_network=allow_network)
     config = read_config(folder)
     family, arch = architecture_of(config, folder / "config.json")
+    if family != "bert":  # every field checked before the tokenizer or any weight is read
+        parse_config(config, folder / "config.json")
     check_tokenizer(folder, family)
     files = weight_files(folder)
     for path in files:
