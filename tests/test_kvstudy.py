@@ -18,10 +18,18 @@ import pytest
 import torch
 import transformers
 
+from labkit.inference.fast_decode import FastDecoder
 from labkit.inference.generate import greedy
-from labkit.inference.kv_cache import KVCache, kv_cache_bytes, kv_cache_bytes_for_config
+from labkit.inference.kv_cache import ConcatKVCache, KVCache, SlidingWindowKVCache
 from labkit.models.config import LlamaConfig
 from labkit.models.llama import Llama
+from labkit.models.sizes import (
+    decode_bytes_per_token,
+    head_dim_of,
+    kv_cache_bytes,
+    kv_cache_bytes_for_config,
+    weight_bytes_per_token,
+)
 from labkit.studies import kv_cache as ks
 
 ATOL = 1e-5
@@ -65,7 +73,7 @@ def test_formula_equals_bytes_of_real_cache_tensors():
     cfg = model.config
     prompt = _prompt(7, b=2)
     pre = KVCache.for_model(model, max_len=40, batch=2)
-    cat = ks.ConcatKVCache.for_model(model)
+    cat = ConcatKVCache.for_model(model)
     with torch.no_grad():
         for cache in (pre, cat):
             model(prompt, cache=cache)
@@ -100,7 +108,7 @@ def test_published_configs_and_apples_figure():
     llama2 = ks.published_config(ks.PUBLISHED["Llama 2 7B"])
     assert kv_cache_bytes_for_config(llama2, 4096, 2) == 2 * 2**30  # MHA: 4x Llama 3.1's per token
     phi2 = ks.published_config(ks.PUBLISHED["Phi-2"])
-    assert ks.head_dim_of(phi2) == 80 and ks.attention_kind(phi2) == "MHA"
+    assert head_dim_of(phi2) == 80 and ks.attention_kind(phi2) == "MHA"
     xlam = ks.published_config(ks.PUBLISHED["xLAM-1b"])
     assert kv_cache_bytes_for_config(xlam, 1, 2) == 2 * 24 * 16 * 128 * 2
     table = ks.cache_bytes_table({"Llama 3.1 8B": llama31}, [1024, 8192])
@@ -134,7 +142,7 @@ def test_concat_cache_gives_exactly_the_preallocated_result():
     model = _model()
     prompt = _prompt(6, b=2)
     pre = greedy(model, prompt, 64, cache=True, return_logits=True)
-    cat = greedy(model, prompt, 64, cache=ks.ConcatKVCache.for_model(model), return_logits=True)
+    cat = greedy(model, prompt, 64, cache=ConcatKVCache.for_model(model), return_logits=True)
     assert torch.equal(pre.tokens, cat.tokens)
     assert (pre.logits - cat.logits).abs().max().item() <= 1e-6
     assert len(set(pre.new_tokens[0].tolist())) > 3  # not a constant sequence
@@ -143,7 +151,7 @@ def test_concat_cache_gives_exactly_the_preallocated_result():
 def test_sliding_window_equals_full_cache_while_the_window_holds_everything():
     model = _model()
     prompt = _prompt(8)
-    window = ks.SlidingWindowKVCache.for_model(model, window=8 + 40)
+    window = SlidingWindowKVCache.for_model(model, window=8 + 40)
     full = greedy(model, prompt, 40, return_logits=True)
     slid = greedy(model, prompt, 40, cache=window, return_logits=True)
     assert torch.equal(full.tokens, slid.tokens)
@@ -164,7 +172,7 @@ def test_sliding_window_matches_transformers_mistral(hf_checkpoint):
     ours = Llama(LlamaConfig.from_dict(hf_cfg)).eval()
     ours.load_state_dict(load_file(folder / "model.safetensors"))
     ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(3))
-    cache = ks.SlidingWindowKVCache.for_model(ours, window=w)
+    cache = SlidingWindowKVCache.for_model(ours, window=w)
     with torch.no_grad():
         expected = ref(ids).logits
         got = [ours(ids[:, :4], cache=cache)]  # a prompt shorter than the window
@@ -178,7 +186,7 @@ def test_sliding_window_matches_transformers_mistral(hf_checkpoint):
 
 def test_sliding_window_memory_is_fixed_and_long_prompts_are_refused():
     model = _model()
-    cache = ks.SlidingWindowKVCache.for_model(model, window=10)
+    cache = SlidingWindowKVCache.for_model(model, window=10)
     before = ks.tensor_bytes(cache)
     assert before == kv_cache_bytes_for_config(model.config, 10, 4)
     greedy(model, _prompt(5), 50, cache=cache)
@@ -187,7 +195,7 @@ def test_sliding_window_memory_is_fixed_and_long_prompts_are_refused():
     with pytest.raises(ValueError, match="window of 10"), torch.no_grad():
         model(_prompt(11), cache=cache)
     with pytest.raises(ValueError, match="window"):
-        ks.SlidingWindowKVCache(num_layers=1, num_kv_heads=1, head_dim=4, window=0)
+        SlidingWindowKVCache(num_layers=1, num_kv_heads=1, head_dim=4, window=0)
 
 
 # --------------------------------------------------------------------------- fast decode loop
@@ -199,7 +207,7 @@ def test_fast_decoder_equals_greedy_over_128_tokens(fuse):
     prompt = _prompt(5, b=2)
     want = greedy(model, prompt, 128, return_logits=True)
     uncached = greedy(model, prompt, 128, cache=False)
-    tokens, logits = ks.FastDecoder(model, fuse=fuse).greedy(prompt, 128, return_logits=True)
+    tokens, logits = FastDecoder(model, fuse=fuse).greedy(prompt, 128, return_logits=True)
     assert torch.equal(tokens, want.tokens)
     assert torch.equal(tokens, uncached.tokens)
     assert (logits - want.logits).abs().max().item() <= ATOL
@@ -210,7 +218,7 @@ def test_fast_decoder_equals_transformers_generate():
     model = _model(kv_heads=1)
     hf = ks.hf_twin(model)
     prompt = _prompt(6)
-    tokens, _ = ks.FastDecoder(model).greedy(prompt, 128)
+    tokens, _ = FastDecoder(model).greedy(prompt, 128)
     _, theirs = ks.tokens_per_s_hf_generate(hf, prompt, 128)
     assert torch.equal(tokens, theirs)
     with torch.no_grad():
@@ -219,7 +227,7 @@ def test_fast_decoder_equals_transformers_generate():
 
 def test_fast_decoder_refuses_other_models():
     with pytest.raises(TypeError, match="Llama"):
-        ks.FastDecoder(torch.nn.Linear(2, 2))
+        FastDecoder(torch.nn.Linear(2, 2))
 
 
 def test_shipped_tiny_llama_cached_equals_uncached_128_tokens():
@@ -237,7 +245,7 @@ def test_shipped_tiny_llama_cached_equals_uncached_128_tokens():
     model = load("tiny-llama", device="cpu").model
     prompt = ks.make_prompt(model.config.vocab_size, 16)
     cached = greedy(model, prompt, 128, return_logits=True)
-    fast, fast_logits = ks.FastDecoder(model).greedy(prompt, 128, return_logits=True)
+    fast, fast_logits = FastDecoder(model).greedy(prompt, 128, return_logits=True)
     with torch.no_grad():
         uncached_logits = model(cached.tokens[:, :-1])[:, 15:]  # positions 15 .. 15+127
     assert torch.equal(uncached_logits.argmax(-1), cached.new_tokens)
@@ -258,13 +266,13 @@ def test_weight_bytes_per_token_is_the_parameters_a_step_reads(tied):
     embed = cfg.vocab_size * cfg.hidden_size
     # tied: the table is read whole as the output matrix; untied: only one row is gathered
     read = params + cfg.hidden_size if tied else params - embed + cfg.hidden_size
-    assert ks.weight_bytes_per_token(cfg, 4) == 4 * read
-    assert ks.weight_bytes_per_token(cfg.to_hf_dict(), 2) == 2 * read
+    assert weight_bytes_per_token(cfg, 4) == 4 * read
+    assert weight_bytes_per_token(cfg.to_hf_dict(), 2) == 2 * read
 
 
 def test_decode_bytes_and_roofline_arithmetic():
     cfg = _model().config
-    b = ks.decode_bytes_per_token(cfg, position=99, dtype_bytes=4)
+    b = decode_bytes_per_token(cfg, position=99, dtype_bytes=4)
     assert b["kv_read"] == kv_cache_bytes(num_layers=2, num_kv_heads=2, head_dim=16,
                                           positions=100, bytes_per_element=4)
     assert b["kv_write"] == b["kv_read"] // 100
@@ -280,7 +288,7 @@ def test_decode_bytes_and_roofline_arithmetic():
 def test_roofline_configs_dwarf_the_caches():
     for size, lo, hi in (("full", 100e6, 300e6), ("quick", 40e6, 100e6)):
         cfg = LlamaConfig(**ks.roofline_config(size))
-        n = ks.weight_bytes_per_token(cfg, 1)
+        n = weight_bytes_per_token(cfg, 1)
         assert lo <= n <= hi, (size, n)
     with pytest.raises(ValueError, match="size"):
         ks.roofline_config("huge")

@@ -276,9 +276,9 @@ def test_shipped_tiny_llama_matches_transformers():
 
 def test_explicit_repeat_kv_path_matches_transformers(hf_checkpoint, monkeypatch):
     """The fallback for torch < 2.5 / exporters: K/V heads copied per query head."""
-    import labkit.models.llama as llama_module
+    import labkit.models.layers as layers_module
 
-    monkeypatch.setattr(llama_module, "SDPA_GQA", False)
+    monkeypatch.setattr(layers_module, "SDPA_GQA", False)
     ours, ref = _load_pair(hf_checkpoint("llama", num_key_value_heads=1))
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(12))
     cache = KVCache.for_model(ours, max_len=20, batch=2)

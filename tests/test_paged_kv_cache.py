@@ -201,7 +201,7 @@ def test_batched_decode_of_different_lengths_matches_contiguous(model, block_siz
     for i, ref in enumerate(refs):
         assert torch.equal(got_paged[i], ref.new_tokens[0]), f"paged row {i}"
         assert torch.equal(got_padded[i], ref.new_tokens[0]), f"padded row {i}"
-    assert padded.positions() == [len(p) + NEW_TOKENS - 1 for p in prompts]
+    assert padded.lengths == [len(p) + NEW_TOKENS - 1 for p in prompts]
     paged.tables.check()
 
 

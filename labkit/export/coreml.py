@@ -1,6 +1,7 @@
 """Core ML export of labkit's Llama: the ladder of Apple's "On Device Llama 3.1 with Core ML".
 
-Steps (``STEPS``), each an ``nn.Module`` wrapper around the same weights, exported with
+Steps (``STEPS``), each an ``nn.Module`` wrapper around the same weights (a, b, c, d, e run the
+model's own forward; b-e with a ``labkit.inference.export_cache.StaticCache``), exported with
 ``torch.export(...).run_decompositions({})`` and converted by ``coremltools.convert`` to an ML
 program (iOS18 / macOS15 target, fp16 compute):
 
@@ -23,8 +24,8 @@ What works with coremltools 9.0 and torch 2.13 (checked by tests/test_export_cor
   Python scalars"). Only the torch.export path is used.
 * ``torch.export(...).run_decompositions({})`` converts every step with fixed shapes, given plain
   ops: labkit's RMSNorm is explicit, and grouped-query attention is exported with an explicit
-  ``repeat_kv`` (coremltools' SDPA has no ``enable_gqa``; ``llama.SDPA_GQA`` is switched off
-  while exporting).
+  ``repeat_kv`` (coremltools' SDPA has no ``enable_gqa``; ``layers.explicit_gqa`` switches it
+  on while exporting).
 * The query length is fixed at export (1 for b-e: prefill runs token by token). With a flexible
   query length (:func:`probe_flexible_query`: a ``torch.export.Dim`` on the new tokens, the
   cache written by ``cache[:, :, positions] = k``) torch.export succeeds, but coremltools'
@@ -44,13 +45,11 @@ coremltools is imported inside the functions that need it; importing this module
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.models import llama
-from labkit.models.llama import Llama, LlamaBlock, apply_rope, repeat_kv
+from labkit.inference.export_cache import StaticCache
+from labkit.models.layers import apply_rope, explicit_gqa, repeat_kv
+from labkit.models.llama import Llama
 
 #: ladder step -> what it is (the order of Apple's ladder)
 STEPS: dict[str, str] = {
@@ -94,42 +94,6 @@ def _check_llama(model: nn.Module) -> Llama:
 # --- the wrappers that get exported ----------------------------------------------------------
 
 
-def _attend(
-    block: LlamaBlock,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_all: torch.Tensor,
-    v_all: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """Attention over a whole fixed-size cache ``k_all/v_all [1, H_kv, S, d]`` with an additive mask.
-
-    Explicit repeat_kv (coremltools' SDPA has no ``enable_gqa``).
-    """
-    attn = block.self_attn
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
-    q = apply_rope(q, cos, sin)
-    n_rep = attn.n_heads // attn.n_kv_heads
-    k, v = repeat_kv(k_all, n_rep), repeat_kv(v_all, n_rep)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.o_proj(y.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
-
-
-def _new_kv(block: LlamaBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """K (rotated) and V of the new tokens, [1, H_kv, T, d]."""
-    attn = block.self_attn
-    b, t, _ = x.shape
-    k = attn.k_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    return apply_rope(k, cos, sin), v
-
-
-def _rope_at(model: Llama, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.rope_cos.index_select(0, position), model.rope_sin.index_select(0, position)
-
-
 class NoCacheStep(nn.Module):
     """(a) logits for a whole window; the caller re-runs it for every new token."""
 
@@ -149,23 +113,11 @@ class IOCacheStep(nn.Module):
         self.model = model
 
     def forward(self, input_ids, position, mask, k_cache, v_cache):
-        m = self.model
-        cos, sin = _rope_at(m, position)
-        x = m.model.embed_tokens(input_ids)
-        new_k, new_v = [], []
-        for i, block in enumerate(m.model.layers):
-            h = block.input_layernorm(x)
-            k, v = _new_kv(block, h, cos, sin)
-            k_i = k_cache[i].clone()
-            v_i = v_cache[i].clone()
-            k_i[:, :, position] = k
-            v_i[:, :, position] = v
-            new_k.append(k_i)
-            new_v.append(v_i)
-            x = x + _attend(block, h, cos, sin, k_i, v_i, mask)
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        logits = F.linear(m.model.norm(x), m.output_weight)
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        layers = range(self.model.config.num_hidden_layers)
+        cache = StaticCache([k_cache[i] for i in layers], [v_cache[i] for i in layers],
+                            position, mask, in_place=False)
+        logits = self.model(input_ids, cache=cache)
+        return logits, torch.stack(cache.new_k), torch.stack(cache.new_v)
 
 
 class StatefulStep(nn.Module):
@@ -181,18 +133,10 @@ class StatefulStep(nn.Module):
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape))
 
     def forward(self, input_ids, position, mask):
-        m = self.model
-        cos, sin = _rope_at(m, position)
-        x = m.model.embed_tokens(input_ids)
-        for i, block in enumerate(m.model.layers):
-            h = block.input_layernorm(x)
-            k, v = _new_kv(block, h, cos, sin)
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            k_cache[:, :, position] = k
-            v_cache[:, :, position] = v
-            x = x + _attend(block, h, cos, sin, k_cache, v_cache, mask)
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        return F.linear(m.model.norm(x), m.output_weight)
+        layers = range(self.model.config.num_hidden_layers)
+        cache = StaticCache([getattr(self, f"k_cache_{i}") for i in layers],
+                            [getattr(self, f"v_cache_{i}") for i in layers], position, mask)
+        return self.model(input_ids, cache=cache)
 
 
 class ANEStatefulStep(nn.Module):
@@ -368,17 +312,6 @@ def compress(mlmodel: Any, compression: str) -> Any:
     return run(mlmodel, cto.OptimizationConfig(global_config=cfg, op_name_configs=skip))
 
 
-@contextlib.contextmanager
-def _explicit_gqa() -> Iterator[None]:
-    """coremltools' SDPA has no ``enable_gqa``: while exporting, Llama repeats K/V explicitly."""
-    saved = llama.SDPA_GQA
-    llama.SDPA_GQA = False
-    try:
-        yield
-    finally:
-        llama.SDPA_GQA = saved
-
-
 def _kv_states(model: Llama, max_len: int) -> list[Any]:
     """One fp16 Core ML state per K and V buffer of every layer (the names StatefulStep registers)."""
     import coremltools as ct
@@ -399,7 +332,7 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
     wrapper = step_module(model, step, max_len)
     args = example_inputs(model, step, max_len)
     t0 = time.perf_counter()
-    with _explicit_gqa(), torch.no_grad():
+    with explicit_gqa(), torch.no_grad():
         ep = torch.export.export(wrapper, args).run_decompositions({})
     t1 = time.perf_counter()
     states = _kv_states(model, max_len) if step in STATEFUL else None
@@ -699,7 +632,7 @@ def probe_jit_trace(model: nn.Module, seq_len: int = 8) -> str:
     model = _check_llama(model).float().eval()
     ids = torch.zeros(1, seq_len, dtype=torch.int32)
     try:
-        with _explicit_gqa(), torch.no_grad():
+        with explicit_gqa(), torch.no_grad():
             traced = torch.jit.trace(NoCacheStep(model), (ids,), check_trace=False)
         ct.convert(
             traced,
@@ -727,7 +660,7 @@ def probe_flexible_query(model: nn.Module, max_len: int) -> str:
     q = torch.export.Dim("q", min=1, max=max_len)
     dynamic = {"input_ids": {1: q}, "position": {0: q}, "mask": {2: q}}
     try:
-        with _explicit_gqa(), torch.no_grad():
+        with explicit_gqa(), torch.no_grad():
             ep = torch.export.export(
                 wrapper, (ids, position, mask), dynamic_shapes=dynamic
             ).run_decompositions({})

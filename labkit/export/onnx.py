@@ -12,8 +12,8 @@ where ``P`` past positions are already cached (0 at prefill). Why each piece:
   dimensions that must stay dynamic (batch, new tokens, past).
 * K/V heads are repeated explicitly for grouped-query attention (no ``enable_gqa`` in ONNX).
 
-The wrapper reads the weights of a loaded ``labkit.models.llama.Llama``; it computes the same
-function (tests/test_runtimes.py compares ONNX Runtime's logits with torch's).
+The wrapper runs the model's own forward with a ``labkit.inference.export_cache.PastKVCache``
+(tests/test_runtimes.py compares ONNX Runtime's logits with torch's).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from labkit.models.llama import Llama, apply_rope, repeat_kv
+from labkit.inference.export_cache import PastKVCache
+from labkit.models.layers import explicit_gqa
+from labkit.models.llama import Llama
 
 
 class OnnxLlama(nn.Module):
@@ -44,32 +45,16 @@ class OnnxLlama(nn.Module):
         self.head_dim = cfg.head_dim
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        m = self.model
         b, t = input_ids.shape
         s = attention_mask.shape[1]  # past + new positions
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, s - t :]  # [B, T]
-        cos = m.rope_cos[positions].unsqueeze(1)  # [B, 1, T, d]
-        sin = m.rope_sin[positions].unsqueeze(1)
         query_pos = torch.arange(t, device=input_ids.device) + (s - t)
         causal = torch.arange(s, device=input_ids.device)[None, :] <= query_pos[:, None]  # [T, S]
         mask = causal[None, None] & attention_mask.bool()[:, None, None, :]  # [B, 1, T, S]
-        x = m.model.embed_tokens(input_ids)
-        presents = []
-        for i, block in enumerate(m.model.layers):
-            a = block.self_attn
-            h = block.input_layernorm(x)
-            q = a.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            presents += [k, v]
-            n_rep = self.n_heads // self.n_kv
-            y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
-            x = x + a.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        logits = F.linear(m.model.norm(x), m.output_weight)
+        cache = PastKVCache(past[0::2], past[1::2], positions[:, None, :], mask)
+        with explicit_gqa():  # no enable_gqa in ONNX
+            logits = self.model(input_ids, cache=cache)
+        presents = [t for kv in zip(cache.present_k, cache.present_v, strict=True) for t in kv]
         return (logits, *presents)
 
 

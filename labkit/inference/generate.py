@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.inference.kv_cache import Cache, KVCache
+from labkit.inference.kv_cache import KVCache
+from labkit.models.layers import Cache
 
 
 @dataclass

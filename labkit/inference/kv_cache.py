@@ -1,121 +1,39 @@
 """The KV cache: what a decoder keeps so each new token attends to the past without recomputing it.
 
-Two things live here:
+Three caches for one sequence per row, each a ``labkit.models.layers.Cache`` the model's one
+forward plugs in (``model(ids, cache=c)``), differing only in how K and V are kept:
 
-* ``kv_cache_bytes`` — the one source of truth for how much memory a cache takes
-  (2 tensors, K and V, x layers x KV heads x head_dim x positions x bytes per element x batch).
-  Notebooks, tests and the CLI call it instead of writing the formula again.
-* ``KVCache`` — a contiguous, preallocated cache: per layer one K and one V tensor of shape
+* ``KVCache`` — contiguous and preallocated: per layer one K and one V tensor of shape
   ``[batch, n_kv_heads, max_len, head_dim]``. Decoding writes the new position in place, so the
   decode loop allocates nothing per token for the cache.
+* ``ConcatKVCache`` — grows by ``torch.cat``: always exactly the right size, but every step
+  copies the whole cache (what a first implementation does, and what a fixed-shape graph such as
+  a Core ML stateful model cannot express).
+* ``SlidingWindowKVCache`` — a ring buffer of the last ``window`` positions (Mistral's window).
 
-The cache protocol the models use (so a paged cache in another module can stand in):
-
-* ``cache.length`` — positions already filled; the new tokens get positions from here on.
-* ``cache.update(layer, k, v)`` — store ``k, v`` (``[B, n_kv_heads, T, head_dim]``) at positions
-  ``[length, length + T)`` of ``layer`` and return K and V of all filled positions including the
-  new ones. It does NOT move ``length``: every layer of one forward writes the same positions.
-* ``cache.advance(T)`` — called by the model once per forward, after the last layer.
+``update(layer, k, v)`` stores the new positions and returns every filled one; it does NOT move
+``length``: every layer of one forward writes the same positions, and the model calls
+``advance(T)`` once after its last layer. The paged cache is ``labkit.inference.paged_kv_cache``;
+the fixed-size caches exporters trace are ``labkit.inference.export_cache``. How many bytes a
+cache takes is ``labkit.models.sizes.kv_cache_bytes`` (re-exported here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
-if TYPE_CHECKING:  # torch is heavy; keep `import labkit.inference.kv_cache` light for the formula
-    import torch
+import torch
 
+from labkit.core.checks import positive_int
+from labkit.models.layers import Cache, SequentialCache
+from labkit.models.sizes import kv_cache_bytes, kv_cache_bytes_for_config
 
-def kv_cache_bytes(
-    *,
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    positions: int,
-    bytes_per_element: float,
-    batch: int = 1,
-) -> int:
-    """Bytes of K and V for ``positions`` tokens: 2 x layers x kv_heads x head_dim x positions x bytes x batch.
-
-    ``bytes_per_element`` may be fractional (e.g. 0.5 for a 4-bit cache); the result is rounded
-    up to whole bytes.
-    """
-    for name, value in (
-        ("num_layers", num_layers),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-        ("batch", batch),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"kv_cache_bytes: {name} must be a positive integer, got {value!r}")
-    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 0:
-        raise ValueError(f"kv_cache_bytes: positions must be an integer >= 0, got {positions!r}")
-    if not bytes_per_element > 0:
-        raise ValueError(
-            f"kv_cache_bytes: bytes_per_element must be > 0, got {bytes_per_element!r}"
-        )
-    elements = 2 * num_layers * num_kv_heads * head_dim * positions * batch
-    exact = elements * bytes_per_element
-    return int(exact) if float(exact).is_integer() else int(exact) + 1
+__all__ = ["Cache", "ConcatKVCache", "KVCache", "SlidingWindowKVCache", "kv_cache_bytes",
+           "kv_cache_bytes_for_config"]
 
 
-def _config_get(cfg: Any, key: str) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(key)
-    return getattr(cfg, key, None)
 
-
-def kv_cache_bytes_for_config(
-    cfg_or_hf_dict: Any, positions: int, dtype_bytes: float = 2, batch: int = 1
-) -> int:
-    """``kv_cache_bytes`` from a model config alone (a config.json dict or a config object).
-
-    Reads Llama/Phi/Mistral-style keys: ``num_hidden_layers``, ``num_attention_heads``,
-    ``num_key_value_heads`` (defaults to the number of heads: no GQA), ``head_dim`` (defaults to
-    ``hidden_size / num_attention_heads``).
-    """
-    layers = _config_get(cfg_or_hf_dict, "num_hidden_layers")
-    heads = _config_get(cfg_or_hf_dict, "num_attention_heads")
-    if layers is None or heads is None:
-        raise ValueError(
-            "kv_cache_bytes_for_config: config needs num_hidden_layers and num_attention_heads"
-        )
-    kv_heads = _config_get(cfg_or_hf_dict, "num_key_value_heads") or heads
-    head_dim = _config_get(cfg_or_hf_dict, "head_dim")
-    if head_dim is None:
-        hidden = _config_get(cfg_or_hf_dict, "hidden_size")
-        if hidden is None or hidden % heads:
-            raise ValueError(
-                "kv_cache_bytes_for_config: config needs head_dim, or a hidden_size divisible by "
-                f"num_attention_heads (got hidden_size={hidden!r}, heads={heads!r})"
-            )
-        head_dim = hidden // heads
-    return kv_cache_bytes(
-        num_layers=int(layers),
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        positions=positions,
-        bytes_per_element=dtype_bytes,
-        batch=batch,
-    )
-
-
-@runtime_checkable
-class Cache(Protocol):
-    """What ``Llama.forward`` and ``Phi.forward`` need from a cache (see the module docstring)."""
-
-    @property
-    def length(self) -> int: ...
-
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def advance(self, num_tokens: int) -> None: ...
-
-
-class KVCache:
+class KVCache(SequentialCache):
     """A contiguous cache preallocated for ``max_len`` positions (the simplest correct layout)."""
 
     def __init__(
@@ -129,8 +47,6 @@ class KVCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        import torch
-
         for name, value in (
             ("num_layers", num_layers),
             ("num_kv_heads", num_kv_heads),
@@ -138,8 +54,7 @@ class KVCache:
             ("max_len", max_len),
             ("batch", batch),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive integer, got {value!r}")
+            positive_int(value, name, "KVCache")
         shape = (batch, num_kv_heads, max_len, head_dim)
         dtype = dtype or torch.float32
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -221,3 +136,124 @@ class KVCache:
             f"KVCache(layers={self.num_layers}, batch={b}, kv_heads={h}, head_dim={d}, "
             f"length={self._length}/{n}, dtype={self.k[0].dtype})"
         )
+
+
+
+class ConcatKVCache(SequentialCache):
+    """A cache that grows by concatenation: each update allocates new K and V tensors one step
+    longer and copies the old ones in. Simple and always exactly the right size, but every step
+    copies the whole cache (O(n) bytes per token, O(n^2) over a generation) and allocates — and a
+    compiled graph with fixed-shape state (Core ML's stateful models) cannot express it."""
+
+    def __init__(self, num_layers: int) -> None:
+        positive_int(num_layers, "num_layers", "ConcatKVCache")
+        self.k: list[Any] = [None] * num_layers
+        self.v: list[Any] = [None] * num_layers
+        self._length = 0
+
+    @classmethod
+    def for_model(cls, model: Any) -> ConcatKVCache:
+        return cls(model.config.num_hidden_layers)
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k.contiguous(), v.contiguous()
+        else:
+            self.k[layer] = torch.cat((self.k[layer], k), dim=2)
+            self.v[layer] = torch.cat((self.v[layer], v), dim=2)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, num_tokens: int) -> None:
+        self._length += num_tokens
+
+    def reset(self) -> None:
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)
+        self._length = 0
+
+
+class SlidingWindowKVCache(SequentialCache):
+    """Keep only the last ``window`` positions, in a ring buffer: position p lives in slot
+    p mod window, so memory is fixed at ``window`` positions however long the generation runs.
+
+    Why the slot order does not matter: keys are stored after RoPE (their position is already
+    baked in), and one query's softmax attention is a sum over (key, value) pairs, unchanged by
+    permuting them. So a decode step (one new token) attends over the raw buffer without a mask.
+    Semantics, as Mistral's: the token at position p sees positions p - window + 1 ... p.
+
+    Several tokens at once (the prompt) need a causal mask with positions = slots, so they are
+    accepted only while nothing has been evicted yet (length + T <= window); a longer prompt
+    must be fed in pieces that keep to that, or one token at a time.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        window: int,
+        batch: int = 1,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("window", window), ("batch", batch)):
+            positive_int(value, name, "SlidingWindowKVCache")
+        shape = (batch, num_kv_heads, window, head_dim)
+        dtype = dtype or torch.float32
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.window = window
+        self._length = 0
+
+    @classmethod
+    def for_model(cls, model: Any, window: int, batch: int = 1) -> SlidingWindowKVCache:
+        cfg = model.config
+        param = next(model.parameters())
+        return cls(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                   head_dim=cfg.head_dim, window=window, batch=batch, dtype=param.dtype,
+                   device=param.device)
+
+    @property
+    def length(self) -> int:
+        """Absolute position of the next token (RoPE needs it), not the number of slots used."""
+        return self._length
+
+    @property
+    def held(self) -> int:
+        """Positions actually kept: min(length, window)."""
+        return min(self._length, self.window)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.shape[2]
+        start = self._length
+        if t == 1:
+            slot = start % self.window
+            self.k[layer][:, :, slot : slot + 1] = k
+            self.v[layer][:, :, slot : slot + 1] = v
+            end = min(start + 1, self.window)
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        if start + t > self.window:
+            raise ValueError(
+                f"SlidingWindowKVCache: {t} tokens at once after {start} positions exceed the "
+                f"window of {self.window}; feed at most {self.window - start} tokens at once "
+                "here, then one token at a time"
+            )
+        self.k[layer][:, :, start : start + t] = k
+        self.v[layer][:, :, start : start + t] = v
+        return self.k[layer][:, :, : start + t], self.v[layer][:, :, : start + t]
+
+    def advance(self, num_tokens: int) -> None:
+        self._length += num_tokens
+
+    def reset(self) -> None:
+        self._length = 0
+
+    def nbytes(self) -> int:
+        """Bytes allocated by the ring buffers (``window`` positions, whatever the length)."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

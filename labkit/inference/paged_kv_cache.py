@@ -37,7 +37,9 @@ notebook measures on a CPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
+
+from labkit.models.layers import SequentialCache
 
 if TYPE_CHECKING:  # torch is heavy; the bookkeeping classes do not need it
     import torch
@@ -417,7 +419,7 @@ class PagedKVCache:
         )
 
 
-class SequenceCache:
+class SequenceCache(SequentialCache):
     """One sequence of a ``PagedKVCache`` behind the ``Cache`` protocol (batch 1).
 
     ``update`` writes the new positions through the block table, then gathers all of the
@@ -473,50 +475,73 @@ class SequenceCache:
 # --- batched decode: several sequences of different lengths, one token each ---------------------
 
 
-class BatchedCache(Protocol):
-    """What ``decode_step`` needs: per-row positions, a write, a read, and an advance."""
+class _RowsAtPositions:
+    """A model cache over B rows at different positions, one new token per row per forward.
 
-    def positions(self) -> list[int]: ...
+    ``positions(1)`` is called first in every forward: it reserves the slot each row writes
+    (``_begin``) and returns ``[B, 1, 1]`` positions, so each row gets RoPE at its own position;
+    ``mask(1)`` hides the positions beyond each row's length (padding in the batch's K/V).
+    Subclasses implement ``_begin``, ``update`` and ``advance``.
+    """
 
-    def begin_step(self) -> None: ...
+    _positions_now: list[int]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None: ...
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        import torch
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+        if num_tokens != 1:
+            raise ValueError(
+                f"{type(self).__name__} decodes one token per row per step, got {num_tokens}"
+            )
+        self._positions_now = self._begin()
+        self._read_length = max(self._positions_now) + 1
+        return torch.tensor(self._positions_now, dtype=torch.long,
+                            device=self._device())[:, None, None]
 
-    def end_step(self) -> None: ...
+    def mask(self, num_tokens: int) -> torch.Tensor:
+        import torch
+
+        device = self._device()
+        positions = torch.tensor(self._positions_now, dtype=torch.long, device=device)
+        span = torch.arange(self._read_length, device=device)
+        return (span[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, S]
 
 
-class PagedBatch:
+class PagedBatch(_RowsAtPositions):
     """Sequences of a ``PagedKVCache`` decoded together, each at its own position."""
 
     def __init__(self, cache: PagedKVCache, seqs: Sequence[int]) -> None:
         self.cache = cache
         self.seqs = list(seqs)
 
-    def positions(self) -> list[int]:
+    @property
+    def lengths(self) -> list[int]:
+        """Positions each row has filled (the position its next token gets)."""
         return [self.cache.length(s) for s in self.seqs]
 
-    def begin_step(self) -> None:
+    def _device(self) -> torch.device:
+        return self.cache.k_pool[0].device
+
+    def _begin(self) -> list[int]:
         for s in self.seqs:
             self.cache.prepare_write(s, 1)
-        positions = self.positions()
+        positions = self.lengths
         self._slots = self.cache.slots(self.seqs, positions)
         self._table = self.cache.block_table_tensor(self.seqs)
-        self._read_length = max(positions) + 1
+        return positions
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.cache.write(layer, *self._slots, k[:, :, 0], v[:, :, 0])
-
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.gather(layer, self._table, self._read_length)
 
-    def end_step(self) -> None:
+    def advance(self, num_tokens: int) -> None:
         for s in self.seqs:
-            self.cache.tables.advance(s, 1)
+            self.cache.tables.advance(s, num_tokens)
 
 
-class PaddedBatch:
+class PaddedBatch(_RowsAtPositions):
     """The baseline: max-length preallocation, one row of a contiguous ``KVCache`` per sequence.
 
     Every row reserves ``max_len`` positions whatever its real length. ``row(i)`` is a
@@ -530,32 +555,32 @@ class PaddedBatch:
     def row(self, index: int) -> _PaddedRow:
         return _PaddedRow(self, index)
 
-    def positions(self) -> list[int]:
-        return list(self.lengths)
+    def _device(self) -> torch.device:
+        return self.kv.k[0].device
 
-    def begin_step(self) -> None:
+    def _begin(self) -> list[int]:
         import torch
 
         if max(self.lengths) + 1 > self.kv.max_len:
             raise ValueError(f"PaddedBatch: a row would pass max_len={self.kv.max_len}")
-        device = self.kv.k[0].device
+        device = self._device()
         self._rows = torch.arange(len(self.lengths), device=device)
         self._positions = torch.tensor(self.lengths, dtype=torch.long, device=device)
-        self._read_length = max(self.lengths) + 1
+        return list(self.lengths)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.kv.k[layer][self._rows, :, self._positions] = k[:, :, 0]
         self.kv.v[layer][self._rows, :, self._positions] = v[:, :, 0]
-
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = self._read_length
         return self.kv.k[layer][:, :, :n], self.kv.v[layer][:, :, :n]
 
-    def end_step(self) -> None:
-        self.lengths = [n + 1 for n in self.lengths]
+    def advance(self, num_tokens: int) -> None:
+        self.lengths = [n + num_tokens for n in self.lengths]
 
 
-class _PaddedRow:
+class _PaddedRow(SequentialCache):
     """Row ``index`` of a PaddedBatch as a batch-1 ``Cache`` (for prefilling one prompt)."""
 
     def __init__(self, batch: PaddedBatch, index: int) -> None:
@@ -581,72 +606,24 @@ class _PaddedRow:
         self.batch.lengths[self.index] += num_tokens
 
 
-def _attend_one_token(
-    attn: Any,
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    kv: BatchedCache,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """``LlamaAttention`` for one new token per row: RoPE at each row's position, a padding mask.
-
-    x is [B, 1, hidden]; cos/sin are [B, 1, 1, head_dim]; mask is [B, 1, 1, S] (True = attend).
-    """
-    import torch.nn.functional as F
-
-    from labkit.models.llama import SDPA_GQA, apply_rope, repeat_kv
-
-    b = x.shape[0]
-    q = attn.q_proj(x).view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv.write(attn.layer, k, v)
-    keys, values = kv.read(attn.layer)
-    gqa = attn.n_heads != attn.n_kv_heads
-    if gqa and not SDPA_GQA:
-        n_rep = attn.n_heads // attn.n_kv_heads
-        keys, values, gqa = repeat_kv(keys, n_rep), repeat_kv(values, n_rep), False
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-    return attn.o_proj(y.transpose(1, 2).reshape(b, 1, attn.n_heads * attn.head_dim))
-
-
-def decode_step(model: Any, kv: BatchedCache, tokens: torch.Tensor) -> torch.Tensor:
+def decode_step(model: Any, kv: PagedBatch | PaddedBatch, tokens: torch.Tensor) -> torch.Tensor:
     """One decode step of a labkit ``Llama`` for B sequences at different positions.
 
     ``tokens`` [B] are each sequence's newest token; returns the next-token logits [B, vocab].
-    The model's own modules (embedding, norms, projections, MLP) do the work; only the position
-    handling differs from ``Llama.forward``: each row gets RoPE at its own position, and a mask
-    hides the positions beyond each row's length (padding in the batch's K/V).
+    The model's own forward does the work: the batch cache gives each row its position for RoPE
+    and a mask over the positions beyond each row's length.
     """
-    import torch
-    import torch.nn.functional as F
-
-    kv.begin_step()
-    device = tokens.device
-    positions = torch.tensor(kv.positions(), dtype=torch.long, device=device)
-    if int(positions.max()) + 1 > model.rope_cos.shape[0]:
+    longest = max(kv.lengths)
+    if longest + 1 > model.rope_cos.shape[0]:
         raise ValueError(
-            f"decode_step: position {int(positions.max())} exceeds max_position_embeddings="
+            f"decode_step: position {longest} exceeds max_position_embeddings="
             f"{model.rope_cos.shape[0]}"
         )
-    dtype = model.model.embed_tokens.weight.dtype
-    cos = model.rope_cos[positions].to(dtype)[:, None, None, :]
-    sin = model.rope_sin[positions].to(dtype)[:, None, None, :]
-    span = int(positions.max()) + 1
-    mask = (torch.arange(span, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-    x = model.model.embed_tokens(tokens[:, None])
-    for block in model.model.layers:
-        h = block.input_layernorm(x)
-        x = x + _attend_one_token(block.self_attn, h, cos, sin, kv, mask)
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    kv.end_step()
-    return F.linear(model.model.norm(x), model.output_weight)[:, -1]
+    return model(tokens[:, None], cache=kv)[:, -1]
 
 
 def greedy_batch(
-    model: Any, kv: BatchedCache, last_tokens: torch.Tensor, max_new_tokens: int
+    model: Any, kv: PagedBatch | PaddedBatch, last_tokens: torch.Tensor, max_new_tokens: int
 ) -> torch.Tensor:
     """Greedy-decode ``max_new_tokens`` per row after prefill; returns the new tokens [B, n].
 

@@ -6,8 +6,8 @@ torch and transformers load when a model is built or loaded, so ``import labkit.
 
 from __future__ import annotations
 
-from labkit.inference.kv_cache import kv_cache_bytes, kv_cache_bytes_for_config
 from labkit.models.errors import ModelLoadError
 from labkit.models.loader import LoadedModel, load
+from labkit.models.sizes import kv_cache_bytes, kv_cache_bytes_for_config
 
 __all__ = ["LoadedModel", "ModelLoadError", "kv_cache_bytes", "kv_cache_bytes_for_config", "load"]

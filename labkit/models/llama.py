@@ -28,81 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labkit.inference.kv_cache import Cache
 from labkit.models.config import LlamaConfig
+from labkit.models.layers import (
+    Cache,
+    Positions,
+    apply_rope,
+    causal_attention,
+    rope_at,
+    rope_cos_sin,
+)
 
 INIT_STD = 0.02
-
-
-# --- building blocks shared with phi.py -------------------------------------------------------
-
-
-def rope_cos_sin(
-    rotary_dim: int, max_positions: int, theta: float, scaling_factor: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``[max_positions, rotary_dim]`` for RoPE (Su et al. 2021), in fp32.
-
-    Frequencies theta^(-2i/d), laid out as two halves ``cat(freqs, freqs)`` — the "rotate_half"
-    convention of transformers' Llama (not the interleaved pairs of the original paper/Meta code;
-    the two differ by a permutation of q/k channels that HF checkpoints already bake in).
-    """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim)
-    )
-    inv_freq = inv_freq / scaling_factor
-    positions = torch.arange(max_positions, dtype=torch.int64).float()
-    freqs = torch.outer(positions, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, d] by the angles of its positions (cos/sin are [T, d])."""
-    return x * cos + rotate_half(x) * sin
-
-
-def _sdpa_has_gqa() -> bool:
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 5)
-
-
-#: Let SDPA share each KV head across its query heads (``enable_gqa``, torch >= 2.5) instead of
-#: copying K/V per query head. Set False to get the explicit ``repeat_kv`` (older torch, or an
-#: exporter that does not know ``enable_gqa``); both give the same numbers.
-SDPA_GQA = _sdpa_has_gqa()
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[B, H_kv, S, d] -> [B, H_kv * n_rep, S, d]: KV head j serves query heads j*n_rep ..."""
-    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Softmax attention of queries at positions [start, start+T) over keys at [0, S).
-
-    q is [B, H, T, d]; k, v are [B, H_kv, S, d] with S = start + T. Grouped-query attention:
-    each KV head serves H / H_kv query heads (see SDPA_GQA for how).
-    """
-    t, s = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and not SDPA_GQA:
-        n_rep = q.shape[1] // k.shape[1]
-        k, v, gqa = repeat_kv(k, n_rep), repeat_kv(v, n_rep), False
-    if t == 1:  # one new token sees every filled position: no mask needed
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if start == 0 and s == t:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    # Several new tokens after a filled prefix: query i (position start+i) sees keys <= start+i.
-    # (SDPA's is_causal aligns the mask top-left, which is wrong when S > T.)
-    rows = torch.arange(t, device=q.device)[:, None] + start
-    mask = rows >= torch.arange(s, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 # --- Llama ---------------------------------------------------------------------------------------
@@ -142,22 +78,29 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, heads, T, head_dim]`` of ``x``, with RoPE applied to q and k."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        start: int,
-        cache: Cache | None,
+        cache: Cache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = causal_attention(q, k, v, start)
+        y = causal_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -186,8 +129,8 @@ class LlamaBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, start: int, cache: Cache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
+    def forward(self, x, cos, sin, cache: Cache | None = None, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -255,17 +198,9 @@ class Llama(nn.Module):
 
     # -- forward --
 
-    def _positions(self, t: int, cache: Cache | None) -> tuple[int, torch.Tensor, torch.Tensor]:
-        start = 0 if cache is None else cache.length
-        if start + t > self.rope_cos.shape[0]:
-            raise ValueError(
-                f"sequence of {start + t} positions exceeds max_position_embeddings="
-                f"{self.rope_cos.shape[0]}"
-            )
-        dtype = self.model.embed_tokens.weight.dtype
-        cos = self.rope_cos[start : start + t].to(dtype)
-        sin = self.rope_sin[start : start + t].to(dtype)
-        return start, cos, sin
+    def rope(self, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at ``positions`` (a slice or a tensor: ``Cache.positions``)."""
+        return rope_at(self.rope_cos, self.rope_sin, positions, self.model.embed_tokens.weight.dtype)
 
     def forward(
         self,
@@ -273,26 +208,30 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         *,
         return_hidden: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``[B, T, vocab]`` for ``input_ids`` ``[B, T]``.
 
         With ``return_hidden=True`` also returns the residual stream: ``hidden[0]`` is the
         embedding output and ``hidden[i]`` the output of layer ``i`` (1-based, before the final
         norm) — the same as transformers' ``output_hidden_states`` for ``i < num_hidden_layers``.
+        With ``last_only=True`` only the last position's logits are computed (``[B, 1, vocab]``):
+        what a prefill needs, without a ``[T, vocab]`` product it would throw away.
         """
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}"
             )
         t = input_ids.shape[1]
-        start, cos, sin = self._positions(t, cache)
+        cos, sin = self.rope(slice(0, t) if cache is None else cache.positions(t))
+        mask = None if cache is None else cache.mask(t)
         x = self.model.embed_tokens(input_ids)
         hidden = [x] if return_hidden else []
         for block in self.model.layers:
-            x = block(x, cos, sin, start, cache)
+            x = block(x, cos, sin, cache, mask)
             if return_hidden:
                 hidden.append(x)
         if cache is not None:
             cache.advance(t)
-        logits = F.linear(self.model.norm(x), self.output_weight)
+        logits = F.linear(self.model.norm(x[:, -1:] if last_only else x), self.output_weight)
         return (logits, hidden) if return_hidden else logits

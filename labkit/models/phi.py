@@ -23,9 +23,16 @@ import math
 import torch
 from torch import nn
 
-from labkit.inference.kv_cache import Cache
 from labkit.models.config import PhiConfig
-from labkit.models.llama import INIT_STD, apply_rope, causal_attention, rope_cos_sin
+from labkit.models.layers import (
+    Cache,
+    Positions,
+    apply_rope,
+    causal_attention,
+    rope_at,
+    rope_cos_sin,
+)
+from labkit.models.llama import INIT_STD
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -55,17 +62,29 @@ class PhiAttention(nn.Module):
         rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         return torch.cat((apply_rope(rot, cos, sin), keep), dim=-1)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, cache: Cache | None
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[B, heads, T, head_dim]`` of ``x``, partial RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.partial_rope(q, cos, sin), self.partial_rope(k, cos, sin)
+        return self.partial_rope(q, cos, sin), self.partial_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: Cache | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = causal_attention(q, k, v, start)
+        y = causal_attention(q, k, v, mask)
         return self.dense(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
@@ -90,9 +109,9 @@ class PhiBlock(nn.Module):
         self.mlp = PhiMLP(cfg)
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, start: int, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: Cache | None = None, mask=None) -> torch.Tensor:
         h = self.input_layernorm(x)
-        return self.self_attn(h, cos, sin, start, cache) + self.mlp(h) + x
+        return self.self_attn(h, cos, sin, cache, mask) + self.mlp(h) + x
 
 
 class PhiModel(nn.Module):
@@ -148,12 +167,17 @@ class Phi(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.lm_head.weight
 
+    def rope(self, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotary channels at ``positions`` (``Cache.positions``)."""
+        return rope_at(self.rope_cos, self.rope_sin, positions, self.model.embed_tokens.weight.dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         cache: Cache | None = None,
         *,
         return_hidden: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits ``[B, T, vocab]``; ``return_hidden`` as in ``Llama.forward``."""
         if input_ids.dim() != 2:
@@ -161,22 +185,15 @@ class Phi(nn.Module):
                 f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}"
             )
         t = input_ids.shape[1]
-        start = 0 if cache is None else cache.length
-        if start + t > self.rope_cos.shape[0]:
-            raise ValueError(
-                f"sequence of {start + t} positions exceeds max_position_embeddings="
-                f"{self.rope_cos.shape[0]}"
-            )
-        dtype = self.model.embed_tokens.weight.dtype
-        cos = self.rope_cos[start : start + t].to(dtype)
-        sin = self.rope_sin[start : start + t].to(dtype)
+        cos, sin = self.rope(slice(0, t) if cache is None else cache.positions(t))
+        mask = None if cache is None else cache.mask(t)
         x = self.model.embed_tokens(input_ids)
         hidden = [x] if return_hidden else []
         for block in self.model.layers:
-            x = block(x, cos, sin, start, cache)
+            x = block(x, cos, sin, cache, mask)
             if return_hidden:
                 hidden.append(x)
         if cache is not None:
             cache.advance(t)
-        logits = self.lm_head(self.model.final_layernorm(x))
+        logits = self.lm_head(self.model.final_layernorm(x[:, -1:] if last_only else x))
         return (logits, hidden) if return_hidden else logits

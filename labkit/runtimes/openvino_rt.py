@@ -40,10 +40,10 @@ COMPRESSION: dict[str, tuple[str, int | None]] = {
 def _kv_step_module(model: Any) -> Any:
     """A torch module computing one prefill/decode call of ``model`` on explicit stacked K/V."""
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
-    from labkit.models.llama import apply_rope, repeat_kv
+    from labkit.inference.export_cache import PastKVCache
+    from labkit.models.layers import explicit_gqa
 
     class KVStep(nn.Module):
         """(input_ids [1,T], position_ids [1,T], past_k/v [L,1,Hkv,S,d]) -> logits, present K/V."""
@@ -53,33 +53,13 @@ def _kv_step_module(model: Any) -> Any:
             self.llama = llama
 
         def forward(self, input_ids, position_ids, past_k, past_v):  # noqa: ANN001
-            m = self.llama
             pos = position_ids[0]
-            cos, sin = m.rope_cos[pos], m.rope_sin[pos]  # [T, d]
             keys_at = torch.arange(past_k.shape[3] + input_ids.shape[1])
             mask = keys_at[None, :] <= pos[:, None]  # [T, S]: query i sees keys <= its position
-            x = m.model.embed_tokens(input_ids)
-            new_k, new_v = [], []
-            for i, block in enumerate(m.model.layers):
-                attn = block.self_attn
-                h = block.input_layernorm(x)
-                b, t = h.shape[0], h.shape[1]
-                q = attn.q_proj(h).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
-                k = attn.k_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                v = attn.v_proj(h).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                k = torch.cat([past_k[i], k], dim=2)
-                v = torch.cat([past_v[i], v], dim=2)
-                new_k.append(k)
-                new_v.append(v)
-                n_rep = attn.n_heads // attn.n_kv_heads  # explicit GQA: exporters know repeat
-                y = F.scaled_dot_product_attention(
-                    q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask
-                )
-                x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim))
-                x = x + block.mlp(block.post_attention_layernorm(x))
-            logits = F.linear(m.model.norm(x[:, -1]), m.output_weight)  # [1, vocab]
-            return logits, torch.stack(new_k), torch.stack(new_v)
+            cache = PastKVCache(past_k.unbind(0), past_v.unbind(0), pos, mask)
+            with explicit_gqa():  # exporters know repeat, not enable_gqa
+                logits = self.llama(input_ids, cache=cache, last_only=True)[:, -1]  # [1, vocab]
+            return logits, torch.stack(cache.present_k), torch.stack(cache.present_v)
 
     return KVStep(model).eval()
 

@@ -1,7 +1,7 @@
 """PyTorch adapters: eager (labkit's Llama + the fast decode loop), torch.compile, and CUDA.
 
 * ``torch-eager``: prefill is labkit's readable ``Llama`` writing a preallocated ``KVCache``;
-  each decode step is ``kvstudy.FastDecoder.step`` (same math, fused q/k/v and gate/up, no module
+  each decode step is ``labkit.inference.fast_decode.FastDecoder.step`` (same math, fused q/k/v and gate/up, no module
   dispatch), i.e. what a careful eager loop costs, not the slowest one could write.
 * ``torch-compile``: the same two functions through ``torch.compile`` (inductor). The decode
   step is written with static shapes (:class:`StaticStep`): it attends over the whole
@@ -43,9 +43,9 @@ class TorchEager(Runtime):
     def load(self, model_dir: Path) -> None:
         import torch
 
+        from labkit.inference.fast_decode import FastDecoder
         from labkit.inference.kv_cache import KVCache
         from labkit.models import load
-        from labkit.studies.kv_cache import FastDecoder
 
         self._check_available()
         if self.threads:
@@ -107,8 +107,9 @@ class TorchCuda(TorchEager):
 
 
 class StaticStep:
-    """One decode step with static shapes, for torch.compile: attention over all ``max_len``
-    cache slots, masked beyond the position; the position is a 0-d tensor, not a Python int."""
+    """One decode step with static shapes, for torch.compile: the FastDecoder's step over a
+    ``StaticCache`` of all ``max_len`` slots of the KV cache, masked beyond the position; the
+    position is a 0-d tensor, not a Python int, so one graph serves every step."""
 
     def __init__(self, decoder: Any, cache: Any) -> None:
         self.d = decoder
@@ -116,32 +117,12 @@ class StaticStep:
 
     def __call__(self, token: Any, pos: Any) -> Any:
         import torch
-        import torch.nn.functional as F
 
-        d = self.d
-        b = token.shape[0]
-        hd = d.head_dim
-        cos = d.model.rope_cos.index_select(0, pos.view(1))  # [1, hd]
-        sin = d.model.rope_sin.index_select(0, pos.view(1))
+        from labkit.inference.export_cache import StaticCache
+
         max_len = self.cache.k[0].shape[2]
         mask = (torch.arange(max_len, device=token.device) <= pos).view(1, 1, 1, max_len)
-        x = F.embedding(token, d.embed)
-        for i, layer in enumerate(d.layers):
-            h = d._rms(x, layer.attn_norm)
-            q, k, v = F.linear(h, layer.wqkv, layer.bqkv).split(
-                (d.q_size, d.kv_size, d.kv_size), dim=-1)
-            q = d._rope(q.view(b, d.n_heads, 1, hd), cos, sin)
-            k = d._rope(k.view(b, d.n_kv, 1, hd), cos, sin)
-            self.cache.k[i].index_copy_(2, pos.view(1), k)
-            self.cache.v[i].index_copy_(2, pos.view(1), v.view(b, d.n_kv, 1, hd))
-            y = F.scaled_dot_product_attention(
-                q, self.cache.k[i], self.cache.v[i], attn_mask=mask, enable_gqa=d.gqa
-            ).view(b, d.q_size)
-            x = x + F.linear(y, layer.wo, layer.bo)
-            h = d._rms(x, layer.mlp_norm)
-            gate, up = F.linear(h, layer.w_gate_up, layer.b_gate_up).split(d.inter, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down, layer.b_down)
-        return F.linear(d._rms(x, d.final_norm), d.out_weight)
+        return self.d.step(token, StaticCache(self.cache.k, self.cache.v, pos.view(1), mask))
 
 
 class TorchCompile(TorchEager):
