@@ -81,3 +81,35 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return build_hf_checkpoint(tmp_path / f"{arch}-{next(counter)}", arch, **kwargs)
 
     return make
+
+
+#: The shape most unit tests use: small enough to run in milliseconds, with grouped-query
+#: attention (4 query heads share 2 KV heads) so GQA paths are exercised.
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+def random_llama(seed: int = 0, *, logit_scale: float = 1.0, **overrides: Any):
+    """labkit's Llama with random weights (eval mode, fp32, CPU) of ``TINY_SHAPE`` + overrides.
+
+    ``logit_scale`` > 1 multiplies the output matrix so greedy choices are decisive, not near-ties
+    decided by float rounding (tests that compare greedy tokens across code paths use it).
+    """
+    import torch
+
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**{**TINY_SHAPE, **overrides})).eval()
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.output_weight.mul_(logit_scale)
+    return model
