@@ -113,3 +113,38 @@ def random_llama(seed: int = 0, *, logit_scale: float = 1.0, **overrides: Any):
         with torch.no_grad():
             model.output_weight.mul_(logit_scale)
     return model
+
+
+def decisive_llama(seed: int = 0, *, tied: bool = False, kv_heads: int = 2, vocab: int = 96):
+    """A tiny random GQA Llama whose greedy choices are decisive: norms moved away from one (a
+    dropped norm shows) and the final norm scaled up (peaked logits, no near-ties)."""
+    import torch
+
+    model = random_llama(seed, vocab_size=vocab, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=tied)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif tied and "layers" in name:  # else the tied embedding just repeats its input
+                p.mul_(5.0)
+        model.model.norm.weight.mul_(20.0)
+    return model
+
+
+def token_prompt(t: int = 5, b: int = 1, vocab: int = 96):
+    """Random token ids [b, t] from a fixed generator."""
+    import torch
+
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

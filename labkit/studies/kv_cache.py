@@ -25,10 +25,13 @@ torch is imported at the top; transformers and pandas only inside the functions 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from labkit.core import paths
@@ -368,74 +371,450 @@ def load_average() -> float | None:
         return None
 
 
+# --------------------------------------------------------------------------- the notebook's steps
+
+
+@dataclass
+class Setup:
+    """The model under study and how it is timed (what every later step of the notebook reads)."""
+
+    name: str
+    model: Any
+    card: dict
+    device: str
+    sync: Callable[[], None]
+    threads: int
+    thread_speeds: dict = field(default_factory=dict)
+    records: list[dict] = field(default_factory=list)  # what ``record`` wrote, in order
+
+    @property
+    def cfg(self) -> Any:
+        return self.model.config
+
+    def describe(self) -> str:
+        cfg, card = self.cfg, self.card
+        text = (f"{card['name']}: {card['num_parameters'] / 1e6:.1f} M parameters, {card['dtype']}, "
+                f"on {self.device}; {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} "
+                f"query heads, {cfg.num_key_value_heads} KV heads of {cfg.head_dim}")
+        if self.thread_speeds:
+            speeds = {k: round(v, 1) for k, v in self.thread_speeds.items()}
+            text += (f"\ntokens/s by thread count: {speeds} -> using {self.threads} (1-minute "
+                     f"load average {load_average()} on {os.cpu_count()} cores)")
+        else:
+            text += f"\n{self.device}: timings on the GPU; CPU threads left at {self.threads}"
+        return text
+
+    def record(self, metric: str, value: float, unit: str, *, params: dict,
+               model: str | None = None, device: str | None = None,
+               runtime: str = "torch") -> dict:
+        """One value of this study; timings carry the load average they were taken under."""
+        from labkit.core import results
+
+        if runtime != "formula":
+            params = {**params, "load_avg_1m": load_average()}
+        rec = results.record(STUDY, metric, float(value), unit, runtime=runtime,
+                             device=device or self.device, model=model or self.name, params=params)
+        self.records.append(rec)
+        return rec
+
+
+def setup(model_name: str, device: str, thread_candidates: Iterable[int]) -> Setup:
+    """Load ``model_name`` on ``device`` and, on a CPU, pick the fastest thread count *now*.
+
+    On a CPU the thread count matters as much as anything, and a busy machine's answer differs
+    from an idle one's: the fastest of ``thread_candidates`` for this machine at this moment is
+    kept for every CPU timing, for every contestant alike.
+    """
+    from labkit.core import env
+    from labkit.core.skips import skip
+    from labkit.core.timing import device_sync
+    from labkit.models import load
+
+    torch.manual_seed(0)
+    dev = env.pick_device(device)
+    if dev != "mps":
+        skip("MPS timings", env.optional_runtimes()["mps"] or f"DEVICE={device!r} resolved to {dev!r}")
+    loaded = load(model_name, device=dev)
+    out = Setup(model_name, loaded.model, loaded.card, dev, device_sync(dev), torch.get_num_threads())
+    if dev == "cpu":
+        out.threads, out.thread_speeds = pick_threads(loaded.model, thread_candidates)
+    return out
+
+
+def cache_bytes_check(model: Any, positions: int = 20) -> dict[str, Any]:
+    """Fill a KVCache with ``positions`` tokens: its tensors' shape and bytes against the formula."""
+    device = next(model.parameters()).device
+    kv = KVCache.for_model(model, max_len=positions)
+    with torch.inference_mode():
+        model(make_prompt(model.config.vocab_size, positions, seed=1).to(device), cache=kv)
+    size = kv.k[0].element_size()
+    return {"kv": kv, "shape": tuple(kv.k[0].shape), "expected_shape": cache_shapes(model.config, positions)["k"],
+            "formula": kv_cache_bytes_for_config(model.config, positions, size),
+            "real": tensor_bytes(kv), "per_token": kv_cache_bytes_for_config(model.config, 1, size),
+            "dtype_bytes": size}
+
+
+def cache_changes_nothing(model: Any, gen_len: int, prompt_len: int = 8) -> dict[str, Any]:
+    """Greedy tokens and logits with the cache and without it (every step reruns the sequence)."""
+    from labkit.inference.generate import greedy
+
+    device = next(model.parameters()).device
+    prompt = make_prompt(model.config.vocab_size, prompt_len, seed=2).to(device)
+    with_cache = greedy(model, prompt, gen_len, cache=True, return_logits=True)
+    without = greedy(model, prompt, gen_len, cache=False, return_logits=True)
+    return {"prompt": prompt, "with_cache": with_cache,
+            "tokens_identical": bool(torch.equal(with_cache.tokens, without.tokens)),
+            "logit_gap": (with_cache.logits - without.logits).abs().max().item()}
+
+
+def versus_dynamic_cache(model: Any, hf: Any, tokens: torch.Tensor, prefix: int = 8,
+                         steps: int = 16) -> dict[str, Any]:
+    """Ours against transformers' DynamicCache on the same weights: prefill ``prefix`` tokens,
+    then ``steps`` decode steps; the largest logit difference and the bytes each cache holds."""
+    import transformers
+
+    ids = tokens[:, : prefix + steps]
+    ours, theirs = KVCache.for_model(model, max_len=prefix + steps), transformers.DynamicCache(config=hf.config)
+    with torch.inference_mode():
+        gaps = [(model(ids[:, :prefix], cache=ours)
+                 - hf(ids[:, :prefix], cache=theirs, use_cache=True).logits).abs().max().item()]
+        for pos in range(prefix, ids.shape[1]):
+            a = model(ids[:, pos : pos + 1], cache=ours)
+            b = hf(ids[:, pos : pos + 1], cache=theirs, use_cache=True).logits
+            gaps.append((a - b).abs().max().item())
+    return {"gap": max(gaps), "steps": len(gaps) - 1, "hf_bytes": tensor_bytes(theirs),
+            "formula_bytes": kv_cache_bytes_for_config(model.config, ids.shape[1], 4)}
+
+
+def latency_sweep(s: Setup, prompt_lens: Iterable[int], gen_len: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """TTFT and TPOT with and without the cache per prompt length, recorded; the tokens must agree.
+
+    Returns (one row per prompt length and cache setting, one row per generated position).
+    """
+    import pandas as pd
+
+    rows, per_step = [], []
+    for prompt_len in prompt_lens:
+        prompt = make_prompt(s.cfg.vocab_size, prompt_len, seed=prompt_len).to(s.device)
+        time_cached(s.model, prompt, 2, sync=s.sync)  # warm-up at this shape
+        on, on_tokens = time_cached(s.model, prompt, gen_len, sync=s.sync)
+        off, off_tokens = time_uncached(s.model, prompt, gen_len, sync=s.sync)
+        if not torch.equal(on_tokens, off_tokens):
+            raise AssertionError(f"prompt_len={prompt_len}: cached and uncached tokens differ")
+        for cache, timing in (("on", on), ("off", off)):
+            params = {"prompt_len": prompt_len, "gen_len": gen_len, "cache": cache, "threads": s.threads}
+            s.record("ttft_ms", timing.ttft_s * 1e3, "ms", params=params)
+            s.record("tpot_ms", timing.tpot_median_s * 1e3, "ms", params=params)
+            rows.append({"prompt_len": prompt_len, "cache": cache, "ttft_ms": timing.ttft_s * 1e3,
+                         "tpot_ms": timing.tpot_median_s * 1e3, "total_s": timing.total_s})
+            for i, sec in enumerate([timing.ttft_s, *timing.tpot_s]):
+                per_step.append({"prompt_len": prompt_len, "cache": cache,
+                                 "position": prompt_len + i, "ms": sec * 1e3})
+        s.record("cache_speedup", off.total_s / on.total_s, "1",
+                 params={"prompt_len": prompt_len, "gen_len": gen_len, "threads": s.threads})
+    return pd.DataFrame(rows), pd.DataFrame(per_step)
+
+
+def latency_summary(timings: pd.DataFrame) -> pd.DataFrame:
+    """TTFT, TPOT and total time per prompt length, cache on and off, and the cache's speed-up."""
+    summary = timings.pivot(index="prompt_len", columns="cache", values=["ttft_ms", "tpot_ms", "total_s"])
+    summary[("cache_speedup", "")] = summary[("total_s", "off")] / summary[("total_s", "on")]
+    return summary
+
+
+def memory_table(model_cfg: Any, model_name: str, contexts: Iterable[int],
+                 dtype_bytes: float) -> tuple[pd.DataFrame, dict, dict]:
+    """Cache bytes against context: the published configs (fp16), the MHA/GQA/MQA variants of
+    Llama 2 7B's shape, and the model under study at its dtype. Returns (table, published, variants)."""
+    import pandas as pd
+
+    contexts = list(contexts)
+    published = {name: published_config(stem) for name, stem in PUBLISHED.items()}
+    variants = attention_variants(published["Llama 2 7B"], gqa_group=4)
+    table = pd.concat([
+        cache_bytes_table(published, contexts, dtype_bytes=2),
+        cache_bytes_table({f"Llama 2 7B shape, {k}": v for k, v in variants.items()}, contexts, 2),
+        cache_bytes_table({model_name: model_cfg}, contexts, dtype_bytes=dtype_bytes),
+    ], ignore_index=True)
+    return table, published, variants
+
+
+def record_memory_table(s: Setup, table: pd.DataFrame) -> None:
+    for row in table.itertuples():
+        s.record("cache_bytes", row.bytes, "bytes", runtime="formula", device="none", model=row.model,
+                 params={"model": row.model, "context": row.context, "attention": row.attention,
+                         "dtype_bytes": row.dtype_bytes})
+
+
+def cache_variants(s: Setup, update_lengths: list[int], window: int, prompt_len: int,
+                   equality: dict[str, Any], gen_len: int) -> dict[str, Any]:
+    """Concatenation against in place (one update; a whole decode, same tokens) and a sliding
+    window (agreement with the full cache, and its fixed memory)."""
+    import pandas as pd
+
+    from labkit.inference.generate import greedy
+    from labkit.inference.kv_cache import ConcatKVCache, SlidingWindowKVCache
+
+    shape = {"num_kv_heads": s.cfg.num_key_value_heads, "head_dim": s.cfg.head_dim}
+    update = pd.DataFrame({
+        "length": update_lengths,
+        "concat_us": np.array(cache_update_seconds("concat", update_lengths, **shape)) * 1e6,
+        "inplace_us": np.array(cache_update_seconds("inplace", update_lengths, **shape)) * 1e6,
+    })
+    prompt = make_prompt(s.cfg.vocab_size, prompt_len, seed=5).to(s.device)
+    e2e = {name: time_cached(s.model, prompt, gen_len, cache=make(), sync=s.sync)
+           for name, make in (("in place", lambda: None),
+                              ("concat", lambda: ConcatKVCache.for_model(s.model)))}
+    ring = SlidingWindowKVCache.for_model(s.model, window=window)
+    slid = greedy(s.model, equality["prompt"], gen_len, cache=ring)
+    n = equality["prompt"].shape[1] + gen_len
+    return {
+        "update": update, "e2e": e2e, "window_cache": ring,
+        "same_tokens": bool(torch.equal(e2e["in place"][1], e2e["concat"][1])),
+        "window_agreement": (slid.new_tokens == equality["with_cache"].new_tokens).float().mean().item(),
+        "full_bytes": [kv_cache_bytes_for_config(s.cfg, p, 4) for p in range(1, n + 1)],
+        "window_bytes": [kv_cache_bytes_for_config(s.cfg, min(p, window), 4) for p in range(1, n + 1)],
+    }
+
+
+def _timed_loops(big: Any, prompt: torch.Tensor, gen_len: int, repeats: int) -> list[dict]:
+    """Best TPOT of each decode loop on ``big`` (prefill excluded; transformers: included)."""
+    loops = {"generate.greedy": None, "FastDecoder (unfused)": FastDecoder(big, fuse=False),
+             "FastDecoder": FastDecoder(big)}
+    rows = []
+    for name, dec in loops.items():
+        time_cached(big, prompt, 3, decoder=dec)  # warm-up
+        tpots = [time_cached(big, prompt, gen_len, decoder=dec)[0].tpot_median_s for _ in range(repeats)]
+        rows.append({"loop": name, "tpot_s": min(tpots)})
+    twin = hf_twin(big)
+    tokens_per_s_hf_generate(twin, prompt, 3)  # warm-up
+    runs = [tokens_per_s_hf_generate(twin, prompt, gen_len)[0] for _ in range(repeats)]
+    rows.append({"loop": "transformers.generate", "tpot_s": 1 / max(runs)})  # prefill included
+    return rows
+
+
+def roofline(s: Setup, size: str, gen_len: int, quick: bool) -> dict[str, Any]:
+    """Decode of a random Llama whose fp32 weights dwarf the CPU caches, against the bytes a step
+    reads over the measured DRAM copy bandwidth; each loop's fraction of that limit, recorded."""
+    import pandas as pd
+
+    from labkit.core import env
+    from labkit.models.sizes import weight_bytes_per_token
+
+    bandwidth = env.peak_copy_bandwidth_gbs(env.copy_bandwidth([2**26, 2**27, 2**28],
+                                                               repeats=3 if quick else 5))
+    rcfg = roofline_config(size)
+    big = random_llama(rcfg)
+    prompt = make_prompt(rcfg["vocab_size"], 16, seed=6)
+    roof = pd.DataFrame(_timed_loops(big, prompt, gen_len, 1 if quick else 2))
+    bytes_tok = decode_bytes_per_token(rcfg, 16 + gen_len // 2, 4)["total"]
+    roof["tokens_per_s"] = 1 / roof.tpot_s
+    roof["roofline_fraction"] = [roofline_fraction(bytes_tok, t, bandwidth) for t in roof.tpot_s]
+    n_params = big.num_parameters()
+    for row in roof.itertuples():
+        s.record("decode_roofline_fraction", row.roofline_fraction, "1", model=f"random-llama-{size}",
+                 device="cpu", params={"loop": row.loop, "params": n_params, "bytes_per_token": bytes_tok,
+                                       "copy_bandwidth_gbs": round(bandwidth, 3), "threads": s.threads,
+                                       "gen_len": gen_len})
+    llc = max(env.cpu_cache_sizes().values(), default=0)
+    return {"table": roof, "bandwidth": bandwidth, "bytes_per_token": bytes_tok, "params": n_params,
+            "limit_s": roofline_seconds(bytes_tok, bandwidth), "llc": llc,
+            "weights_bytes": weight_bytes_per_token(rcfg, 4),
+            "fast_fraction": float(roof.set_index("loop").loc["FastDecoder", "roofline_fraction"])}
+
+
+def versus_transformers(s: Setup, hf: Any, prompt_len: int, gen_len: int, repeats: int) -> dict[str, Any]:
+    """Whole generations (prefill included) of each decode loop and ``transformers.generate`` on
+    the same weights, interleaved ``repeats`` times so load changes hit all alike; recorded."""
+    import pandas as pd
+
+    from labkit.inference.generate import greedy
+
+    prompt = make_prompt(s.cfg.vocab_size, prompt_len, seed=7).to(s.device)
+    fast, unfused = FastDecoder(s.model), FastDecoder(s.model, fuse=False)
+
+    def contestants(n: int) -> dict[str, Callable[[], Any]]:
+        return {"generate.greedy": lambda: greedy(s.model, prompt, n).tokens,
+                "FastDecoder (unfused)": lambda: unfused.greedy(prompt, n)[0],
+                "FastDecoder": lambda: fast.greedy(prompt, n)[0],
+                "transformers.generate": lambda: tokens_per_s_hf_generate(hf, prompt, n)[1]}
+
+    for run in contestants(4).values():  # warm-up: first-call allocations, lazy imports
+        run()
+    speed: dict[str, list[float]] = {name: [] for name in contestants(gen_len)}
+    outputs = {}
+    for _ in range(repeats):
+        for name, run in contestants(gen_len).items():
+            rate, outputs[name] = tokens_per_s_ours(run, gen_len, sync=s.sync)
+            speed[name].append(rate)
+    levers = pd.DataFrame({"loop": list(speed), "tokens_per_s": [float(np.median(v)) for v in speed.values()],
+                           "p10": [float(np.percentile(v, 10)) for v in speed.values()],
+                           "p90": [float(np.percentile(v, 90)) for v in speed.values()]})
+    levers["vs_generate"] = levers.tokens_per_s / levers.set_index("loop").loc["transformers.generate", "tokens_per_s"]
+    for loop in ("FastDecoder", "generate.greedy"):
+        s.record("speedup_vs_hf_generate", levers.set_index("loop").loc[loop, "vs_generate"], "1",
+                 params={"loop": loop, "prompt_len": prompt_len, "gen_len": gen_len,
+                         "threads": s.threads, "repeats": repeats})
+    reference = outputs["transformers.generate"].cpu()
+    return {"table": levers, "same_tokens": all(torch.equal(o.cpu(), reference) for o in outputs.values()),
+            "speedup": float(levers.set_index("loop").loc["FastDecoder", "vs_generate"])}
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot_latency(steps: pd.DataFrame, prompt_lens: Iterable[int], title: str):
+    """Latency of each new token against its position, and the cumulative time, cache on/off."""
+    from labkit.core import plotting
+
+    fig, axes = plotting.new_figure(1, 2, figsize=(11, 4.2))
+    for prompt_len in prompt_lens:
+        for cache, style in (("on", "-"), ("off", "--")):
+            sel = steps[(steps.prompt_len == prompt_len) & (steps.cache == cache)]
+            decode = sel.iloc[1:]  # the first entry is the prefill (TTFT)
+            label = f"prompt {prompt_len}, cache {cache}"
+            axes[0].plot(decode.position, decode.ms, style, label=label)
+            axes[1].plot(np.arange(len(sel)) + 1, sel.ms.cumsum() / 1e3, style, label=label)
+    axes[0].set(title="Latency of each new token", xlabel="position of the new token",
+                ylabel="decode step latency (ms)", yscale="log")
+    axes[1].set(title="Cumulative time, prefill included", xlabel="tokens generated",
+                ylabel="elapsed (s)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_memory(table: pd.DataFrame):
+    """Cache bytes against context per model (log-log), with Apple's published point."""
+    from matplotlib.ticker import LogLocator
+
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure(figsize=(10, 4.6))
+    for name, sel in table.groupby("model", sort=False):
+        style = ":" if name.startswith("Llama 2 7B shape") else "-"
+        ax.plot(sel.context, sel.bytes, style, marker="o", ms=3,
+                label=f"{name} ({sel.attention.iloc[0]}, {sel.dtype_bytes.iloc[0]:g} B/value)")
+    ax.plot([APPLE_CONTEXT], [APPLE_LLAMA31_8B_CACHE_GB * 1e9], "k*", ms=12,
+            label="Apple: ~1 GB, Llama 3.1 8B fp16")
+    ax.set(xscale="log", yscale="log", title="KV-cache size against context (batch 1)",
+           xlabel="context (tokens)", ylabel="cache size")
+    ax.set_xscale("log", base=2)
+    ax.yaxis.set_major_locator(LogLocator(base=4))
+    ax.yaxis.set_minor_locator(LogLocator(base=4, subs=()))
+    ax.yaxis.set_major_formatter(plotting.bytes_formatter())
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def plot_variants(v: dict[str, Any], window: int, model_name: str):
+    """One cache update's time (concat vs in place), and bytes held (full vs sliding window)."""
+    from matplotlib.ticker import MultipleLocator, NullFormatter, ScalarFormatter
+
+    from labkit.core import plotting
+
+    update, full, ring = v["update"], v["full_bytes"], v["window_bytes"]
+    fig, axes = plotting.new_figure(1, 2, figsize=(11, 4.2))
+    axes[0].plot(update.length, update.concat_us, "o-", label="grow by torch.cat (copy all)")
+    axes[0].plot(update.length, update.inplace_us, "s-", label="preallocated, write in place")
+    axes[0].set(xscale="log", yscale="log", title="One cache update (one layer, one token)",
+                xlabel="cache length (positions)", ylabel="time per update (µs)")
+    axes[0].legend()
+    pos = np.arange(1, len(full) + 1)
+    axes[1].plot(pos, full, label="full cache (filled part)")
+    axes[1].plot(pos, ring, label=f"sliding window of {window}")
+    axes[1].set(title=f"{model_name}: cache bytes as the sequence grows", xlabel="position",
+                ylabel="cache size")
+    axes[1].yaxis.set_major_locator(MultipleLocator(2 ** int(np.ceil(np.log2(max(full) / 6)))))
+    axes[1].yaxis.set_major_formatter(plotting.bytes_formatter())
+    axes[0].yaxis.set_major_formatter(ScalarFormatter())
+    axes[0].yaxis.set_minor_formatter(NullFormatter())
+    axes[1].legend()
+    fig.suptitle("Cache variants")
+    return fig
+
+
+def plot_roofline(r: dict[str, Any], threads: int):
+    """Decode tokens/s of each loop against the bandwidth limit, each bar labelled with its fraction."""
+    from labkit.core import plotting
+
+    roof = r["table"]
+    fig, ax = plotting.new_figure()
+    ax.barh(roof.loop, roof.tokens_per_s, color=plotting.COLORS[0])
+    ax.axvline(1 / r["limit_s"], color="k", ls="--",
+               label=f"roofline: {r['bytes_per_token'] / 1e6:.0f} MB / {r['bandwidth']:.1f} GB/s")
+    for y, (v, f) in enumerate(zip(roof.tokens_per_s, roof.roofline_fraction, strict=True)):
+        ax.text(v, y, f" {f:.0%}", va="center")
+    ax.set(title=f"Decode, random {r['params'] / 1e6:.0f} M-parameter Llama, fp32, CPU, "
+                 f"{threads} thread(s)",
+           xlabel="decode tokens/s (transformers: prefill included)", ylabel="decode loop")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_versus_transformers(levers: pd.DataFrame, limit_tok_s: float, title: str):
+    """Whole-generation tokens/s per loop (median, p10-p90) with its ratio to transformers."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure()
+    y = np.arange(len(levers))
+    ax.barh(y, levers.tokens_per_s, color=[plotting.COLORS[i] for i in range(len(levers))],
+            xerr=[levers.tokens_per_s - levers.p10, levers.p90 - levers.tokens_per_s])
+    ax.set_yticks(y, levers.loop)
+    for i, r in enumerate(levers.itertuples()):
+        ax.text(r.p90, i, f"  {r.vs_generate:.2f}x", va="center")
+    ax.axvline(limit_tok_s, color="k", ls="--", label="bandwidth limit (decode only)")
+    ax.set(title=title, xlabel="tokens/s, whole generation (median, p10-p90)", ylabel="decode loop")
+    ax.legend(loc="lower right")
+    return fig
+
+
+# --------------------------------------------------------------------------- what the numbers say
+
+
+def claims(*, equality: dict, dynamic: dict, bytes_check: dict, timings: pd.DataFrame,
+           apple_bytes: int, variants_cfg: dict, variants: dict, model_cfg: Any,
+           window: int) -> dict[str, bool]:
+    """The study's claims, each computed from this run's measurements (the notebook asserts them)."""
+    on = timings[timings.cache == "on"].set_index("prompt_len")
+    off = timings[timings.cache == "off"].set_index("prompt_len")
+    longest = int(on.index.max())
+    speedups = off.total_s / on.total_s
+    size = {k: kv_cache_bytes_for_config(c, 4096, 2) for k, c in variants_cfg.items()}
+    update = variants["update"]
+    return {
+        "the cache changes no token (greedy, every prompt length)": equality["tokens_identical"],
+        "ours matches transformers' DynamicCache within 1e-5": dynamic["gap"] <= 1e-5,
+        "the byte formula equals the real tensors' bytes": bytes_check["formula"] == bytes_check["real"],
+        f"the cache makes the whole generation faster at every prompt length "
+        f"(x{speedups.min():.1f} to x{speedups.max():.1f})": bool((speedups > 1).all()),
+        f"without the cache a decode step at prompt {longest} is slower than with it":
+            bool(off.loc[longest, "tpot_ms"] > on.loc[longest, "tpot_ms"]),
+        f"Llama 3.1 8B at {APPLE_CONTEXT} tokens in fp16 needs {apple_bytes / 1e9:.2f} GB "
+        "(Apple: about 1 GB)": abs(apple_bytes / 1e9 - APPLE_LLAMA31_8B_CACHE_GB) <= 0.1,
+        "at equal width, MHA's cache is 4x GQA(4)'s and 32x MQA's":
+            size["MHA"] == 4 * size["GQA"] == 32 * size["MQA"],
+        f"growing by torch.cat costs more per update than writing in place at "
+        f"{int(update.length.iloc[-1])} positions":
+            bool(update.concat_us.iloc[-1] > update.inplace_us.iloc[-1]),
+        "the sliding window's memory stays fixed":
+            tensor_bytes(variants["window_cache"]) == kv_cache_bytes_for_config(model_cfg, window, 4),
+    }
+
+
 # --------------------------------------------------------------------------- bench
 
 
-def bench(quick: bool = False, model_name: str = "tiny-llama") -> list[dict]:
-    """`labkit bench kv-cache`: the notebook's headline numbers, recorded under study 01_kv_cache.
-
-    cache_bytes for the published configs; ttft/tpot and cache_speedup on ``model_name``;
-    speedup_vs_hf_generate on it; decode_roofline_fraction on a random ~168 M (quick: ~60 M)
-    parameter Llama against the measured DRAM copy bandwidth. CPU only.
-    """
-    from labkit.core import env, results
+def bench(quick: bool = False, model: str = "tiny-llama") -> list[dict]:
+    """`labkit bench kv-cache`: the notebook's measurements on ``model``, recorded the same way
+    under study 01_kv_cache (cache bytes, latency with and without the cache, the roofline and
+    the comparison with transformers.generate). CPU only."""
     from labkit.models import load
 
-    recs: list[dict] = []
-    # memory from configs alone
-    for name, stem in PUBLISHED.items():
-        cfg = published_config(stem)
-        for context in (1024, 4096, 8192):
-            recs.append(results.record(
-                STUDY, "cache_bytes", kv_cache_bytes_for_config(cfg, context, 2), "bytes",
-                runtime="formula", device="none", model=name,
-                params={"model": name, "context": context, "attention": attention_kind(cfg),
-                        "dtype_bytes": 2}))
-    loaded = load(model_name, device="cpu")
-    model = loaded.model
-    threads, _ = pick_threads(model, (1, 2))
-    decoder = FastDecoder(model)
-    gen_len = 32 if quick else 128
-    for prompt_len in (16, 64) if quick else (16, 64, 256):
-        prompt = make_prompt(model.config.vocab_size, prompt_len)
-        cached, _ = time_cached(model, prompt, gen_len)
-        uncached, _ = time_uncached(model, prompt, gen_len)
-        for cache_on, timing in (("on", cached), ("off", uncached)):
-            p = {"prompt_len": prompt_len, "gen_len": gen_len, "cache": cache_on,
-                 "threads": threads, "load_avg_1m": load_average()}
-            recs.append(results.record(STUDY, "ttft_ms", timing.ttft_s * 1e3, "ms",
-                                       model=model_name, params=p))
-            recs.append(results.record(STUDY, "tpot_ms", timing.tpot_median_s * 1e3, "ms",
-                                       model=model_name, params=p))
-        recs.append(results.record(
-            STUDY, "cache_speedup", uncached.total_s / cached.total_s, "1", model=model_name,
-            params={"prompt_len": prompt_len, "gen_len": gen_len, "threads": threads}))
-    # ours vs transformers.generate, same weights, same prompt, same thread count
-    hf = load(model_name, device="cpu", impl="hf").model
-    prompt = make_prompt(model.config.vocab_size, 32)
-    ours, theirs = [], []
-    for _ in range(2 if quick else 3):
-        ours.append(tokens_per_s_ours(lambda: decoder.greedy(prompt, 128), 128)[0])
-        theirs.append(tokens_per_s_hf_generate(hf, prompt, 128)[0])
-    ratio = float(sorted(ours)[len(ours) // 2] / sorted(theirs)[len(theirs) // 2])
-    recs.append(results.record(
-        STUDY, "speedup_vs_hf_generate", ratio, "1", model=model_name,
-        params={"loop": "FastDecoder", "prompt_len": 32, "gen_len": 128, "threads": threads,
-                "load_avg_1m": load_average()}))
-    del hf
-    # roofline
-    cfg = roofline_config("quick" if quick else "full")
-    big = random_llama(cfg)
-    big_decoder = FastDecoder(big)
-    bw = env.peak_copy_bandwidth_gbs(env.copy_bandwidth([2**26, 2**27, 2**28], repeats=3))
-    prompt = make_prompt(cfg["vocab_size"], 16)
-    timing, _ = time_cached(big, prompt, 16 if quick else 32, decoder=big_decoder)
-    position = 16 + (16 if quick else 32) // 2
-    bytes_tok = decode_bytes_per_token(cfg, position, 4)["total"]
-    recs.append(results.record(
-        STUDY, "decode_roofline_fraction",
-        roofline_fraction(bytes_tok, timing.tpot_median_s, bw), "1", model="random-llama",
-        params={"loop": "FastDecoder", "params": big.num_parameters(),
-                "bytes_per_token": bytes_tok, "copy_bandwidth_gbs": bw, "threads": threads,
-                "load_avg_1m": load_average()}))
-    return recs
+    s = setup(model, "cpu", (1, 2))
+    table, _, _ = memory_table(s.cfg, model, (1024, 4096, 8192), cache_bytes_check(s.model)["dtype_bytes"])
+    record_memory_table(s, table)
+    latency_sweep(s, (16, 64) if quick else (16, 64, 256), 32 if quick else 128)
+    roofline(s, "quick" if quick else "full", 16 if quick else 32, quick)
+    versus_transformers(s, load(model, device="cpu", impl="hf").model, 32, 128, 2 if quick else 3)
+    return s.records
