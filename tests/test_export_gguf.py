@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from labkit.export.gguf import FILE_TYPES, export_gguf, gguf_name, permute_qk
+from labkit.models.errors import ModelLoadError
 from labkit.models.llama import apply_rope
 
 gguf = pytest.importorskip("gguf")
@@ -136,7 +137,7 @@ def test_written_file_reads_back(small_folder, tmp_path, file_type):
 def test_bad_inputs_name_the_problem(small_folder, tmp_path):
     with pytest.raises(ValueError, match="file_type"):
         export_gguf(small_folder, tmp_path / "x.gguf", "Q5_K")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelLoadError, match="config.json"):
         export_gguf(tmp_path, tmp_path / "x.gguf", "F32")
     assert not list(tmp_path.glob("*.gguf*"))  # no partial file left behind
     with pytest.raises(ValueError, match="no GGUF name"):

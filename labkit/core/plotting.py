@@ -8,11 +8,9 @@ without a title or axis labels and writes PNG + SVG atomically with that provena
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import matplotlib as mpl
 
 from labkit import __version__
 from labkit.core import env, paths
+from labkit.core.files import atomic_path
 
 SCREEN_DPI = 110
 SAVE_DPI = 150
@@ -164,12 +163,6 @@ def provenance(name: str, *, notebook: str | None = None, params: dict | None = 
 # --------------------------------------------------------------------------- saving
 
 
-def _temp_path(folder: Path, name: str, ext: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=f".{ext}.tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_figure(
     fig: Any,
     name: str,
@@ -193,29 +186,18 @@ def save_figure(
     software = f"labkit {__version__}, matplotlib {mpl.__version__}"
 
     folder = paths.figures_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     targets = {"png": folder / f"{name}.png", "svg": folder / f"{name}.svg"}
-    temps: dict[str, Path] = {}
-    try:
-        with mpl.rc_context({"svg.hashsalt": SVG_HASH_SALT}):
-            temps["png"] = _temp_path(folder, name, "png")
-            fig.savefig(
-                temps["png"], format="png", dpi=SAVE_DPI,
-                metadata={"Title": name, _PROVENANCE_KEY: description, "Software": software},
-            )
-            temps["svg"] = _temp_path(folder, name, "svg")
-            fig.savefig(
-                temps["svg"], format="svg",
-                metadata={"Title": name, _PROVENANCE_KEY: description, "Creator": software,
-                          "Date": None},
-            )
-        for ext in ("png", "svg"):
-            os.chmod(temps[ext], 0o644)
-            os.replace(temps[ext], targets[ext])
-    finally:
-        for tmp in temps.values():
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    with (mpl.rc_context({"svg.hashsalt": SVG_HASH_SALT}), atomic_path(targets["png"]) as png,
+          atomic_path(targets["svg"]) as svg):
+        fig.savefig(
+            png, format="png", dpi=SAVE_DPI,
+            metadata={"Title": name, _PROVENANCE_KEY: description, "Software": software},
+        )
+        fig.savefig(
+            svg, format="svg",
+            metadata={"Title": name, _PROVENANCE_KEY: description, "Creator": software,
+                      "Date": None},
+        )
     return targets["png"], targets["svg"]
 
 

@@ -18,9 +18,7 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from labkit.core import env, paths
+from labkit.core.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -143,28 +142,7 @@ def _git_rev() -> str:
     return rev
 
 
-# --------------------------------------------------------------------------- atomic files
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and os.replace.
-
-    Readers see the old file or the new one, never a partial one; on any error the temp file is
-    removed and the old file is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+# --------------------------------------------------------------------------- files
 
 
 @contextlib.contextmanager

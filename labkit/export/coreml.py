@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.core.files import atomic_dir
 from labkit.inference.export_cache import StaticCache
 from labkit.models.layers import apply_rope, explicit_gqa, repeat_kv
 from labkit.models.llama import Llama
@@ -348,16 +347,12 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
 
 
 def _save(mlmodel: Any, path: Path) -> None:
-    """Save to a temporary folder beside ``path``, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.stem}-"))
-    try:
+    """Save the .mlpackage folder atomically (a complete old or new package, never half)."""
+    with atomic_dir(path) as tmp:
         mlmodel.save(str(tmp / "m.mlpackage"))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp / "m.mlpackage", path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for entry in (tmp / "m.mlpackage").iterdir():
+            entry.rename(tmp / entry.name)
+        (tmp / "m.mlpackage").rmdir()
 
 
 def convert(

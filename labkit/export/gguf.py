@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from labkit.core.files import atomic_path
 
 #: file types we write -> ggml type of the 2-D weights
 FILE_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
@@ -76,24 +77,28 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; expected an HF model folder with config.json")
-    cfg = json.loads(path.read_text())
-    if cfg.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r}; the GGUF writer handles 'llama'")
-    return cfg
+def _llama_config(folder: Path) -> tuple[dict[str, Any], Any]:
+    """(config.json as read, the typed and validated LlamaConfig): errors name config.json."""
+    from labkit.models.config import architecture_of, parse_config, read_config
+    from labkit.models.errors import ModelLoadError
+
+    raw = read_config(folder)
+    family, arch = architecture_of(raw, folder / "config.json")
+    if family != "llama":
+        raise ModelLoadError(folder / "config.json",
+                             f"architecture {arch!r}: the GGUF writer handles Llama only")
+    cfg = parse_config(raw, folder / "config.json")
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        raise ModelLoadError(folder / "config.json",
+                             "head_dim * num_attention_heads != hidden_size: not supported")
+    return raw, cfg
 
 
-def _read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's safetensors files as float32 numpy (fp16/bf16 upcast)."""
+def _read_weights(files: list[Path]) -> dict[str, np.ndarray]:
+    """Every tensor of the (checked) safetensors files as float32 numpy (fp16/bf16 upcast)."""
     import torch
     from safetensors import safe_open
 
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no model*.safetensors file")
     out: dict[str, np.ndarray] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -137,6 +142,65 @@ def _quantize_2d(w: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
     return blocks, GGMLQuantizationType[file_type]
 
 
+def _write_metadata(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path, name: str) -> None:
+    """Architecture, shapes, RoPE, norm epsilon and the tokenizer, as llama.cpp's loader reads them."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types([
+        gguf.TokenType.CONTROL if i in tok["special_ids"] else gguf.TokenType.NORMAL
+        for i in range(len(tok["tokens"]))
+    ])
+    writer.add_token_merges(tok["merges"])
+    for token_id, adder in ((cfg.bos_token_id, writer.add_bos_token_id),
+                            (cfg.eos_token_id, writer.add_eos_token_id)):
+        if isinstance(token_id, int):
+            adder(token_id)
+    tcfg = _tokenizer_config(folder)
+    if tcfg.get("pad_token") in tok["tokens"]:
+        writer.add_pad_token_id(tok["tokens"].index(tcfg["pad_token"]))
+    writer.add_add_bos_token(bool(tcfg.get("add_bos_token", True)))
+    writer.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
+
+
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _write_tensors(writer: Any, weights: dict[str, np.ndarray], cfg: Any, file_type: str) -> None:
+    """Every weight under its GGUF name: q/k permuted to llama.cpp's RoPE layout, 1-D kept F32."""
+    for hf_name, w in weights.items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            w = permute_qk(w, cfg.num_attention_heads)
+        elif hf_name.endswith("self_attn.k_proj.weight"):
+            w = permute_qk(w, cfg.num_key_value_heads)
+        data, raw = (w.astype(np.float32), None) if w.ndim == 1 else _quantize_2d(w, file_type)
+        writer.add_tensor(gguf_name(hf_name), data, raw_dtype=raw)
+
+
 def export_gguf(
     model_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -146,88 +210,31 @@ def export_gguf(
 ) -> Path:
     """Write ``model_dir`` (config.json, model*.safetensors, tokenizer.json) to ``out_path``.
 
-    ``file_type``: F32, F16, Q8_0 or Q4_0 for the 2-D weights (norms stay F32). Written to a
-    temporary file beside ``out_path`` and renamed, so a failed export leaves no partial file.
+    ``file_type``: F32, F16, Q8_0 or Q4_0 for the 2-D weights (norms stay F32). The folder is
+    checked the way ``labkit.models.load`` checks it (config fields, safetensors headers, every
+    tensor's shape against config.json) before anything is written; the file is written to a
+    temporary beside ``out_path`` and renamed, so a failed export leaves no file.
     """
     import gguf
+
+    from labkit.models.loader import check_weights
 
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type must be one of {FILE_TYPES}, got {file_type!r}")
     folder = Path(model_dir)
-    cfg = _read_config(folder)
-    weights = _read_weights(folder)
+    raw, cfg = _llama_config(folder)
+    files = check_weights(folder, raw)
     tok = _tokenizer_fields(folder)
-
-    n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    if head_dim * n_head != hidden:
-        raise ValueError(f"{folder / 'config.json'}: head_dim * heads != hidden_size; not supported")
-    rope_theta = float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-
+    weights = _read_weights(files)
+    file_code = f"MOSTLY_{file_type}" if file_type != "F32" else "ALL_F32"
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(name or folder.name)
-        writer.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{file_type}" if file_type != "F32" else "ALL_F32"]))
-        writer.add_context_length(int(cfg["max_position_embeddings"]))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(int(cfg["num_hidden_layers"]))
-        writer.add_feed_forward_length(int(cfg["intermediate_size"]))
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_rope_freq_base(rope_theta)
-        writer.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-        writer.add_vocab_size(int(cfg["vocab_size"]))
-
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_list(tok["tokens"])
-        writer.add_token_types([
-            gguf.TokenType.CONTROL if i in tok["special_ids"] else gguf.TokenType.NORMAL
-            for i in range(len(tok["tokens"]))
-        ])
-        writer.add_token_merges(tok["merges"])
-        for key, adder in (("bos_token_id", writer.add_bos_token_id),
-                           ("eos_token_id", writer.add_eos_token_id)):
-            if cfg.get(key) is not None:
-                adder(int(cfg[key]))
-        tcfg_path = folder / "tokenizer_config.json"
-        tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
-        pad = tcfg.get("pad_token")
-        if pad in tok["tokens"]:
-            writer.add_pad_token_id(tok["tokens"].index(pad))
-        writer.add_add_bos_token(bool(tcfg.get("add_bos_token", True)))
-        writer.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
-
-        tied = bool(cfg.get("tie_word_embeddings"))
-        for hf_name, w in weights.items():
-            if hf_name == "lm_head.weight" and tied:
-                continue
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            if hf_name.endswith("self_attn.q_proj.weight"):
-                w = permute_qk(w, n_head)
-            elif hf_name.endswith("self_attn.k_proj.weight"):
-                w = permute_qk(w, n_kv)
-            if w.ndim == 1:
-                data, raw = w.astype(np.float32), None
-            else:
-                data, raw = _quantize_2d(w, file_type)
-            writer.add_tensor(gguf_name(hf_name), data, raw_dtype=raw)
-
+    with atomic_path(out) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
+        writer.add_file_type(int(gguf.LlamaFileType[file_code]))
+        _write_metadata(writer, cfg, tok, folder, name or folder.name)
+        _write_tensors(writer, weights, cfg, file_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

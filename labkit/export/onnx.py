@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from labkit.core.files import atomic_path
 from labkit.inference.export_cache import PastKVCache
 from labkit.models.layers import explicit_gqa
 from labkit.models.llama import Llama
@@ -94,13 +95,11 @@ def export_onnx(model: Llama, out_path: str | os.PathLike[str], opset: int = 18)
         axes[name] = {0: "batch", 2: "past"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total"}
-    tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
+    with atomic_path(out) as tmp, torch.no_grad():
         torch.onnx.export(
             wrapper, example_inputs(model), str(tmp), input_names=inputs, output_names=outputs,
             dynamic_axes=axes, opset_version=opset, dynamo=False,
         )
-    os.replace(tmp, out)
     return out
 
 

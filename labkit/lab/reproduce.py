@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.core import paths
+from labkit.core.files import atomic_write_json
 from labkit.core.skips import clear_skips, read_skips
 
 KERNEL_NAME = "labkit"
@@ -142,9 +143,7 @@ def ensure_kernel() -> str:
     }
     target = spec / "kernel.json"
     if not target.is_file() or json.loads(target.read_text()) != body:
-        tmp = spec / ".kernel.json.tmp"
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, target)
+        atomic_write_json(target, body, indent=1)
     return KERNEL_NAME
 
 
@@ -296,9 +295,7 @@ def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
             for r in runs
         ],
     }
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out)
+    atomic_write_json(out, payload)
     return out
 
 

@@ -23,11 +23,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.core import paths
+from labkit.core.files import atomic_dir, atomic_write_text
 
 # Anything that makes the browser fetch from elsewhere: src=, <link href=>, CSS url(), @import.
 _EXTERNAL = re.compile(
@@ -108,15 +108,6 @@ class Study:
 def external_resources(text: str) -> list[str]:
     """Snippets of HTML that would make a browser request an outside host (empty means none)."""
     return [text[max(0, m.start() - 40) : m.end() + 60] for m in _EXTERNAL.finditer(text)]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a site is for serving and sharing
-    os.replace(tmp, path)
 
 
 def _question(nb) -> tuple[str, str]:
@@ -207,7 +198,7 @@ def _results_pages(site: Path, results_dir: Path) -> dict[str, list[tuple[str, s
                 f"<code>data/results/{study_dir.name}/{jsonl.name}</code></p>"
                 f"<table class='rec'><tr>{head}</tr>{cells}</table></main></body></html>"
             )
-            _atomic_write(site / "results" / study_dir.name / f"{machine}.html", page)
+            atomic_write_text(site / "results" / study_dir.name / f"{machine}.html", page)
             out.setdefault(study_dir.name, []).append((machine, label))
     return out
 
@@ -223,17 +214,25 @@ def _key_figure(stem: str, nb, figures_dir: Path) -> Path | None:
 
 def build_site(out_dir: Path | None = None, notebooks_dir: Path | None = None) -> Path:
     """Write the site into ``build/site`` (atomically: a new folder replaces the old one)."""
-    import nbformat
 
-    from labkit.core import env
-    from labkit.lab.reproduce import discover
 
     summary = _summary()
     outputs = _outputs_root(summary)
     figures_dir, results_dir = outputs / "figures", outputs / "data" / "results"
     final = out_dir or paths.build_dir() / "site"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    site = Path(tempfile.mkdtemp(dir=final.parent, prefix=".site-"))
+    with atomic_dir(final) as site:
+        _write_site(site, summary, figures_dir, results_dir, notebooks_dir)
+    return final
+
+
+def _write_site(site: Path, summary: dict, figures_dir: Path, results_dir: Path,
+                notebooks_dir: Path | None) -> None:
+    """Every page of the site into the (temporary) folder ``site``."""
+    import nbformat
+
+    from labkit.core import env
+    from labkit.lab.reproduce import discover
+
 
     machine = summary.get("machine") or env.fingerprint()
     results = _results_pages(site, results_dir)
@@ -256,26 +255,15 @@ def build_site(out_dir: Path | None = None, notebooks_dir: Path | None = None) -
             (site / "figures").mkdir(exist_ok=True)
             shutil.copyfile(fig, site / "figures" / fig.name)
             study.key_figure = fig.name
-        _atomic_write(site / "notebooks" / f"{src.stem}.html",
+        atomic_write_text(site / "notebooks" / f"{src.stem}.html",
                       _convert(executed_path if executed else src, executed))
         studies.append(study)
 
-    _atomic_write(site / "index.html", _index(studies, summary))
+    atomic_write_text(site / "index.html", _index(studies, summary))
     problems = [(p.relative_to(site), s) for p in site.rglob("*.html")
                 for s in external_resources(p.read_text(encoding="utf-8"))]
-    if problems:
-        shutil.rmtree(site)
+    if problems:  # the temporary folder is discarded: build/site stays as it was
         raise RuntimeError(f"site would request outside hosts: {problems[:3]}")
-    site.chmod(0o755)  # mkdtemp makes 0700
-    if final.exists():
-        old = final.with_name(f".{final.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(site, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(site, final)
-    return final
 
 
 def _index(studies: list[Study], summary: dict) -> str:

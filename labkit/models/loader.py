@@ -290,10 +290,9 @@ def _build_labkit(family: str, config: dict[str, Any], config_path: Path):
     return model
 
 
-def _load_state(model, files: list[Path], dtype, device: str) -> None:
-    """Read every tensor the model expects, checking names and shapes against the config."""
-    from safetensors import safe_open
-
+def _check_tensors(model, files: list[Path]) -> None:
+    """Every tensor ``model`` expects is in ``files`` with the shape config.json implies, and
+    nothing else is (headers only: no tensor data is read)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     where: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -320,6 +319,30 @@ def _load_state(model, files: list[Path], dtype, device: str) -> None:
         raise ModelLoadError(
             where[name], f"unexpected tensor {name!r} for this architecture/config"
         )
+
+
+def check_weights(folder: Path, config: dict[str, Any] | None = None) -> list[Path]:
+    """The weight files of a Llama/Phi folder, checked against its config.json (no data read).
+
+    For readers other than ``load`` (the GGUF exporter): the same checks, so a folder ``load``
+    refuses is refused there too, before anything is written.
+    """
+    folder = Path(folder)
+    config = read_config(folder) if config is None else config
+    family, _ = architecture_of(config, folder / "config.json")
+    if family == "bert":
+        raise ModelLoadError(folder, "a BERT folder: expected a Llama or Phi decoder")
+    files = weight_files(folder)
+    _check_tensors(_build_labkit(family, config, folder / "config.json"), files)
+    return files
+
+
+def _load_state(model, files: list[Path], dtype, device: str) -> None:
+    """Read every tensor the model expects, after checking names and shapes against the config."""
+    from safetensors import safe_open
+
+    _check_tensors(model, files)
+    expected = model.state_dict().keys()
     state = {}
     for path in files:
         try:
