@@ -342,3 +342,31 @@ def latest(df: pd.DataFrame, **filters: Any) -> pd.DataFrame:
     keyed = keyed.sort_values("created", kind="stable")
     newest = keyed.drop_duplicates(subset=[*key_cols, "_params_key"], keep="last")
     return newest.drop(columns="_params_key").reset_index(drop=True)
+
+
+def machine_label(fingerprint: dict[str, Any]) -> str:
+    """A reader's name for a machine: its Apple chip or CPU, its GPU, its OS."""
+    chip = fingerprint.get("apple_chip") or fingerprint.get("cpu") or "unknown CPU"
+    gpu = f", {fingerprint['gpu']}" if fingerprint.get("gpu") else ""
+    return f"{chip}{gpu}, {fingerprint.get('system') or fingerprint.get('os') or ''}".strip(", ")
+
+
+def across_machines(df: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The newest record of each (machine, metric, *by) among ``metrics``: results from other
+    machines beside ours, as every "other machines" table and figure draws them.
+
+    Adds ``where``: what ran it, in words (the GPU for a cuda row, else the Apple chip or CPU,
+    else the machine id), at most 40 characters, so two GPUs in one host stay apart.
+    """
+    import pandas as pd
+
+    sel = df[df["metric"].isin(metrics)].copy()
+    if sel.empty:
+        return sel.assign(where=[])
+    cpu = sel.get("machine_apple_chip", pd.Series(index=sel.index, dtype=object))
+    cpu = cpu.fillna(sel.get("machine_cpu", pd.Series(index=sel.index, dtype=object)))
+    gpu = sel.get("machine_gpu", pd.Series(index=sel.index, dtype=object))
+    where = gpu.where(sel["device"].astype(str).str.startswith("cuda") & gpu.notna(), cpu)
+    sel["where"] = where.fillna(sel["machine"]).astype(str).str.slice(0, 40)
+    keys = ["machine", "where", "metric", *by]
+    return sel.sort_values("created", kind="stable").groupby(keys).tail(1).reset_index(drop=True)

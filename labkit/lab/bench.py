@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 
 BENCHMARKS: dict[str, str] = {
-    "bandwidth": "labkit.lab.bench:bench_bandwidth",
+    "bandwidth": "labkit.studies.tour:bench",
     "kv-cache": "labkit.studies.kv_cache:bench",
     "rag": "labkit.studies.rag_on_device:bench_retrieval",
     "runtimes": "labkit.studies.runtime_benchmark:bench",
@@ -25,20 +25,3 @@ def resolve(name: str) -> Callable[..., list[dict]]:
         raise KeyError(f"unknown benchmark {name!r}; known: {known}")
     module, func = BENCHMARKS[name].split(":")
     return getattr(importlib.import_module(module), func)
-
-
-def bench_bandwidth(quick: bool = False) -> list[dict]:
-    """Copy bandwidth against buffer size (study "00_tour"): the roofline denominator of later studies."""
-    from labkit.core import env, results
-
-    sizes = [2**k for k in range(14, 25 if quick else 29, 2)]
-    df = env.copy_bandwidth(sizes, repeats=3 if quick else 7)
-    out = []
-    for row in df.itertuples():
-        out.append(
-            results.record(
-                "00_tour", "copy_bandwidth", float(row.gb_per_s), "GB/s",
-                runtime="numpy", device="cpu", params={"size_bytes": int(row.size_bytes)},
-            )
-        )
-    return out

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from labkit.core import paths
 from labkit.core.files import atomic_dir, atomic_write_text
+from labkit.core.results import machine_label
 
 # Anything that makes the browser fetch from elsewhere: src=, <link href=>, CSS url(), @import.
 _EXTERNAL = re.compile(
@@ -135,12 +136,6 @@ def _outputs_root(summary: dict) -> Path:
     return paths.build_dir() / "quick" if summary.get("quick") else paths.root()
 
 
-def _machine_label(fp: dict) -> str:
-    chip = fp.get("apple_chip") or fp.get("cpu") or "unknown CPU"
-    gpu = f", {fp['gpu']}" if fp.get("gpu") else ""
-    return f"{chip}{gpu}, {fp.get('system') or fp.get('os') or ''}".strip(", ")
-
-
 def _convert(nb_path: Path, executed: bool) -> str:
     import nbformat
     from nbconvert import HTMLExporter
@@ -175,7 +170,7 @@ def _results_pages(site: Path, results_dir: Path) -> dict[str, list[tuple[str, s
         for jsonl in sorted(study_dir.glob("*.jsonl")):
             machine = jsonl.stem
             fp_path = results_dir / "machines" / f"{machine}.json"
-            label = (_machine_label(json.loads(fp_path.read_text())) if fp_path.exists()
+            label = (machine_label(json.loads(fp_path.read_text())) if fp_path.exists()
                      else f"{machine} (fingerprint not committed)")
             rows = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()]
             cells = "".join(
@@ -246,7 +241,7 @@ def _write_site(site: Path, summary: dict, figures_dir: Path, results_dir: Path,
         pm = nb.metadata.get("papermill", {})
         study = Study(
             stem=src.stem, title=title or src.stem, question=question, executed=executed,
-            run_on=_machine_label(machine) if executed else "",
+            run_on=machine_label(machine) if executed else "",
             run_at=(pm.get("end_time") or "")[:16].replace("T", " ") if executed else "",
             results=results.get(src.stem, []),
         )

@@ -319,3 +319,102 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------- tables and figures
+
+
+def matrix_frame(measured: dict[str, dict[str, Any]], spec: Spec) -> Any:
+    """One row per measured runtime: pp, tg (mean ± sd), TTFT at the longest prompt, memory, parity."""
+    import pandas as pd
+
+    longest = max(spec.ttft_lens)
+    rows = []
+    for n, r in measured.items():
+        par = r.get("parity") or {}
+        ttft = r["ttft"].get(str(longest), r["ttft"].get(longest))
+        rows.append({
+            "runtime": n, "dtype": r["dtype"], "device": r["device"],
+            f"pp{spec.prompt_len} tok/s": f"{r['pp']['mean']:.1f} ± {r['pp']['sd']:.1f}",
+            f"tg{spec.gen_len} tok/s": f"{r['tg']['mean']:.2f} ± {r['tg']['sd']:.2f}",
+            "TTFT ms (longest)": ttft["mean"] * 1e3,
+            "peak RSS MiB": r["peak_rss_bytes"] / 2**20,
+            "model MiB": (r.get("model_bytes") or 0) / 2**20,
+            "agree %": par.get("greedy_agreement_pct"),
+            "max |dlogit|": par.get("max_abs_logit_err"),
+            "load avg": r.get("load_avg_1m"),
+            "note": r.get("note", ""),
+        })
+    return pd.DataFrame(rows).set_index("runtime")
+
+
+def plot_matrix(measured: dict[str, dict[str, Any]], spec: Spec, title: str):
+    """pp and tg per runtime (mean ± sd over the repeats), side by side."""
+    from labkit.core import plotting
+
+    fig, axes = plotting.new_figure(1, 2, figsize=(12, 4.5))
+    labels = list(measured)
+    x = np.arange(len(labels))
+    for ax, key, test in ((axes[0], "pp", f"pp{spec.prompt_len}"), (axes[1], "tg", f"tg{spec.gen_len}")):
+        ax.bar(x, [measured[n][key]["mean"] for n in labels],
+               yerr=[measured[n][key]["sd"] for n in labels], capsize=3, color="tab:blue")
+        ax.set_xticks(x, labels, rotation=35, ha="right")
+        ax.set(ylabel="tokens per second", xlabel="runtime",
+               title=f"{test} (mean ± sd, {spec.repeats} repeats)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ttft(measured: dict[str, dict[str, Any]]):
+    """Time to first token against prompt length, one line per runtime (log-log)."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure(figsize=(7, 4.5))
+    for n, r in measured.items():
+        lens = sorted(int(k) for k in r["ttft"])
+        ax.plot(lens, [r["ttft"][str(k) if str(k) in r["ttft"] else k]["mean"] * 1e3 for k in lens],
+                marker="o", label=n)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)",
+           title="TTFT against prompt length")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_machines(latest: Any):
+    """pp and tg of every runtime on every machine with records (latest each), grouped bars."""
+    from labkit.core import plotting
+
+    machines = sorted(latest["where"].unique())
+    fig, axes = plotting.new_figure(1, 2, figsize=(13, 4.5))
+    for ax, metric in zip(axes, ["pp_tok_s", "tg_tok_s"], strict=True):
+        sub = latest[latest["metric"] == metric]
+        rts = sorted(sub["runtime"].unique())
+        width = 0.8 / max(len(machines), 1)
+        for i, m in enumerate(machines):
+            vals = [sub[(sub["runtime"] == r) & (sub["where"] == m)]["value"].max() for r in rts]
+            ax.bar(np.arange(len(rts)) + i * width, vals, width, label=m)
+        ax.set_xticks(np.arange(len(rts)) + 0.4 - width / 2, rts, rotation=35, ha="right")
+        ax.set_yscale("log")
+        ax.set(ylabel="tokens per second (log)", xlabel="runtime",
+               title=metric.replace("_tok_s", "") + " across machines (latest record each)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def ratios(measured: dict[str, dict[str, Any]]) -> Any:
+    """Each runtime's pp and tg over torch eager's, with its parity and the load it ran under."""
+    import pandas as pd
+
+    ref = measured[REFERENCE]
+    return pd.DataFrame({
+        n: {"pp / torch eager": r["pp"]["mean"] / ref["pp"]["mean"],
+            "tg / torch eager": r["tg"]["mean"] / ref["tg"]["mean"],
+            "agree %": r["parity"]["greedy_agreement_pct"],
+            "max |dlogit|": r["parity"]["max_abs_logit_err"],
+            "load avg": r.get("load_avg_1m")}
+        for n, r in measured.items()
+    }).T
