@@ -22,23 +22,16 @@ does not grow with depth (each layer adds two such writes). Norm weights start a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from labkit.models.config import LlamaConfig
-from labkit.models.layers import (
-    Cache,
-    Positions,
-    apply_rope,
-    causal_attention,
-    rope_at,
-    rope_cos_sin,
-)
+from labkit.models.decoder import INIT_STD, Attention, Decoder
+from labkit.models.layers import Cache, apply_rope, rope_cos_sin
 
-INIT_STD = 0.02
+__all__ = ["INIT_STD", "Llama", "LlamaAttention", "LlamaBlock", "LlamaMLP", "RMSNorm",
+           "apply_rope", "rope_cos_sin"]
 
 
 # --- Llama ---------------------------------------------------------------------------------------
@@ -63,45 +56,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Attention):
     """Multi-head attention with RoPE on q and k, and fewer K/V heads than query heads (GQA)."""
 
     def __init__(self, cfg: LlamaConfig, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
+        super().__init__(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, layer)
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v ``[B, heads, T, head_dim]`` of ``x``, with RoPE applied to q and k."""
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: Cache | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = causal_attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+    def out(self) -> nn.Linear:
+        return self.o_proj
 
 
 class LlamaMLP(nn.Module):
@@ -144,8 +111,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class Llama(nn.Module):
-    """Llama decoder with an optional explicit KV cache; state dict keys = LlamaForCausalLM's."""
+class Llama(Decoder):
+    """Llama decoder with an optional explicit KV cache; state dict keys = LlamaForCausalLM's.
+
+    The forward over the blocks (positions, mask and cache handling) is ``Decoder.forward``.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -156,38 +126,14 @@ class Llama(nn.Module):
         self.build_rope_cache()
         self.apply(self._init_weights)
 
-    # -- setup --
+    @property
+    def rotary_dim(self) -> int:
+        return self.config.head_dim
 
-    def build_rope_cache(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the non-persistent cos/sin buffers (also after building on 'meta')."""
-        cfg = self.config
-        cos, sin = rope_cos_sin(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling_factor
-        )
-        if device is None:  # beside the weights (on 'meta' while a loader builds the skeleton)
-            device = self.model.embed_tokens.weight.device
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # nn.Module.apply visits children first, so the residual projections are re-drawn last.
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-        if isinstance(module, (LlamaAttention, LlamaMLP)):
-            proj = module.o_proj if isinstance(module, LlamaAttention) else module.down_proj
-            std = INIT_STD / math.sqrt(2 * self.config.num_hidden_layers)
-            nn.init.normal_(proj.weight, mean=0.0, std=std)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameters counted once (a tied lm_head adds nothing)."""
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
+    def residual_projection(self, module: nn.Module) -> nn.Linear | None:
+        if isinstance(module, LlamaAttention):
+            return module.o_proj
+        return module.down_proj if isinstance(module, LlamaMLP) else None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -196,42 +142,5 @@ class Llama(nn.Module):
             return self.model.embed_tokens.weight
         return self.lm_head.weight
 
-    # -- forward --
-
-    def rope(self, positions: Positions) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at ``positions`` (a slice or a tensor: ``Cache.positions``)."""
-        return rope_at(self.rope_cos, self.rope_sin, positions, self.model.embed_tokens.weight.dtype)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: Cache | None = None,
-        *,
-        return_hidden: bool = False,
-        last_only: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits ``[B, T, vocab]`` for ``input_ids`` ``[B, T]``.
-
-        With ``return_hidden=True`` also returns the residual stream: ``hidden[0]`` is the
-        embedding output and ``hidden[i]`` the output of layer ``i`` (1-based, before the final
-        norm) — the same as transformers' ``output_hidden_states`` for ``i < num_hidden_layers``.
-        With ``last_only=True`` only the last position's logits are computed (``[B, 1, vocab]``):
-        what a prefill needs, without a ``[T, vocab]`` product it would throw away.
-        """
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}"
-            )
-        t = input_ids.shape[1]
-        cos, sin = self.rope(slice(0, t) if cache is None else cache.positions(t))
-        mask = None if cache is None else cache.mask(t)
-        x = self.model.embed_tokens(input_ids)
-        hidden = [x] if return_hidden else []
-        for block in self.model.layers:
-            x = block(x, cos, sin, cache, mask)
-            if return_hidden:
-                hidden.append(x)
-        if cache is not None:
-            cache.advance(t)
-        logits = F.linear(self.model.norm(x[:, -1:] if last_only else x), self.output_weight)
-        return (logits, hidden) if return_hidden else logits
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.model.norm(x), self.output_weight)
