@@ -21,7 +21,23 @@ from collections.abc import Sequence
 import torch
 
 
-class StaticCache:
+class _GivenPositions:
+    """Positions and mask are graph inputs, handed over as they came; nothing advances."""
+
+    _positions: torch.Tensor
+    _mask: torch.Tensor
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        return self._positions
+
+    def mask(self, num_tokens: int) -> torch.Tensor:
+        return self._mask
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing to do: the caller feeds the next positions (a graph has no state to move)."""
+
+
+class StaticCache(_GivenPositions):
     """Per layer a fixed ``[B, H_kv, S, d]`` K and V, written at ``position`` (a tensor ``[T]``).
 
     ``in_place=True`` writes into the given tensors (registered buffers that become Core ML
@@ -39,17 +55,11 @@ class StaticCache:
         in_place: bool = True,
     ) -> None:
         self.k, self.v = list(k), list(v)
-        self.position = position
+        self._positions = position
         self._mask = mask
         self.in_place = in_place
         self.new_k: list[torch.Tensor] = []
         self.new_v: list[torch.Tensor] = []
-
-    def positions(self, num_tokens: int) -> torch.Tensor:
-        return self.position
-
-    def mask(self, num_tokens: int) -> torch.Tensor:
-        return self._mask
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -57,18 +67,15 @@ class StaticCache:
         k_all, v_all = self.k[layer], self.v[layer]
         if not self.in_place:
             k_all, v_all = k_all.clone(), v_all.clone()
-        k_all[:, :, self.position] = k
-        v_all[:, :, self.position] = v
+        k_all[:, :, self._positions] = k
+        v_all[:, :, self._positions] = v
         if not self.in_place:
             self.new_k.append(k_all)
             self.new_v.append(v_all)
         return k_all, v_all
 
-    def advance(self, num_tokens: int) -> None:
-        """Nothing to do: the caller feeds the next position (a graph has no state to move)."""
 
-
-class PastKVCache:
+class PastKVCache(_GivenPositions):
     """Past K/V as inputs (``[B, H_kv, P, d]`` per layer), new K/V concatenated after them.
 
     ``positions`` (``[T]``, or ``[B, 1, T]`` for a left-padded batch) and ``mask``
@@ -89,12 +96,6 @@ class PastKVCache:
         self.present_k: list[torch.Tensor] = []
         self.present_v: list[torch.Tensor] = []
 
-    def positions(self, num_tokens: int) -> torch.Tensor:
-        return self._positions
-
-    def mask(self, num_tokens: int) -> torch.Tensor:
-        return self._mask
-
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +104,3 @@ class PastKVCache:
         self.present_k.append(k)
         self.present_v.append(v)
         return k, v
-
-    def advance(self, num_tokens: int) -> None:
-        """Nothing to do: the presents are the graph's outputs."""

@@ -25,12 +25,27 @@ from typing import Any
 import torch
 
 from labkit.core.checks import positive_int
-from labkit.models.layers import Cache, SequentialCache
+from labkit.models.layers import Cache, SequentialCache, cache_layout
 from labkit.models.sizes import kv_cache_bytes, kv_cache_bytes_for_config
 
 __all__ = ["Cache", "ConcatKVCache", "KVCache", "SlidingWindowKVCache", "kv_cache_bytes",
            "kv_cache_bytes_for_config"]
 
+
+
+def _kv_buffers(owner: str, num_layers: int, batch: int, num_kv_heads: int,
+                slots: tuple[str, int], head_dim: int, dtype: torch.dtype | None,
+                device: Any) -> tuple[list, list]:
+    """Zeroed K and V ``[batch, num_kv_heads, slots, head_dim]`` per layer, sizes checked
+    (``slots`` is (its parameter's name, its value): max_len, or a window)."""
+    slots_name, slots = slots
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                        ("head_dim", head_dim), (slots_name, slots), ("batch", batch)):
+        positive_int(value, name, owner)
+    shape = (batch, num_kv_heads, slots, head_dim)
+    dtype = dtype or torch.float32
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
 
 
 class KVCache(SequentialCache):
@@ -47,18 +62,8 @@ class KVCache(SequentialCache):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, value in (
-            ("num_layers", num_layers),
-            ("num_kv_heads", num_kv_heads),
-            ("head_dim", head_dim),
-            ("max_len", max_len),
-            ("batch", batch),
-        ):
-            positive_int(value, name, "KVCache")
-        shape = (batch, num_kv_heads, max_len, head_dim)
-        dtype = dtype or torch.float32
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k, self.v = _kv_buffers("KVCache", num_layers, batch, num_kv_heads,
+                                     ("max_len", max_len), head_dim, dtype, device)
         self.max_len = max_len
         self._length = 0
 
@@ -77,17 +82,10 @@ class KVCache(SequentialCache):
         ``max_len`` defaults to the model's ``max_position_embeddings``; dtype and device default
         to those of the model's parameters.
         """
-        cfg = model.config
-        param = next(model.parameters())
-        return cls(
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            max_len=max_len or cfg.max_position_embeddings,
-            batch=batch,
-            dtype=dtype or param.dtype,
-            device=device or param.device,
-        )
+        layout = cache_layout(model)
+        layout["dtype"] = dtype or layout["dtype"]
+        layout["device"] = device or layout["device"]
+        return cls(**layout, max_len=max_len or model.config.max_position_embeddings, batch=batch)
 
     @property
     def length(self) -> int:
@@ -201,23 +199,14 @@ class SlidingWindowKVCache(SequentialCache):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
-                            ("head_dim", head_dim), ("window", window), ("batch", batch)):
-            positive_int(value, name, "SlidingWindowKVCache")
-        shape = (batch, num_kv_heads, window, head_dim)
-        dtype = dtype or torch.float32
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k, self.v = _kv_buffers("SlidingWindowKVCache", num_layers, batch, num_kv_heads,
+                                     ("window", window), head_dim, dtype, device)
         self.window = window
         self._length = 0
 
     @classmethod
     def for_model(cls, model: Any, window: int, batch: int = 1) -> SlidingWindowKVCache:
-        cfg = model.config
-        param = next(model.parameters())
-        return cls(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
-                   head_dim=cfg.head_dim, window=window, batch=batch, dtype=param.dtype,
-                   device=param.device)
+        return cls(**cache_layout(model), window=window, batch=batch)
 
     @property
     def length(self) -> int:

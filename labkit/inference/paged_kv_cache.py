@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from labkit.models.layers import SequentialCache
+from labkit.models.layers import SequentialCache, cache_layout
 
 if TYPE_CHECKING:  # torch is heavy; the bookkeeping classes do not need it
     import torch
@@ -299,17 +299,7 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, model: Any, *, num_blocks: int, block_size: int = 16) -> PagedKVCache:
         """A pool shaped for ``model`` (anything with a LlamaConfig-like ``.config``)."""
-        cfg = model.config
-        param = next(model.parameters())
-        return cls(
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            num_blocks=num_blocks,
-            block_size=block_size,
-            dtype=param.dtype,
-            device=param.device,
-        )
+        return cls(**cache_layout(model), num_blocks=num_blocks, block_size=block_size)
 
     @property
     def block_size(self) -> int:

@@ -60,6 +60,14 @@ class SequentialCache:
         return None
 
 
+def cache_layout(model: torch.nn.Module) -> dict:
+    """What a cache must match to serve ``model``: layers, KV heads, head_dim, dtype, device."""
+    cfg = model.config
+    param = next(model.parameters())
+    return {"num_layers": cfg.num_hidden_layers, "num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim, "dtype": param.dtype, "device": param.device}
+
+
 # --- rotary position embeddings (Su et al. 2021) -------------------------------------------------
 
 
