@@ -81,3 +81,21 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return build_hf_checkpoint(tmp_path / f"{arch}-{next(counter)}", arch, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def well_drawn() -> Callable[[Any], None]:
+    """Check a study's figure against the house rule save_figure enforces (a title, labelled
+    axes: labkit.core.plotting.check_figure), then close it."""
+
+    def check(fig: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        from labkit.core import plotting
+
+        try:
+            plotting.check_figure(fig)
+        finally:
+            plt.close(fig)
+
+    return check

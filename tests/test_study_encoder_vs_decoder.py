@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from labkit.core import plotting, results, tolerances
+from labkit.core import results, tolerances
 from labkit.inference.generate import greedy
 from labkit.models import ModelLoadError, load
 from labkit.studies import encoder_vs_decoder as encdec
@@ -46,22 +47,9 @@ def tiny_bert():
                                   max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
-
-    from types import SimpleNamespace
-
     card = {"name": "tiny-bert", "architecture": "BertModel", "impl": "hf",
             "num_parameters": model.num_parameters()}
     return SimpleNamespace(model=model, tokenizer=tok, card=card)
-
-
-def _well_drawn(fig) -> None:
-    """The house rule save_figure enforces (title, labelled axes), then the figure is closed."""
-    import matplotlib.pyplot as plt
-
-    try:
-        plotting.check_figure(fig)
-    finally:
-        plt.close(fig)
 
 
 # --- the sentence set ---------------------------------------------------------------------------
@@ -299,8 +287,6 @@ def test_training_is_deterministic_and_evaluation_shapes():
 def test_predict_scores_a_perfect_reverser_as_perfect():
     """evaluate() must give 1.0 to a model that reverses: a fake encoder-decoder whose logits put
     all mass on the right next token, given what it has been fed."""
-    from types import SimpleNamespace
-
     task = encdec.Seq2SeqTask(max_len=4)
 
     class Reverser(torch.nn.Module):
@@ -323,8 +309,6 @@ def test_predict_scores_a_perfect_reverser_as_perfect():
 
 
 def test_load_pair_refuses_a_decoder_that_is_not_labkits(monkeypatch):
-    from types import SimpleNamespace
-
     import labkit.models
 
     impls = {"enc": "hf", "ours": "labkit", "theirs": "hf"}
@@ -352,7 +336,7 @@ def test_future_mass_is_zero_for_causal_and_known_for_uniform():
     np.testing.assert_allclose(encdec.future_mass(uniform), [0.5], rtol=1e-6)
 
 
-def test_attention_maps_summary_and_figure(llama_folder, tiny_bert):
+def test_attention_maps_summary_and_figure(llama_folder, tiny_bert, well_drawn):
     dec = load(llama_folder)
     enc_map = encdec.encoder_attention(tiny_bert, "w1 w2 w3")
     dec_map = encdec.decoder_attention(dec, "w1 w2 w3")
@@ -362,7 +346,7 @@ def test_attention_maps_summary_and_figure(llama_folder, tiny_bert):
     assert summary.loc[dec.card["name"], "max weight on later tokens (any query)"] == 0.0
     assert summary.loc["tiny-bert", "mean weight on later tokens, least layer"] > 0
     assert summary.loc["tiny-bert", "layers x heads"] == "2 x 4"
-    _well_drawn(encdec.plot_attention([enc_map, dec_map]))
+    well_drawn(encdec.plot_attention([enc_map, dec_map]))
 
 
 def test_perturbation_properties_on_a_known_matrix():
@@ -375,7 +359,7 @@ def test_perturbation_properties_on_a_known_matrix():
     assert table.loc["m"].to_dict() == {"max change at j < i": 0.0, "min change at j != i": 0.0}
 
 
-def test_perturbations_records_and_figure(llama_folder, tiny_bert):
+def test_perturbations_records_and_figure(llama_folder, tiny_bert, well_drawn):
     dec = load(llama_folder)
     enc_p = encdec.encoder_perturbation(tiny_bert, "w1 w2 w3 w4")
     dec_p = encdec.decoder_perturbation(dec, "w1 w2 w3 w4", replacement="w5")
@@ -387,10 +371,10 @@ def test_perturbations_records_and_figure(llama_folder, tiny_bert):
         ("perturb_leak_max", "tiny-bert", enc_p.leak), ("perturb_leak_max", dec.card["name"], dec_p.leak)]
     assert recs[0]["params"] == {"sentence": "w1 w2 w3 w4",
                                  "measure": "max relative hidden-state change at j < i"}
-    _well_drawn(encdec.plot_perturbation([enc_p, dec_p]))
+    well_drawn(encdec.plot_perturbation([enc_p, dec_p]))
 
 
-def test_retrieval_table_records_and_figures():
+def test_retrieval_table_records_and_figures(well_drawn):
     topics = ["a", "a", "b", "b"]
     perfect = np.array([[1, .9, 0, 0], [.9, 1, 0, 0], [0, 0, 1, .9], [0, 0, .9, 1]], dtype=float)
     sims = {("enc", "mean"): perfect, ("bag-of-words", "counts"): perfect[::-1, ::-1].copy()}
@@ -401,11 +385,11 @@ def test_retrieval_table_records_and_figures():
     recs = encdec.retrieval_records(retrieval, topics, "cpu")
     assert [r["runtime"] for r in recs] == ["torch", "numpy"]
     assert recs[0]["params"] == dict(pooling="mean", n_sentences=4, n_topics=2, chance=1 / 3)
-    _well_drawn(encdec.plot_similarity(sims, topics, retrieval, keys=list(sims)))
-    _well_drawn(encdec.plot_retrieval(retrieval, topics))
+    well_drawn(encdec.plot_similarity(sims, topics, retrieval, keys=list(sims)))
+    well_drawn(encdec.plot_retrieval(retrieval, topics))
 
 
-def test_generation_cost_bookkeeping(llama_folder, tiny_bert):
+def test_generation_cost_bookkeeping(llama_folder, tiny_bert, well_drawn):
     dec = load(llama_folder)
     cost = encdec.generation_cost(tiny_bert, dec, "w1 w2 w3", 4, 2)
     assert len(cost.runs) == 2 and all(len(r.tpot_s) == 3 for r in cost.runs)
@@ -416,11 +400,11 @@ def test_generation_cost_bookkeeping(llama_folder, tiny_bert):
     assert [r["metric"] for r in recs] == ["encode_ms", "prefill_ms", "decode_ms_per_token"]
     assert recs[2]["params"] == dict(prompt_tokens=cost.decoder_tokens, new_tokens=4, repeats=2)
     assert list(encdec.generation_table(cost).tokens) == [5, cost.decoder_tokens, 1, 4]
-    _well_drawn(encdec.plot_generation(cost, "cpu"))
+    well_drawn(encdec.plot_generation(cost, "cpu"))
     assert encdec.continue_prompt(dec, "w1 w2", 3).startswith("w1 w2")
 
 
-def test_seq2seq_study_records_tables_and_figures():
+def test_seq2seq_study_records_tables_and_figures(well_drawn):
     run = encdec.seq2seq_study(3, 16, steps=2, lr=1e-3, eval_n=4, seed=0)
     assert run.lengths == [2, 3] and list(run.results.length) == [2, 3] * 3
     assert set(run.params) == set(encdec.ARCHS) and all(len(v) == 2 for v in run.losses.values())
@@ -434,8 +418,8 @@ def test_seq2seq_study_records_tables_and_figures():
                                      seed=0, measure="exact-match sequence accuracy")
     assert list(encdec.training_summary(run).index) == list(encdec.ARCHS)
     assert encdec.accuracy_table(run).shape == (2, 6)
-    _well_drawn(encdec.plot_seq2seq_accuracy(run))
-    _well_drawn(encdec.plot_seq2seq_loss(run))
+    well_drawn(encdec.plot_seq2seq_accuracy(run))
+    well_drawn(encdec.plot_seq2seq_loss(run))
 
 
 def test_ceiling_excess_flags_a_model_that_reads_ahead():
@@ -471,7 +455,7 @@ def code_llama(tmp_path):
     return load(folder)
 
 
-def test_prefix_shifts_records_and_figure(code_llama):
+def test_prefix_shifts_records_and_figure(code_llama, well_drawn):
     shifts = encdec.prefix_shifts(code_llama)
     assert list(shifts.index) == ["plain body", *encdec.CONTROL_VARIANTS,
                                   *encdec.TASK_COMMENTS.values(), encdec.INJECTED]
@@ -487,7 +471,7 @@ def test_prefix_shifts_records_and_figure(code_llama):
     recs = encdec.prefix_records(shifts, "m", "cpu")
     assert [r["params"]["variant"] for r in recs] == list(shifts.index[1:])
     assert {r["params"]["body"] for r in recs} == {encdec.BODY}
-    _well_drawn(encdec.plot_prefix_shift(shifts, "m"))
+    well_drawn(encdec.plot_prefix_shift(shifts, "m"))
 
 
 def test_function_call_messages_hold_instruction_tools_and_query():
