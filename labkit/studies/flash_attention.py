@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 
 STUDY = "06_flash_attention"
 TORCH_IMPLS = ("naive", "sdpa", "tiled")
-MLX_IMPLS = ("mlx_tiled", "mlx_sdpa")
 #: The exactness claim: float32 rounding of a different summation order, the CPU bound of
 #: ``tolerances.ATTENTION``, held on every device (the committed CUDA records stay below 2e-6).
 TOLERANCE = tolerances.ATTENTION.at("cpu")
