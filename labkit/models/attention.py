@@ -12,8 +12,8 @@ All three compute ``O = softmax(Q K^T / sqrt(d)) V`` for tensors shaped ``[B, H,
   running row maximum ``m``, running sum ``l`` and un-normalised output ``O`` per query row (the
   "online softmax"). Working memory grows as ``N``, and the result is exact, not an approximation.
 
-``peak_cpu_bytes`` measures (it does not compute) the peak bytes the torch CPU allocator held
-while a function ran, which is how notebook 06 checks the ``N^2`` versus ``N`` claim.
+How much memory each one holds is measured, not computed, by ``labkit.core.memory`` (notebook 06
+checks the ``N^2`` versus ``N`` claim with it).
 
 The MLX version of the tiled forward lives in ``labkit.models.attention_mlx`` so that this module
 needs nothing beyond torch.
@@ -21,22 +21,19 @@ needs nothing beyond torch.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from labkit.core.checks import positive_int
+
 __all__ = [
     "naive_attention",
     "sdpa_attention",
     "tiled_attention",
-    "peak_cpu_bytes",
-    "peak_bytes",
     "IMPLEMENTATIONS",
 ]
 
@@ -120,11 +117,8 @@ def tiled_attention(
     ``N`` need not be a multiple of either block size; the last blocks are simply shorter.
     """
     _check_qkv(q, k, v, causal)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-    B_r, B_c = block_q, block_k
+    B_r = positive_int(block_q, "block_q", "tiled_attention")
+    B_c = positive_int(block_k, "block_k", "tiled_attention")
     N_q, N_k, d = q.shape[2], k.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(d)
     out = torch.empty(*q.shape[:3], v.shape[-1], dtype=q.dtype, device=q.device)
@@ -180,83 +174,3 @@ IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "tiled": tiled_attention,
 }
 """The torch implementations by the name used in records (``params={"impl": ...}``)."""
-
-
-def peak_cpu_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
-    """Run ``fn()`` once and return (peak bytes the torch CPU allocator held, ``fn``'s result).
-
-    A measurement, not a formula: ``torch.profiler`` with ``profile_memory=True`` logs every
-    allocation and free that passes through PyTorch's CPU allocator (including scratch buffers
-    that fused kernels allocate internally), each with its size and time stamp. Replaying them
-    in time order and keeping the running total gives the high-water mark of memory allocated
-    *during* the call, above whatever was live before it (inputs are not counted; the output is).
-
-    Only CPU tensors are seen. On CUDA use ``torch.cuda.max_memory_allocated`` instead.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _stderr_silenced():  # kineto prints a line to fd 2 on every start and stop
-        prof.start()
-    try:
-        result = fn()
-    finally:
-        with _stderr_silenced():
-            prof.stop()
-
-    events = [
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    if not events:
-        raise RuntimeError(
-            "torch.profiler recorded no CPU memory events; peak_cpu_bytes cannot measure this "
-            "function (did it allocate no CPU tensors?)"
-        )
-    events.sort(key=lambda e: e[0])  # stable: same-time events keep the order logged
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, result
-
-
-def peak_bytes(fn: Callable[[], Any], device: str) -> tuple[int, Any]:
-    """Peak bytes allocated while ``fn()`` ran on ``device``, measured; returns (bytes, result).
-
-    ``"cpu"``: :func:`peak_cpu_bytes` (the profiler's allocation log). ``"cuda"``/``"cuda:N"``:
-    the caching allocator's own high-water mark (``torch.cuda.max_memory_allocated``), above what
-    was allocated before the call. ``"mps"`` has no peak counter in torch (only the current
-    total), so it raises NotImplementedError with that reason rather than guess.
-    """
-    if device == "cpu":
-        return peak_cpu_bytes(fn)
-    if device == "cuda" or device.startswith("cuda:"):
-        target = torch.device(device)
-        torch.cuda.synchronize(target)
-        before = torch.cuda.memory_allocated(target)
-        torch.cuda.reset_peak_memory_stats(target)
-        result = fn()
-        torch.cuda.synchronize(target)
-        return torch.cuda.max_memory_allocated(target) - before, result
-    if device == "mps":
-        raise NotImplementedError(
-            "torch.mps has no peak-memory counter (only current_allocated_memory), so peak "
-            "bytes during one call cannot be measured on MPS"
-        )
-    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps'; got {device!r}")
-
-
-@contextlib.contextmanager
-def _stderr_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null for a moment (C++ logs bypass sys.stderr)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from labkit.core.checks import positive_int
 from labkit.models.attention import _check_qkv
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "device_name",
     "sdpa_attention_mlx",
     "tiled_attention_mlx",
-    "peak_mlx_bytes",
 ]
 
 
@@ -73,11 +73,8 @@ def tiled_attention_mlx(
     import mlx.core as mx
 
     _check_qkv(q, k, v, causal)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-
-    B_r, B_c = block_q, block_k
+    B_r = positive_int(block_q, "block_q", "tiled_attention_mlx")
+    B_c = positive_int(block_k, "block_k", "tiled_attention_mlx")
     N_q, N_k = q.shape[2], k.shape[2]
     batch_heads = tuple(q.shape[:2])
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -116,19 +113,3 @@ def tiled_attention_mlx(
         mx.eval(block)
         blocks.append(block)
     return mx.concatenate(blocks, axis=2)
-
-
-def peak_mlx_bytes(fn: Any) -> tuple[int, Any]:
-    """Run ``fn()``, evaluate its result, and return (MLX's peak allocated bytes, result).
-
-    Measured by MLX's allocator (``mx.reset_peak_memory`` / ``mx.get_peak_memory``), counted
-    above the memory already active before the call, so inputs are not included.
-    """
-    import mlx.core as mx
-
-    mx.clear_cache()
-    before = mx.get_active_memory()
-    mx.reset_peak_memory()
-    result = fn()
-    mx.eval(result)
-    return mx.get_peak_memory() - before, result

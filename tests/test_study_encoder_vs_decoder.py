@@ -1,25 +1,29 @@
-"""labkit.studies.encoder_vs_decoder: attention weights vs transformers' eager attention, the perturbation test on a
-causal and a bidirectional model, retrieval accuracy, the prefix measurements, and the toy
-seq2seq task's layouts, ceilings, parameter counts and determinism.
+"""labkit.studies.encoder_vs_decoder (notebook 05): attention weights vs transformers' eager
+attention, the perturbation test on a causal and a bidirectional model, retrieval accuracy, the
+generation timing's bookkeeping, the prefix measurements, the toy seq2seq task's layouts,
+ceilings, parameter counts and determinism, and the records and figures the notebook shows.
 
 Tolerances: attention weights and outputs in float32 agree within 1e-5 (two orders of
-summation); "unchanged" hidden states in the perturbation test within 1e-6 relative.
+summation: tolerances.SAME_MATH on the CPU); "unchanged" hidden states in the perturbation test
+within 1e-6 relative.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from labkit.core import results, tolerances
 from labkit.inference.generate import greedy
-from labkit.models import load
+from labkit.models import ModelLoadError, load
 from labkit.studies import encoder_vs_decoder as encdec
 
-ATOL = 1e-5
+ATOL = tolerances.SAME_MATH.at("cpu")
 
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -43,13 +47,9 @@ def tiny_bert():
                                   max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
-
-    class Loaded:
-        pass
-
-    loaded = Loaded()
-    loaded.model, loaded.tokenizer = model, tok
-    return loaded
+    card = {"name": "tiny-bert", "architecture": "BertModel", "impl": "hf",
+            "num_parameters": model.num_parameters()}
+    return SimpleNamespace(model=model, tokenizer=tok, card=card)
 
 
 # --- the sentence set ---------------------------------------------------------------------------
@@ -287,8 +287,6 @@ def test_training_is_deterministic_and_evaluation_shapes():
 def test_predict_scores_a_perfect_reverser_as_perfect():
     """evaluate() must give 1.0 to a model that reverses: a fake encoder-decoder whose logits put
     all mass on the right next token, given what it has been fed."""
-    from types import SimpleNamespace
-
     task = encdec.Seq2SeqTask(max_len=4)
 
     class Reverser(torch.nn.Module):
@@ -305,3 +303,193 @@ def test_predict_scores_a_perfect_reverser_as_perfect():
 
     rows = encdec.evaluate(encdec.ARCHS[0], Reverser(), task, [2, 4], n=16)
     assert [r["seq_acc"] for r in rows] == [1.0, 1.0]
+
+
+# --- what the notebook calls: models, sections, records, figures --------------------------------
+
+
+def test_load_pair_refuses_a_decoder_that_is_not_labkits(monkeypatch):
+    import labkit.models
+
+    impls = {"enc": "hf", "ours": "labkit", "theirs": "hf"}
+    monkeypatch.setattr(labkit.models, "load", lambda name, device: SimpleNamespace(
+        card={"name": name, "impl": impls[name]}))
+    enc, dec = encdec.load_pair("enc", "ours", "cpu")
+    assert (enc.card["name"], dec.card["name"]) == ("enc", "ours")
+    with pytest.raises(ValueError, match="labkit's Llama; got impl 'hf'"):
+        encdec.load_pair("enc", "theirs", "cpu")
+
+
+def test_describe_names_model_size_and_device(tiny_bert):
+    line = encdec.describe(tiny_bert, "encoder", "cpu")
+    assert line.startswith("encoder: tiny-bert (BertModel, ") and line.endswith("impl hf) on cpu")
+    assert "torch " in encdec.describe(tiny_bert, "decoder", "cpu")
+
+
+def test_future_mass_is_zero_for_causal_and_known_for_uniform():
+    t = 4
+    causal = torch.tril(torch.ones(t, t))
+    causal = (causal / causal.sum(-1, keepdim=True)).expand(2, 3, t, t)
+    assert np.all(encdec.future_mass(causal) == 0.0)
+    uniform = torch.full((1, 2, t, t), 1 / t)
+    # queries 0, 1, 2 see 3, 2, 1 later keys of weight 1/4: mean (3 + 2 + 1) / 4 / 3 = 0.5
+    np.testing.assert_allclose(encdec.future_mass(uniform), [0.5], rtol=1e-6)
+
+
+def test_attention_maps_summary_and_figure(llama_folder, tiny_bert, well_drawn):
+    dec = load(llama_folder)
+    enc_map = encdec.encoder_attention(tiny_bert, "w1 w2 w3")
+    dec_map = encdec.decoder_attention(dec, "w1 w2 w3")
+    assert (enc_map.role, dec_map.role) == ("encoder", "decoder")
+    assert dec_map.weights.shape[-1] == len(dec_map.tokens)
+    summary = encdec.attention_summary([enc_map, dec_map]).set_index("model")
+    assert summary.loc[dec.card["name"], "max weight on later tokens (any query)"] == 0.0
+    assert summary.loc["tiny-bert", "mean weight on later tokens, least layer"] > 0
+    assert summary.loc["tiny-bert", "layers x heads"] == "2 x 4"
+    well_drawn(encdec.plot_attention([enc_map, dec_map]))
+
+
+def test_perturbation_properties_on_a_known_matrix():
+    m = np.array([[0.0, 0.5, 0.2],    # token 1 changed
+                  [0.0, 0.0, 0.3]])   # token 2 changed
+    p = encdec.Perturbation("m", "decoder", m, [1, 2])
+    assert p.leak == 0.0 and p.after_min == 0.2
+    assert p.spread == 0.0  # position 0 never moved
+    table = encdec.perturbation_table([p])
+    assert table.loc["m"].to_dict() == {"max change at j < i": 0.0, "min change at j != i": 0.0}
+
+
+def test_perturbations_records_and_figure(llama_folder, tiny_bert, well_drawn):
+    dec = load(llama_folder)
+    enc_p = encdec.encoder_perturbation(tiny_bert, "w1 w2 w3 w4")
+    dec_p = encdec.decoder_perturbation(dec, "w1 w2 w3 w4", replacement="w5")
+    assert enc_p.positions == [1, 2, 3, 4]  # [CLS] and [SEP] stay
+    assert dec_p.positions == list(range(1, dec_p.matrix.shape[1]))
+    assert dec_p.leak <= 1e-6 < encdec.SPREAD_MIN <= enc_p.leak
+    recs = encdec.perturbation_records([enc_p, dec_p], "w1 w2 w3 w4", "cpu")
+    assert [(r["metric"], r["model"], r["value"]) for r in recs] == [
+        ("perturb_leak_max", "tiny-bert", enc_p.leak), ("perturb_leak_max", dec.card["name"], dec_p.leak)]
+    assert recs[0]["params"] == {"sentence": "w1 w2 w3 w4",
+                                 "measure": "max relative hidden-state change at j < i"}
+    well_drawn(encdec.plot_perturbation([enc_p, dec_p]))
+
+
+def test_retrieval_table_records_and_figures(well_drawn):
+    topics = ["a", "a", "b", "b"]
+    perfect = np.array([[1, .9, 0, 0], [.9, 1, 0, 0], [0, 0, 1, .9], [0, 0, .9, 1]], dtype=float)
+    sims = {("enc", "mean"): perfect, ("bag-of-words", "counts"): perfect[::-1, ::-1].copy()}
+    retrieval = encdec.retrieval_table(sims, topics)
+    assert retrieval.to_dict("records") == [
+        dict(model="enc", pooling="mean", retrieval_acc=1.0),
+        dict(model="bag-of-words", pooling="counts", retrieval_acc=1.0)]
+    recs = encdec.retrieval_records(retrieval, topics, "cpu")
+    assert [r["runtime"] for r in recs] == ["torch", "numpy"]
+    assert recs[0]["params"] == dict(pooling="mean", n_sentences=4, n_topics=2, chance=1 / 3)
+    well_drawn(encdec.plot_similarity(sims, topics, retrieval, keys=list(sims)))
+    well_drawn(encdec.plot_retrieval(retrieval, topics))
+
+
+def test_generation_cost_bookkeeping(llama_folder, tiny_bert, well_drawn):
+    dec = load(llama_folder)
+    cost = encdec.generation_cost(tiny_bert, dec, "w1 w2 w3", 4, 2)
+    assert len(cost.runs) == 2 and all(len(r.tpot_s) == 3 for r in cost.runs)
+    assert cost.encode.n == 3  # at least 3 encoder repeats
+    assert (cost.encoder_tokens, cost.decoder_tokens) == (5, int(encdec.token_ids(dec, "w1 w2 w3").shape[1]))
+    assert cost.generation_ms == pytest.approx(cost.ttft_ms + 3 * cost.tpot_ms)
+    recs = encdec.generation_records(cost, "cpu")
+    assert [r["metric"] for r in recs] == ["encode_ms", "prefill_ms", "decode_ms_per_token"]
+    assert recs[2]["params"] == dict(prompt_tokens=cost.decoder_tokens, new_tokens=4, repeats=2)
+    assert list(encdec.generation_table(cost).tokens) == [5, cost.decoder_tokens, 1, 4]
+    well_drawn(encdec.plot_generation(cost, "cpu"))
+    assert encdec.continue_prompt(dec, "w1 w2", 3).startswith("w1 w2")
+
+
+def test_seq2seq_study_records_tables_and_figures(well_drawn):
+    run = encdec.seq2seq_study(3, 16, steps=2, lr=1e-3, eval_n=4, seed=0)
+    assert run.lengths == [2, 3] and list(run.results.length) == [2, 3] * 3
+    assert set(run.params) == set(encdec.ARCHS) and all(len(v) == 2 for v in run.losses.values())
+    np.testing.assert_allclose(run.results.ceiling_token_acc,
+                               [encdec.interleaved_ceiling(n, 10) for n in run.results.length])
+    assert run.size_ratio == run.params[encdec.ARCHS[1]] / run.params[encdec.ARCHS[0]]
+    recs = encdec.seq2seq_records(run)
+    assert len(recs) == 2 * len(run.results) and {r["device"] for r in recs} == {"cpu"}
+    assert recs[0]["params"] == dict(arch=encdec.ARCHS[0], length=2, task="reverse", steps=2,
+                                     d_model=16, params=run.params[encdec.ARCHS[0]], n_eval=4,
+                                     seed=0, measure="exact-match sequence accuracy")
+    assert list(encdec.training_summary(run).index) == list(encdec.ARCHS)
+    assert encdec.accuracy_table(run).shape == (2, 6)
+    well_drawn(encdec.plot_seq2seq_accuracy(run))
+    well_drawn(encdec.plot_seq2seq_loss(run))
+
+
+def test_ceiling_excess_flags_a_model_that_reads_ahead():
+    import pandas as pd
+
+    def run_with(token_acc: float):
+        ceiling = encdec.interleaved_ceiling(8, 10)
+        df = pd.DataFrame([dict(arch=encdec.ARCHS[2], length=8, seq_acc=0.0, token_acc=token_acc,
+                                n=256, ceiling_token_acc=ceiling)])
+        return encdec.Seq2SeqRun(encdec.Seq2SeqTask(max_len=8), encdec.ModelSize(), 1, 0, df,
+                                 {}, {}, {})
+
+    assert run_with(encdec.interleaved_ceiling(8, 10)).ceiling_excess < 0
+    assert run_with(1.0).ceiling_excess > 0
+
+
+@pytest.fixture
+def code_llama(tmp_path):
+    """A tiny random Llama whose word-level tokenizer knows the prefix study's tokens."""
+    from conftest import build_hf_checkpoint
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = build_hf_checkpoint(tmp_path / "code-llama", "llama", tokenizer=False)
+    words = ["<unk>", "<s>", "</s>", "def", "f", "(", "x", ")", ":", "return", "#", "returns", "a",
+             "list", "string", "True", "or", "False", "[", '"', "'", "str", "not", "bool",
+             "Ignore", "the", "comment", "above", "."]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", '
+        '"unk_token": "<unk>"}')
+    return load(folder)
+
+
+def test_prefix_shifts_records_and_figure(code_llama, well_drawn):
+    shifts = encdec.prefix_shifts(code_llama)
+    assert list(shifts.index) == ["plain body", *encdec.CONTROL_VARIANTS,
+                                  *encdec.TASK_COMMENTS.values(), encdec.INJECTED]
+    assert shifts.kl["plain body"] == 0.0 and (shifts.kl >= 0).all()
+    for c in encdec.TASK_COMMENTS:
+        assert ((shifts[f"P({c})"] > 0) & (shifts[f"P({c})"] <= 1)).all()
+    plain, variants = encdec.prefix_variants(code_llama)
+    comment = encdec.TASK_COMMENTS["list"]
+    expected = encdec.prefix_shift(code_llama.model, plain, variants[comment])["kl"]
+    assert shifts.kl[comment] == pytest.approx(expected)
+    eos = code_llama.tokenizer.eos_token_id
+    assert variants[encdec.CONTROL_VARIANTS[1]][0, 1].item() == eos
+    recs = encdec.prefix_records(shifts, "m", "cpu")
+    assert [r["params"]["variant"] for r in recs] == list(shifts.index[1:])
+    assert {r["params"]["body"] for r in recs} == {encdec.BODY}
+    well_drawn(encdec.plot_prefix_shift(shifts, "m"))
+
+
+def test_function_call_messages_hold_instruction_tools_and_query():
+    (message,) = encdec.function_call_messages([encdec.WEATHER_TOOL], "Rain in Oslo?")
+    assert message["role"] == "user"
+    content = message["content"]
+    assert content.index("[BEGIN OF TASK INSTRUCTION]") < content.index("[BEGIN OF AVAILABLE TOOLS]")
+    assert '"name": "get_weather"' in content and content.endswith("Rain in Oslo?\n[END OF QUERY]")
+
+
+def test_function_call_without_the_checkpoint_raises_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError):
+        encdec.function_call(str(tmp_path / "no-such-model"), "cpu")
+
+
+def test_records_are_accepted_by_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    p = encdec.Perturbation("m", "decoder", np.zeros((1, 2)), [1])
+    written = results.record_many(encdec.perturbation_records([p], "s", "cpu"))
+    assert [r["study"] for r in written] == [encdec.STUDY]
+    assert len(results.load_results(encdec.STUDY)) == 1
