@@ -178,16 +178,12 @@ def _capture_attention_inputs(model: Any, input_ids: torch.Tensor) -> list[tuple
 
 def _layer_attention(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """(weights [B, H, T, T], v [B, H, T, d]) of one labkit Llama attention layer: q, k, v
-    from the layer's projections, RoPE on q and k, K/V heads repeated for GQA, causal mask."""
+    from the layer's own projections with RoPE (``attn.project``), K/V heads repeated for GQA,
+    then the softmax SDPA never materializes, under the causal mask."""
     import torch
 
-    from labkit.models.llama import apply_rope
-
-    b, t, _ = x.shape
-    q = attn.q_proj(x).view(b, t, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, t, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    t = x.shape[1]
+    q, k, v = attn.project(x, cos, sin)
     group = attn.n_heads // attn.n_kv_heads
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(attn.head_dim)
