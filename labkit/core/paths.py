@@ -9,6 +9,7 @@ Shipped inputs (``data_dir()``: models, configs, data sets) always come from the
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # labkit/ (this file is labkit/core/paths.py)
@@ -65,6 +66,22 @@ def notebooks_dir() -> Path:
 def repo_models_dir() -> Path:
     """The shipped models always live in the checkout, even when LABKIT_ROOT points elsewhere."""
     return _PACKAGE_DIR.parent / "data" / "models"
+
+
+def cache_dir() -> Path:
+    """The lab's cache of derived files shared by every checkout of this user: converted models
+    (keyed by their source's hash, so never stale). ``LABKIT_CACHE`` overrides it; otherwise
+    ``$XDG_CACHE_HOME/labkit``, ``~/Library/Caches/labkit`` on macOS, ``~/.cache/labkit`` elsewhere.
+    """
+    env = os.environ.get("LABKIT_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "labkit"
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "labkit"
+    return home / ".cache" / "labkit"
 
 
 def configs_dir() -> Path:

