@@ -1,4 +1,4 @@
-"""The `labkit` command: info, reproduce, bench, site, train."""
+"""The `labkit` command: info, reproduce, bench, chat, site, train."""
 
 from __future__ import annotations
 
@@ -69,6 +69,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from labkit.inference.chat import chat
+    from labkit.models import load
+
+    console = Console(highlight=False)
+    with console.status(f"loading {escape(args.model)}"):
+        loaded = load(args.model, device=args.device)
+    answer = chat(loaded.model, loaded.tokenizer, args.question, max_new_tokens=args.max_new_tokens,
+                  system=args.system, on_piece=lambda p: console.print(escape(p), end=""))
+    console.print()
+    console.print(f"[dim]TTFT {answer.ttft_s * 1e3:.0f} ms ({answer.prompt_tokens} prompt tokens), "
+                  f"{answer.decode_tokens_per_s:.1f} tokens/s decode, {len(answer.tokens)} tokens"
+                  f"{'' if answer.stopped else ' (stopped at --max-new-tokens)'}[/dim]")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _cmd_site(args: argparse.Namespace) -> int:
     from labkit.lab.site import main as site_main
 
@@ -97,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, help="prompt tokens, e.g. 512 for pp512 (runtimes benchmark)")
     p.add_argument("--gen", type=int, help="generated tokens, e.g. 128 for tg128 (runtimes benchmark)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("chat", help="ask a chat model one question; streams the answer")
+    p.add_argument("question", help="the question (one user turn)")
+    p.add_argument("--model", default="smollm2-135m", help="a chat model: name, folder or hub id")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("site", help="build the static site of the executed notebooks (build/site)")
     p.set_defaults(func=_cmd_site)
