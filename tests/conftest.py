@@ -81,3 +81,33 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return build_hf_checkpoint(tmp_path / f"{arch}-{next(counter)}", arch, **kwargs)
 
     return make
+
+
+def peaked_llama(seed: int = 0, std: float = 0.3, **overrides: Any) -> Any:
+    """A tiny random labkit ``Llama`` (GQA: 4 query heads, 2 KV heads) in eval mode.
+
+    Weights are drawn with std ``std`` (0.3) rather than the training init (0.02), so the logits
+    are peaked and greedy ties impossible: two decodes that round differently in the last bit
+    still pick the same tokens.
+    """
+    import torch
+
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+
+    base: dict[str, Any] = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**base)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model
