@@ -23,16 +23,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from labkit.core.files import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -156,19 +156,11 @@ def stdlib_docset(
     return docs, queries
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path) -> None:
     """Write docs.jsonl, queries.jsonl and manifest.json (how and from what they were made)."""
     folder = Path(folder)
-    _atomic_write(folder / "docs.jsonl", "".join(json.dumps(asdict(d)) + "\n" for d in docs))
-    _atomic_write(folder / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
+    atomic_write_text(folder / "docs.jsonl", "".join(json.dumps(asdict(d)) + "\n" for d in docs))
+    atomic_write_text(folder / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
     manifest = {
         "built_by": "labkit.studies.rag_on_device.stdlib_docset",
         "python": sys.version.split()[0],
@@ -182,7 +174,7 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
             f"chars, cut at {MAX_BODY_CHARS}"
         ),
     }
-    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
 def docset_dir() -> Path:
