@@ -1,22 +1,30 @@
-"""labkit.studies.rag_on_device: the document set, search against a numpy reference, recall@k, prompts within
-budget, and prefix KV-cache reuse that gives the same logits as a full prefill."""
+"""labkit.studies.rag_on_device (notebook 10): the document set, search against a numpy reference,
+recall@k, prompts within budget, prefix KV-cache reuse that gives the same logits as a full
+prefill, and the notebook's study (subset, retrieval, the timed pipeline, TTFT, scenarios) with
+its records and figures. MiniLM is replaced by a fake embedding where only the plumbing is tested;
+nothing here checks a speed."""
 
 from __future__ import annotations
 
 import json
 import sys
+import zlib
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from labkit.core import plotting
+from labkit.core import tolerances as tol
 from labkit.inference.generate import greedy
-from labkit.inference.kv_cache import KVCache
-from labkit.models import load
+from labkit.inference.kv_cache import KVCache, kv_cache_bytes_for_config
+from labkit.models import encoder, load
 from labkit.studies import rag_on_device as rag
 
-LOGIT_TOL = 1e-5  # float32: a cached prefix and a full prefill differ only by summation order
+LOGIT_TOL = tol.SAME_MATH.cpu  # a cached prefix and a full prefill differ only by summation order
 
 
 @pytest.fixture
@@ -148,3 +156,151 @@ def test_timed_greedy_matches_greedy_with_and_without_a_prefix(tiny_lm) -> None:
     rag.prefill(model, ids[:20], shared)
     _, continued = rag.timed_greedy(model, ids[20:], 6, cache=rag.fork_cache(shared, 36))
     assert continued == reference
+
+
+# --- the notebook's study ------------------------------------------------------------------------
+
+#: Five documents and their queries; the fake embedding puts each query on its document's axis,
+#: except query 3, which lands nearer document 1 than its own 3 (a miss at k=1, found at k=2).
+DOCS = [rag.Document(i, f"mod{i % 2}.f{i}", f"w{10 + i} w{20 + i} w{30 + i}") for i in range(5)]
+QUERIES = [rag.Query(f"w{40 + i}", i) for i in range(5)]
+_AXIS = {**{d.text: i for i, d in enumerate(DOCS)}, **{q.text: q.doc_id for q in QUERIES}}
+
+
+def _fake_embed(texts, loaded=None, **_):
+    """Unit vectors: a text's own axis, a little of the next, and a seeded speck of noise (so no
+    two scores tie and faiss and numpy rank alike)."""
+    texts = [texts] if isinstance(texts, str) else texts
+    rows = np.zeros((len(texts), 8), dtype=np.float32)
+    for r, text in enumerate(texts):
+        rows[r] = 0.01 * np.random.default_rng(zlib.crc32(text.encode())).random(8)
+        if text == QUERIES[3].text:
+            rows[r, 1], rows[r, 3] = rows[r, 1] + 1.0, rows[r, 3] + 0.5
+        else:
+            axis = _AXIS.get(text, 7)
+            rows[r, axis] += 1.0
+            rows[r, (axis + 1) % 8] += 0.1
+    return torch.from_numpy(rows / np.linalg.norm(rows, axis=1, keepdims=True))
+
+
+@pytest.fixture
+def fake_embed(monkeypatch):
+    monkeypatch.setattr(encoder, "embed", _fake_embed)
+
+
+@pytest.fixture
+def pipe(tiny_lm, fake_embed):
+    index = rag.FaissIndex(_fake_embed([d.text for d in DOCS]).numpy())
+    return rag.Pipeline(tiny_lm.model, tiny_lm.tokenizer, None, index, DOCS, top_k=2, budget=120,
+                        new_tokens=4, bos_id=1)
+
+
+def test_subset_keeps_labels_pointing_at_the_same_documents() -> None:
+    docs, queries = rag.stdlib_docset(("json", "textwrap", "shutil"))
+    assert rag.subset_docset(docs, queries, 0) == (docs, queries)
+    assert rag.subset_docset(docs, queries, len(docs) + 5) == (docs, queries)
+    sub_docs, sub_queries = rag.subset_docset(docs, queries, 6, seed=3)
+    assert (sub_docs, sub_queries) == rag.subset_docset(docs, queries, 6, seed=3)
+    assert len(sub_docs) == len(sub_queries) == 6
+    by_text = {q.text: docs[q.doc_id].name for q in queries}
+    assert all(by_text[q.text] == sub_docs[q.doc_id].name for q in sub_queries)
+    with pytest.raises(ValueError, match="n_docs must be an integer >= 0"):
+        rag.subset_docset(docs, queries, -1)
+
+
+def test_retrieve_all_checks_faiss_and_computes_recall(fake_embed) -> None:
+    ret = rag.retrieve_all(DOCS, QUERIES, None, [1, 2, 10])
+    assert ret.faiss_equals_numpy and ret.build_ms > 0
+    assert list(ret.recall.index) == [1, 2]  # k = 10 is more than the 5 documents
+    assert ret.recall[1] == pytest.approx(4 / 5) and ret.recall[2] == 1.0
+    assert list(ret.chance) == [1 / 5, 2 / 5]
+    assert list(ret.table().columns) == ["recall@k", "chance (k / documents)"]
+    miss = ret.misses(QUERIES, DOCS)
+    assert miss.values.tolist() == [[QUERIES[3].text, DOCS[3].name, DOCS[1].name]]
+    recs = rag.retrieval_records(ret, n_docs=5, n_queries=5, device="cpu", threads=1)
+    assert [(r["metric"], r["params"].get("k")) for r in recs] == [
+        ("recall_at_k", 1), ("recall_at_k", 2), ("index_build_ms", None)]
+    fig = rag.plot_recall(ret, n_queries=5, n_docs=5)
+    plotting.check_figure(fig)
+    plt.close(fig)
+    assert rag.query_examples(QUERIES, DOCS, 2).answer_document.tolist() == [DOCS[0].name, DOCS[1].name]
+
+
+def test_describe_docset_counts_decoder_tokens(tiny_lm) -> None:
+    text = rag.describe_docset(DOCS, QUERIES, 9, tiny_lm.tokenizer)
+    n = len(rag.encode(tiny_lm.tokenizer, rag.context_block([DOCS[0]])))
+    assert text.startswith("5 documents (of 9), 5 labelled queries") and f"max {n}" in text
+
+
+def test_pipeline_answer_times_every_stage_and_generates_greedily(pipe) -> None:
+    times, info = pipe.answer(QUERIES[0].text)
+    assert list(times) == list(rag.STAGES) and all(v >= 0 for v in times.values())
+    assert info["hit"][0] == 0 and len(info["hit"]) == 2
+    ids, used = pipe.prompt(QUERIES[0].text, info["hit"])
+    assert info["prompt_tokens"] == len(ids) <= pipe.budget and info["docs_in_prompt"] == used == 2
+    reference = greedy(pipe.decoder, torch.tensor([ids]), 4).new_tokens[0].tolist()
+    assert info["tokens"] == reference
+    assert ids[: len(pipe.head())] == pipe.head() and pipe.head()[0] == 1
+
+
+def test_stage_breakdown_records_and_figure(pipe) -> None:
+    stages, drawn = rag.stage_breakdown(pipe, QUERIES, 3, seed=0)
+    assert len(stages) == 3 and len(drawn) == 4 and len({q.text for q in drawn}) == 4
+    assert stages.retrieved.all()  # every labelled document is among the top 2
+    summary = rag.stage_summary(stages)
+    assert list(summary.index) == list(rag.STAGES) and summary.share.sum() == pytest.approx(1.0)
+    recs = rag.stage_records(stages, device="cpu", model="m", threads=1, top_k=2, new_tokens=4, n_docs=5)
+    assert [(r["params"]["stage"], r["runtime"], r["model"]) for r in recs] == [
+        ("embed", "torch", "minilm"), ("search", "faiss", "none"), ("prompt", "torch", "none"),
+        ("prefill", "torch", "m"), ("decode", "torch", "m")]
+    assert f"retrieved: {DOCS[2].name}, {DOCS[3].name}" in rag.describe_answer(pipe, QUERIES[2].text)
+    fig = rag.plot_stages(stages, top_k=2, new_tokens=4, device="cpu")
+    plotting.check_figure(fig)
+    plt.close(fig)
+
+
+def test_ttft_by_context_skips_what_does_not_fit(pipe) -> None:
+    ttft = rag.ttft_by_context(pipe, QUERIES[0].text, [0, 1, 2], warmup=0, repeats=1)
+    assert ttft.docs.tolist() == [0, 1, 2] and ttft.prompt_tokens.is_monotonic_increasing
+    pipe.budget = int(ttft.prompt_tokens[1])  # room for one document only
+    assert rag.ttft_by_context(pipe, QUERIES[0].text, [0, 1, 2], warmup=0, repeats=1).docs.tolist() == [0, 1]
+    line = pd.DataFrame(dict(docs=[0, 1, 2], prompt_tokens=[10, 20, 40], ttft_ms=[3.0, 5.0, 9.0],
+                             p10_ms=[2.0, 4, 8], p90_ms=[4.0, 6, 10], repeats=[2, 2, 2]))
+    assert rag.ttft_fit(line) == pytest.approx((0.2, 1.0))
+    recs = rag.ttft_records(line, device="cpu", model="m", threads=1)
+    assert [r["params"]["prompt_tokens"] for r in recs] == [10, 20, 40]
+    fig = rag.plot_ttft(line, model_name="m", device="cpu")
+    plotting.check_figure(fig)
+    plt.close(fig)
+
+
+def test_scenarios_split_each_prompt_into_shared_prefix_and_query_part(pipe) -> None:
+    hits = np.array([[0, 1], [1, 2]])
+    system = rag.system_prompt_scenario(pipe, QUERIES[:2], hits)
+    assert system.prefix == pipe.head()
+    for q, row, suffix in zip(QUERIES[:2], hits, system.suffixes, strict=True):
+        assert system.prefix + suffix == pipe.prompt(q.text, row)[0]
+    pinned = rag.pinned_scenario(pipe, DOCS, QUERIES, "mod1", 8, 5)
+    assert pinned.prefix[: len(pipe.head())] == pipe.head() and len(pinned.prefix) == len(pipe.head()) + 8
+    asked = [q for q in QUERIES if DOCS[q.doc_id].name.startswith("mod1.")]
+    assert pinned.suffixes == [rag.encode(pipe.tokenizer, rag.question_block(q.text)) for q in asked]
+    with pytest.raises(ValueError, match="no documents of module 'nope'"):
+        rag.pinned_scenario(pipe, DOCS, QUERIES, "nope", 8, 5)
+
+
+def test_prefix_reuse_table_records_and_figure(pipe, tiny_lm) -> None:
+    scenarios = [rag.system_prompt_scenario(pipe, QUERIES[:2], np.array([[0, 1], [1, 2]])),
+                 rag.pinned_scenario(pipe, DOCS, QUERIES, "mod0", 16, 2)]
+    rows = rag.prefix_reuse(pipe.decoder, scenarios, warmup=0, repeats=1)
+    assert rows.scenario.tolist() == ["system prompt"] * 2 + ["pinned document"] * 2
+    assert (rows.max_abs_logit_diff <= LOGIT_TOL).all()
+    per = rag.reuse_by_scenario(rows, tiny_lm.card["config"], 4)
+    assert list(per.index) == ["system prompt", "pinned document"] and (per.queries == 2).all()
+    r = per.loc["pinned document"]
+    assert r.saving_pct == pytest.approx(100 * (1 - r.reuse_ms / r.full_ms))
+    assert r.prefix_cache_bytes == kv_cache_bytes_for_config(tiny_lm.card["config"], len(scenarios[1].prefix), 4)
+    recs = rag.reuse_records(per, device="cpu", model="m", threads=1, repeats=1)
+    assert [x["params"]["scenario"] for x in recs] == ["system prompt", "pinned document"]
+    fig = rag.plot_prefix_reuse(per, model_name="m", device="cpu")
+    plotting.check_figure(fig)
+    plt.close(fig)
