@@ -468,6 +468,13 @@ def waste_records(
     ]
 
 
+def _log2_x(ax: Any, ticks: Sequence[int], label: str) -> None:
+    """A base-2 log x axis with a tick at each of ``ticks`` (powers of two read as themselves)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel(label)
+
+
 _TIMELINE_PARTS = {"used": "used (written)", "future": "reserved for later", "never": "never used"}
 
 
@@ -517,9 +524,7 @@ def plot_waste(waste: pd.DataFrame, *, requests: int, concurrency: int) -> Any:
                label="vLLM paper: 60–80 % in existing systems (reference, not measured here)")
     ax.axhline(4, color="grey", linestyle=":",
                label="vLLM paper: < 4 % with paging (reference, not measured here)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(block_sizes, [str(b) for b in block_sizes])
-    ax.set_xlabel("block size (tokens per block)")
+    _log2_x(ax, block_sizes, "block size (tokens per block)")
     ax.set_ylabel("KV memory reserved but unused (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Waste on a request mix ({requests} requests, {concurrency} concurrent)")
@@ -635,9 +640,7 @@ def plot_prefix_sharing(sharing: pd.DataFrame, *, prompts: int) -> Any:
     fig, ax = plotting.new_figure()
     for bs, g in sharing.groupby("block_size"):
         ax.plot(g.n, g.saving_pct, marker="o", label=f"block size {bs}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(samples, [str(n) for n in samples])
-    ax.set_xlabel("parallel samples per prompt (n)")
+    _log2_x(ax, samples, "parallel samples per prompt (n)")
     ax.set_ylabel("KV memory saved by sharing the prompt (%)")
     ax.set_title(f"Prefix sharing on the request mix ({prompts} prompts)")
     ax.legend()
@@ -776,9 +779,7 @@ def plot_decode_throughput(
                       label=kind if kind == "contiguous" else f"paged (block {block_size})")
         ax_m.plot(g.batch, g.kv_bytes_held, marker="o", label=kind)
     for ax in (ax_t, ax_m):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.set_xlabel("sequences decoded together (batch)")
+        _log2_x(ax, batches, "sequences decoded together (batch)")
     ax_t.set_ylabel("decode throughput (tokens/s, median, p10–p90)")
     ax_t.set_title(f"Batched decode on {device}, {threads} torch thread(s)")
     ax_t.legend()
