@@ -83,31 +83,68 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def peaked_llama(seed: int = 0, std: float = 0.3, **overrides: Any) -> Any:
-    """A tiny random labkit ``Llama`` (GQA: 4 query heads, 2 KV heads) in eval mode.
+#: The shape most unit tests use: small enough to run in milliseconds, with grouped-query
+#: attention (4 query heads share 2 KV heads) so GQA paths are exercised.
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
-    Weights are drawn with std ``std`` (0.3) rather than the training init (0.02), so the logits
-    are peaked and greedy ties impossible: two decodes that round differently in the last bit
-    still pick the same tokens.
+
+def random_llama(seed: int = 0, *, logit_scale: float = 1.0, **overrides: Any):
+    """labkit's Llama with random weights (eval mode, fp32, CPU) of ``TINY_SHAPE`` + overrides.
+
+    ``logit_scale`` > 1 multiplies the output matrix so greedy choices are decisive, not near-ties
+    decided by float rounding (tests that compare greedy tokens across code paths use it).
     """
     import torch
 
     from labkit.models.config import LlamaConfig
     from labkit.models.llama import Llama
 
-    base: dict[str, Any] = dict(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    base.update(overrides)
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(**base)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
+    model = Llama(LlamaConfig(**{**TINY_SHAPE, **overrides})).eval()
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.output_weight.mul_(logit_scale)
     return model
+
+
+def decisive_llama(seed: int = 0, *, tied: bool = False, kv_heads: int = 2, vocab: int = 96):
+    """A tiny random GQA Llama whose greedy choices are decisive: norms moved away from one (a
+    dropped norm shows) and the final norm scaled up (peaked logits, no near-ties)."""
+    import torch
+
+    model = random_llama(seed, vocab_size=vocab, num_key_value_heads=kv_heads,
+                         tie_word_embeddings=tied)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif tied and "layers" in name:  # else the tied embedding just repeats its input
+                p.mul_(5.0)
+        model.model.norm.weight.mul_(20.0)
+    return model
+
+
+def token_prompt(t: int = 5, b: int = 1, vocab: int = 96):
+    """Random token ids [b, t] from a fixed generator."""
+    import torch
+
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one thread is as fast, and immune to a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import build_hf_checkpoint, peaked_llama
+from conftest import build_hf_checkpoint, decisive_llama
 
 from labkit.core import plotting
 from labkit.inference import generate
@@ -30,7 +30,7 @@ MIX = dict(max_len=128, max_new_tokens=32, prompt_median=20, output_median=10, s
 
 @pytest.fixture(scope="module")
 def model():
-    return peaked_llama()
+    return decisive_llama()
 
 
 @pytest.fixture(scope="module")
