@@ -686,6 +686,11 @@ def _kv_bytes_held(kv: Any) -> int:
     return kv.kv.nbytes() if isinstance(kv, PaddedBatch) else kv.cache.bytes_in_use()
 
 
+def _row_lengths(kv: Any) -> list[int]:
+    """Positions each row of a batched cache has filled."""
+    return list(kv.lengths) if isinstance(kv, PaddedBatch) else [kv.cache.length(s) for s in kv.seqs]
+
+
 def _time_batch(
     model: Any,
     prompts: Sequence[torch.Tensor],
@@ -714,7 +719,7 @@ def _time_batch(
         rows.append(dict(cache=kind, batch=batch, tok_s=batch / stats.median,
                          tok_s_p10=batch / stats.p90, tok_s_p90=batch / stats.p10,
                          step_ms=stats.median_ms, kv_bytes_held=_kv_bytes_held(kv),
-                         mean_position=float(np.mean(kv.positions())), load_1min=load_before))
+                         mean_position=float(np.mean(_row_lengths(kv))), load_1min=load_before))
     return rows
 
 
