@@ -148,3 +148,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+@pytest.fixture
+def well_drawn() -> Callable[[Any], None]:
+    """Check a study's figure against the house rule save_figure enforces (a title, labelled
+    axes: labkit.core.plotting.check_figure), then close it."""
+
+    def check(fig: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        from labkit.core import plotting
+
+        try:
+            plotting.check_figure(fig)
+        finally:
+            plt.close(fig)
+
+    return check

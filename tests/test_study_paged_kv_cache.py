@@ -17,7 +17,6 @@ import pytest
 import torch
 from conftest import build_hf_checkpoint, decisive_llama
 
-from labkit.core import plotting
 from labkit.inference import generate
 from labkit.inference.serve import serve_paged
 from labkit.runtimes import vllm_rt
@@ -204,7 +203,7 @@ def test_decode_throughput_rows_positions_and_memory(model):
     assert "KV memory held at batch 3" in pagedstudy.describe_throughput(decode)
 
 
-def test_figures_are_labelled_and_titled(model):
+def test_figures_are_labelled_and_titled(well_drawn):
     mix = pagedstudy.request_mix(20, **MIX)
     waste, timelines = pagedstudy.serving_waste(mix, block_sizes=[1, 4], concurrency=4,
                                                 max_len=128, max_new_tokens=32)
@@ -219,11 +218,8 @@ def test_figures_are_labelled_and_titled(model):
         pagedstudy.plot_prefix_sharing(sharing, prompts=5),
         pagedstudy.plot_decode_throughput(decode, block_size=4, device="cpu", threads=1, model_name="m"),
     ]
-    import matplotlib.pyplot as plt
-
     for fig in figs:
-        plotting.check_figure(fig)
-        plt.close(fig)
+        well_drawn(fig)
     assert "paged (block 4)" in pagedstudy.describe_waste(waste, block_size=4, requests=20)
     assert "n=2:" in pagedstudy.describe_sharing(sharing, pd.DataFrame(
         dict(continuations=[3, 3], kv_bytes_at_end=[100, 80])), block_size=4)

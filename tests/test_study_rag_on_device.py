@@ -11,13 +11,11 @@ import sys
 import zlib
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from labkit.core import plotting
 from labkit.core import tolerances as tol
 from labkit.inference.generate import greedy
 from labkit.inference.kv_cache import KVCache, kv_cache_bytes_for_config
@@ -208,7 +206,7 @@ def test_subset_keeps_labels_pointing_at_the_same_documents() -> None:
         rag.subset_docset(docs, queries, -1)
 
 
-def test_retrieve_all_checks_faiss_and_computes_recall(fake_embed) -> None:
+def test_retrieve_all_checks_faiss_and_computes_recall(fake_embed, well_drawn) -> None:
     ret = rag.retrieve_all(DOCS, QUERIES, None, [1, 2, 10])
     assert ret.faiss_equals_numpy and ret.build_ms > 0
     assert list(ret.recall.index) == [1, 2]  # k = 10 is more than the 5 documents
@@ -221,8 +219,7 @@ def test_retrieve_all_checks_faiss_and_computes_recall(fake_embed) -> None:
     assert [(r["metric"], r["params"].get("k")) for r in recs] == [
         ("recall_at_k", 1), ("recall_at_k", 2), ("index_build_ms", None)]
     fig = rag.plot_recall(ret, n_queries=5, n_docs=5)
-    plotting.check_figure(fig)
-    plt.close(fig)
+    well_drawn(fig)
     assert rag.query_examples(QUERIES, DOCS, 2).answer_document.tolist() == [DOCS[0].name, DOCS[1].name]
 
 
@@ -243,7 +240,7 @@ def test_pipeline_answer_times_every_stage_and_generates_greedily(pipe) -> None:
     assert ids[: len(pipe.head())] == pipe.head() and pipe.head()[0] == 1
 
 
-def test_stage_breakdown_records_and_figure(pipe) -> None:
+def test_stage_breakdown_records_and_figure(pipe, well_drawn) -> None:
     stages, drawn = rag.stage_breakdown(pipe, QUERIES, 3, seed=0)
     assert len(stages) == 3 and len(drawn) == 4 and len({q.text for q in drawn}) == 4
     assert stages.retrieved.all()  # every labelled document is among the top 2
@@ -255,11 +252,10 @@ def test_stage_breakdown_records_and_figure(pipe) -> None:
         ("prefill", "torch", "m"), ("decode", "torch", "m")]
     assert f"retrieved: {DOCS[2].name}, {DOCS[3].name}" in rag.describe_answer(pipe, QUERIES[2].text)
     fig = rag.plot_stages(stages, top_k=2, new_tokens=4, device="cpu")
-    plotting.check_figure(fig)
-    plt.close(fig)
+    well_drawn(fig)
 
 
-def test_ttft_by_context_skips_what_does_not_fit(pipe) -> None:
+def test_ttft_by_context_skips_what_does_not_fit(pipe, well_drawn) -> None:
     ttft = rag.ttft_by_context(pipe, QUERIES[0].text, [0, 1, 2], warmup=0, repeats=1)
     assert ttft.docs.tolist() == [0, 1, 2] and ttft.prompt_tokens.is_monotonic_increasing
     pipe.budget = int(ttft.prompt_tokens[1])  # room for one document only
@@ -270,8 +266,7 @@ def test_ttft_by_context_skips_what_does_not_fit(pipe) -> None:
     recs = rag.ttft_records(line, device="cpu", model="m", threads=1)
     assert [r["params"]["prompt_tokens"] for r in recs] == [10, 20, 40]
     fig = rag.plot_ttft(line, model_name="m", device="cpu")
-    plotting.check_figure(fig)
-    plt.close(fig)
+    well_drawn(fig)
 
 
 def test_scenarios_split_each_prompt_into_shared_prefix_and_query_part(pipe) -> None:
@@ -288,7 +283,7 @@ def test_scenarios_split_each_prompt_into_shared_prefix_and_query_part(pipe) -> 
         rag.pinned_scenario(pipe, DOCS, QUERIES, "nope", 8, 5)
 
 
-def test_prefix_reuse_table_records_and_figure(pipe, tiny_lm) -> None:
+def test_prefix_reuse_table_records_and_figure(pipe, tiny_lm, well_drawn) -> None:
     scenarios = [rag.system_prompt_scenario(pipe, QUERIES[:2], np.array([[0, 1], [1, 2]])),
                  rag.pinned_scenario(pipe, DOCS, QUERIES, "mod0", 16, 2)]
     rows = rag.prefix_reuse(pipe.decoder, scenarios, warmup=0, repeats=1)
@@ -302,5 +297,4 @@ def test_prefix_reuse_table_records_and_figure(pipe, tiny_lm) -> None:
     recs = rag.reuse_records(per, device="cpu", model="m", threads=1, repeats=1)
     assert [x["params"]["scenario"] for x in recs] == ["system prompt", "pinned document"]
     fig = rag.plot_prefix_reuse(per, model_name="m", device="cpu")
-    plotting.check_figure(fig)
-    plt.close(fig)
+    well_drawn(fig)
