@@ -23,7 +23,6 @@ from labkit.inference.paged_kv_cache import (
 )
 from labkit.models.config import LlamaConfig
 from labkit.models.llama import Llama
-from labkit.studies import paged_kv_cache as pagedstudy
 
 VOCAB = 96
 NEW_TOKENS = 12
@@ -255,42 +254,3 @@ def test_sequence_cache_refuses_a_batch(model):
     cache = PagedKVCache.for_model(model, num_blocks=4, block_size=4)
     with pytest.raises(ValueError, match="one sequence"):
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache.sequence())
-
-
-# --- the study's accounting -----------------------------------------------------------------------
-
-
-def test_request_mix_is_seeded_and_within_limits():
-    kw = dict(max_len=64, max_new_tokens=16, prompt_median=20, output_median=8, seed=7)
-    a, b = pagedstudy.request_mix(50, **kw), pagedstudy.request_mix(50, **kw)
-    assert a == b
-    assert a != pagedstudy.request_mix(50, **{**kw, "seed": 8})
-    assert all(1 <= r.output_len <= 16 and r.final_len <= 64 and r.prompt_len >= 1 for r in a)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        pagedstudy.request_mix(5, **{**kw, "max_new_tokens": 64})
-
-
-def test_waste_accounting_by_hand():
-    # one request: prompt 5, output 2 -> lengths 6 then 7; block size 4 -> 2 blocks (8 slots)
-    reqs = [pagedstudy.Request(5, 2)]
-    rows = pagedstudy.simulate_serving(
-        reqs, concurrency=1, block_size=4, max_len=16, max_new_tokens=4
-    )
-    paged = [r for r in rows if r["policy"] == "paged"]
-    assert [(r["used"], r["reserved"]) for r in paged] == [(6, 8), (7, 8)]
-    assert pagedstudy.waste_pct(rows, "paged") == pytest.approx(100 * (2 + 1) / 16)
-    assert pagedstudy.waste_pct(rows, "contiguous_max_len") == pytest.approx(100 * (10 + 9) / 32)
-    cap = [r for r in rows if r["policy"] == "contiguous_cap"]  # reserves 5 + 4 = 9
-    assert [(r["used"], r["future"], r["never"]) for r in cap] == [(6, 1, 2), (7, 0, 2)]
-
-
-def test_prefix_sharing_saves_exactly_the_shared_full_blocks():
-    # prompt 8 = 2 full blocks of 4; two samples of 1 token each: unshared holds 2 x 3 blocks,
-    # shared holds 2 prompt blocks once + one new block each = 4.
-    shared = pagedstudy.parallel_sampling_blocks(8, [1, 1], block_size=4, share_prefix=True)
-    alone = pagedstudy.parallel_sampling_blocks(8, [1, 1], block_size=4, share_prefix=False)
-    assert (shared["peak_blocks"], alone["peak_blocks"]) == (4, 6)
-    assert shared["copies"] == 0  # nothing written into a shared block
-    # prompt 6: the shared last block is half full: the first writer copies it, the second not
-    shared = pagedstudy.parallel_sampling_blocks(6, [1, 1], block_size=4, share_prefix=True)
-    assert (shared["peak_blocks"], shared["copies"]) == (3, 1)

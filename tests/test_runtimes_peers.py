@@ -1,4 +1,4 @@
-"""Peers (issue 12): OpenVINO and vLLM adapters against labkit's torch fp32 reference.
+"""The peer runtimes: OpenVINO and vLLM adapters against labkit's torch fp32 reference.
 
 Tolerances: OpenVINO f32 is held to the same bound as the ONNX Runtime adapter (fp32 graph vs
 fp32 eager: only the order of float32 operations differs), ``F32_LOGIT_TOL``. Weight-compressed
@@ -8,7 +8,6 @@ rows are held to bounds that a wrong scale or a dropped layer would exceed by fa
 from __future__ import annotations
 
 import importlib.util
-import os
 import stat
 from pathlib import Path
 
@@ -153,71 +152,6 @@ def test_openvino_weight_compression(tiny, ref, ov_f32) -> None:
     assert 0 < p8["max_abs_logit_err"] <= INT8_LOGIT_TOL, p8
     p4 = parity(int4.timed_generate(PROMPT, len(ref.tokens), keep_logits=True), ref)
     assert p4["max_abs_logit_err"] > p8["max_abs_logit_err"], (p4, p8)
-
-
-# --- our paged serving loop (the vLLM side-by-side's baseline) -----------------------------------
-
-
-def test_serve_paged_equals_greedy_alone(tiny) -> None:
-    import torch
-
-    from labkit.inference import generate
-    from labkit.models import load
-    from labkit.studies import peers
-
-    model = load(tiny, dtype="float32").model
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 128, n).tolist() for n in (5, 19, 1, 33, 12)]
-    max_tokens = [7, 3, 12, 1, 9]
-    got = peers.serve_paged(model, prompts, max_tokens, concurrency=2, block_size=4)
-    for p, n, toks in zip(prompts, max_tokens, got["tokens"], strict=True):
-        ref = generate.greedy(model, torch.tensor([p]), n)
-        assert toks == ref.new_tokens[0].tolist()
-    assert 0 < got["kv_peak_in_use_bytes"] <= got["kv_pool_bytes"]
-
-
-def test_greedy_agreement_counts_positions() -> None:
-    from labkit.studies.peers import greedy_agreement
-
-    g = greedy_agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]])
-    assert g["greedy_agreement_pct"] == pytest.approx(100 * 4 / 5)
-    assert g["requests_identical_pct"] == 50.0
-
-
-def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) -> None:
-    from labkit.studies import peers
-    from labkit.studies.paged_kv_cache import Request
-
-    monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
-    monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
-    df = peers.vllm_side_by_side([Request(4, 3), Request(9, 2)], model=str(tiny), concurrency=2)
-    ours, theirs = df.set_index("engine").loc["labkit-paged"], df.set_index("engine").loc["vllm-cpu"]
-    assert ours.status == "ok" and ours.tok_s > 0
-    assert theirs.status.startswith("not run: no vLLM venv")
-    assert "tok_s" not in df or np.isnan(theirs.tok_s)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LABKIT_TEST_VLLM") != "1",
-                    reason="starts vLLM (minutes on 2 cores): set LABKIT_TEST_VLLM=1")
-def test_vllm_greedy_parity_with_ours(tmp_path) -> None:
-    reason = vllm_rt.VLLM.available()
-    if reason is not None:
-        pytest.skip(f"vLLM cannot run here: {reason}")
-    from conftest import build_hf_checkpoint
-
-    from labkit.studies import peers
-    from labkit.studies.paged_kv_cache import Request
-
-    # head_dim 64: vLLM's CPU attention has no kernel for the fixture's head_dim 16
-    folder = build_hf_checkpoint(tmp_path / "llama-hd64", "llama", hidden_size=128,
-                                 num_attention_heads=2, num_key_value_heads=1)
-    df = peers.vllm_side_by_side([Request(6, 5), Request(13, 8), Request(2, 4)], model=str(folder),
-                                 concurrency=2)
-    v = df.set_index("engine").loc["vllm-cpu"]
-    assert v.status == "ok", v.status
-    assert v.greedy_agreement_pct == 100.0
-    assert v.kv_reserved_bytes > 0
 
 
 def test_vllm_stage_links_only_the_model_files_and_replaces_stale_links(tmp_path) -> None:
