@@ -107,3 +107,29 @@ def tiny_llama_slice(layers: int = 2, vocab_size: int = 512, seed: int = 0) -> A
                 p.uniform_(0.5, 1.5)
             p.copy_(p.half().float())
     return m
+
+
+@pytest.fixture(scope="module")
+def tiny_quant() -> tuple[Any, Any, Any, Any]:
+    """(model, QuantCache, windows, fp32 Reference): a tiny random Llama (2 layers, hidden 64,
+    vocab 64) and two random 33-token windows. Random weights are fine for plumbing, not for
+    conclusions about quantization quality."""
+    import torch
+
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+    from labkit.quant import evaluate as ev
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Llama(cfg).eval()
+    windows = torch.randint(0, 64, (2, 33))
+    return model, ev.QuantCache(model), windows, ev.reference(model, windows)
