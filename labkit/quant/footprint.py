@@ -89,39 +89,46 @@ def decoder_dims(config: Mapping[str, Any]) -> tuple[int, int, int, int, int, in
     return vocab, hidden, inter, layers, heads, kv_heads, head_dim
 
 
+#: Each family's Linears of one decoder layer: (name, rows, columns, bias flag), rows and columns
+#: as a dimension name of :func:`_layer_tensors`; the bias flag names the config key that turns
+#: the bias on (Llama), or True (Phi: biases everywhere).
+_LINEARS: dict[str, tuple[tuple[str, str, str, str | bool], ...]] = {
+    "llama": (
+        ("self_attn.q_proj", "q", "hidden", "attention_bias"),
+        ("self_attn.k_proj", "kv", "hidden", "attention_bias"),
+        ("self_attn.v_proj", "kv", "hidden", "attention_bias"),
+        ("self_attn.o_proj", "hidden", "q", "attention_bias"),
+        ("mlp.gate_proj", "inter", "hidden", "mlp_bias"),
+        ("mlp.up_proj", "inter", "hidden", "mlp_bias"),
+        ("mlp.down_proj", "hidden", "inter", "mlp_bias"),
+    ),
+    "phi": (
+        ("self_attn.q_proj", "q", "hidden", True),
+        ("self_attn.k_proj", "kv", "hidden", True),
+        ("self_attn.v_proj", "kv", "hidden", True),
+        ("self_attn.dense", "hidden", "q", True),
+        ("mlp.fc1", "inter", "hidden", True),
+        ("mlp.fc2", "hidden", "inter", True),
+    ),
+}
+#: Each family's norms of one decoder layer: (name, has a bias). Phi has one LayerNorm per
+#: parallel block; Llama two RMSNorms, weights only.
+_NORMS = {
+    "llama": (("input_layernorm", False), ("post_attention_layernorm", False)),
+    "phi": (("input_layernorm", True),),
+}
+
+
 def _layer_tensors(config: Mapping[str, Any], kind: str) -> dict[str, tuple[int, ...]]:
     """The tensors of one decoder layer (names relative to ``model.layers.<i>.``)."""
     _, hidden, inter, _, heads, kv_heads, head_dim = decoder_dims(config)
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    if kind == "llama":
-        attn_bias = bool(config.get("attention_bias", False))
-        mlp_bias = bool(config.get("mlp_bias", False))
-        linears = {
-            "self_attn.q_proj": (q_dim, hidden, attn_bias),
-            "self_attn.k_proj": (kv_dim, hidden, attn_bias),
-            "self_attn.v_proj": (kv_dim, hidden, attn_bias),
-            "self_attn.o_proj": (hidden, q_dim, attn_bias),
-            "mlp.gate_proj": (inter, hidden, mlp_bias),
-            "mlp.up_proj": (inter, hidden, mlp_bias),
-            "mlp.down_proj": (hidden, inter, mlp_bias),
-        }
-        norms = {"input_layernorm": False, "post_attention_layernorm": False}
-    else:  # Phi: biases everywhere, one LayerNorm (weight and bias) per parallel block
-        linears = {
-            "self_attn.q_proj": (q_dim, hidden, True),
-            "self_attn.k_proj": (kv_dim, hidden, True),
-            "self_attn.v_proj": (kv_dim, hidden, True),
-            "self_attn.dense": (hidden, q_dim, True),
-            "mlp.fc1": (inter, hidden, True),
-            "mlp.fc2": (hidden, inter, True),
-        }
-        norms = {"input_layernorm": True}
+    size = {"hidden": hidden, "inter": inter, "q": heads * head_dim, "kv": kv_heads * head_dim}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out_f, in_f, bias) in linears.items():
-        shapes[name + ".weight"] = (out_f, in_f)
-        if bias:
-            shapes[name + ".bias"] = (out_f,)
-    for name, bias in norms.items():
+    for name, rows, cols, bias in _LINEARS[kind]:
+        shapes[name + ".weight"] = (size[rows], size[cols])
+        if bias is True or (isinstance(bias, str) and bool(config.get(bias, False))):
+            shapes[name + ".bias"] = (size[rows],)
+    for name, bias in _NORMS[kind]:
         shapes[name + ".weight"] = (hidden,)
         if bias:
             shapes[name + ".bias"] = (hidden,)
