@@ -165,3 +165,55 @@ def well_drawn() -> Callable[[Any], None]:
             plt.close(fig)
 
     return check
+
+
+def tiny_llama_slice(layers: int = 2, vocab_size: int = 512, seed: int = 0) -> Any:
+    """A random labkit Llama of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408) with fewer
+    layers and a smaller vocabulary, its weights rounded to fp16 (the shipped checkpoint is fp16)
+    and its norm weights random (all-ones norms would be folded away by coremltools).
+
+    Core ML conversion of the full 8-layer model takes ~40-50 s per ladder step on the shared
+    2-core box; this slice a few seconds, with the same per-layer shapes.
+    """
+    import torch
+
+    from labkit.core.paths import models_dir
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+
+    d = json.loads((models_dir() / "tiny-llama" / "config.json").read_text())
+    d.update(num_hidden_layers=layers, vocab_size=vocab_size, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    m = Llama(LlamaConfig.from_dict(d, "tiny-llama slice")).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            p.copy_(p.half().float())
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny_quant() -> tuple[Any, Any, Any, Any]:
+    """(model, QuantCache, windows, fp32 Reference): a tiny random Llama (2 layers, hidden 64,
+    vocab 64) and two random 33-token windows. Random weights are fine for plumbing, not for
+    conclusions about quantization quality."""
+    import torch
+
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+    from labkit.quant import evaluate as ev
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Llama(cfg).eval()
+    windows = torch.randint(0, 64, (2, 33))
+    return model, ev.QuantCache(model), windows, ev.reference(model, windows)

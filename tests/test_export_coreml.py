@@ -1,4 +1,4 @@
-"""Core ML export (labkit.export.coreml) and study helpers (labkit.studies.pytorch_vs_coreml).
+"""Core ML export (labkit.export.coreml); notebook 02's study code is in test_study_pytorch_vs_coreml.
 
 Conversion runs on a 2-layer model of tiny-llama's shapes (hidden 512, 8/2 heads, MLP 1408;
 vocab 512 instead of 8192, random fp16-rounded weights): the full 8-layer model takes ~40-50 s per
@@ -15,42 +15,27 @@ What is checked:
 
 from __future__ import annotations
 
-import json
 import platform
 
 import numpy as np
 import pytest
 import torch
 
-from labkit.core.paths import models_dir
-from labkit.models.config import LlamaConfig
 from labkit.models.llama import Llama
 
 ct = pytest.importorskip("coremltools", reason="needs coremltools (extra 'coreml')")
 
 from labkit.export import coreml as cx  # noqa: E402
-from labkit.studies import pytorch_vs_coreml as coremlstudy  # noqa: E402
 
 MAX_LEN = 16
 LAYERS = 2
 
 
-def _slice_config() -> LlamaConfig:
-    d = json.loads((models_dir() / "tiny-llama" / "config.json").read_text())
-    d.update(num_hidden_layers=LAYERS, vocab_size=512, max_position_embeddings=64)
-    return LlamaConfig.from_dict(d, "tiny-llama slice")
-
-
 @pytest.fixture(scope="module")
 def model() -> Llama:
-    torch.manual_seed(0)
-    m = Llama(_slice_config()).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:  # random norm weights: all-ones would be folded away by coremltools
-                p.uniform_(0.5, 1.5)
-            p.copy_(p.half().float())  # the shipped checkpoint is fp16
-    return m
+    from conftest import tiny_llama_slice
+
+    return tiny_llama_slice(LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -95,40 +80,17 @@ def test_every_step_converts_with_the_expected_ops(exports) -> None:
     assert exports["e"].package_bytes < 0.4 * exports["c"].package_bytes
 
 
-def test_exported_graphs_match_the_model_token_by_token(model) -> None:
-    """The wrappers that get converted (a, b, c, f) and the int4 step (d), run in PyTorch."""
+def test_ane_step_matches_the_model_token_by_token(model) -> None:
+    """The ANE layout (f) run in PyTorch; steps a-d run the same way in the study's tests."""
     ids = [5, 17, 300, 2, 99, 41]
     with torch.no_grad():
         ref = model(torch.tensor([ids]))[0]
-        int4_ref = coremlstudy.int4_model(model)(torch.tensor([ids]))[0]
-    steps = coremlstudy.ladder_steps(model, MAX_LEN)
-    assert list(steps) == ["a", "b", "c", "d"]
-    with torch.no_grad():
-        for name, step in steps.items():
-            expect = int4_ref if name == "d" else ref
-            atol = 1e-3 * float(expect.abs().max()) if name == "d" else 2e-4
-            for pos, tok in enumerate(ids):
-                got = step(tok, pos).reshape(-1)
-                torch.testing.assert_close(got, expect[pos], atol=atol, rtol=1e-4, msg=name)
     ane = cx.step_module(model, "f", MAX_LEN)
     with torch.no_grad():
         for pos, tok in enumerate(ids):
             feeds = (torch.tensor([[tok]], dtype=torch.int32), torch.tensor([pos], dtype=torch.int32),
                      torch.from_numpy(cx.decode_mask(pos, MAX_LEN)))
             torch.testing.assert_close(ane(*feeds).reshape(-1), ref[pos], atol=2e-4, rtol=1e-4)
-
-
-def test_int4_linear_equals_coreml_dequantized_weight(model) -> None:
-    from labkit.quant.ops import fake_quantize
-
-    lin = model.model.layers[0].mlp.down_proj
-    x = torch.randn(3, lin.in_features, generator=torch.Generator().manual_seed(1))
-    w_hat = torch.from_numpy(fake_quantize(lin.weight.detach().numpy(), "coreml-int4-block32"))
-    with torch.no_grad():
-        got = coremlstudy.Int4Linear.from_linear(lin)(x)
-    want = x @ w_hat.T
-    # torch's int4 kernel accumulates in its own order: equal up to fp32 rounding of the sums
-    assert float((got - want).abs().max()) < 1e-3 * float(want.abs().max())
 
 
 # --------------------------------------------------------------------------- read-back
@@ -224,28 +186,6 @@ def test_decode_mask_shows_filled_positions_only() -> None:
     m = cx.decode_mask(3, 8)
     assert m.shape == (1, 1, 1, 8)
     np.testing.assert_array_equal(m[0, 0, 0] == 0, [1, 1, 1, 1, 0, 0, 0, 0])
-
-
-def test_roofline_is_bandwidth_over_planner_bytes() -> None:
-    from labkit.studies import will_it_fit as planner
-
-    table = coremlstudy.roofline_table(["M1 Max"], {"Llama 2 7B": "meta-llama__Llama-2-7b-hf"})
-    cfg = planner.load_config("meta-llama__Llama-2-7b-hf")
-    row = table.set_index("dtype").loc["fp16"]
-    assert row.weight_bytes == planner.weights_bytes(cfg, "fp16")
-    assert row.roofline_tok_s == pytest.approx(400e9 / planner.weights_bytes(cfg, "fp16"))
-    assert table.set_index("dtype").roofline_tok_s.is_monotonic_increasing  # fp16 < int8 < int4
-    assert all(c.source for c in coremlstudy.CHIPS.values())
-    with pytest.raises(KeyError, match="unknown chip"):
-        coremlstudy.roofline_table(["M9"])
-
-
-def test_published_references_carry_sources() -> None:
-    pub = coremlstudy.published()
-    apple = pub["apple_coreml_ladder"]
-    assert apple["source"].startswith("https://machinelearning.apple.com/")
-    assert [apple["steps"][s]["tok_s"] for s in "abcd"] == [0.19, 1.25, 16.26, 33.67]
-    assert pub["llamacpp_4167"]["source"].endswith("/discussions/4167")
 
 
 # --------------------------------------------------------------------------- macOS only

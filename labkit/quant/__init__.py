@@ -1,9 +1,10 @@
 """Quantization: the schemes of Core ML, MLX, GGUF and our own, their exact cost, and error metrics.
 
-``from labkit.quant import SCHEMES, bits_per_weight`` is light (no numpy, no libraries). The
-quantizers (``labkit.quant.ops``) and metrics (``labkit.quant.metrics``) load numpy/torch when
-imported; the reference libraries (gguf, mlx, coremltools) are only imported by the tests that
-compare against them.
+``from labkit.quant import SCHEMES, bits_per_weight`` is light (no numpy, no libraries), and so is
+``labkit.quant.footprint`` (a checkpoint's bytes at a precision, from its config alone). The
+quantizers (``labkit.quant.ops``) and the model-level error metrics (``labkit.quant.evaluate``)
+load numpy/torch when imported; the reference libraries (gguf, mlx, coremltools) are only
+imported by the tests that compare against them.
 """
 
 from labkit.quant.schemes import (

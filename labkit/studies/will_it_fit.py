@@ -1,235 +1,108 @@
-"""Will it fit? Bytes of a decoder's weights, KV cache and activations, from its config alone.
+"""Study 09 (Will it fit?): bytes of a decoder's weights, KV cache and activations, from its config
+alone, against the unified memory of Apple-silicon Macs; and what a device map does when it does not.
 
 The question users ask first: which model, at which precision and context length, fits in the
-unified memory of which Mac. Everything here is computed from a ``config.json`` (no weights are
-read), so a 7B or 8B model can be planned on a laptop that could never load it.
+unified memory of which Mac. Everything in the plan is computed from a ``config.json`` (no
+weights are read), so a 7B or 8B model can be planned on a laptop that could never load it.
 
-* Weights: the planner lists every tensor a Llama or Phi checkpoint holds (the Hugging Face
-  names and shapes, exactly as ``model.safetensors`` stores them) and sums their bytes at a
-  precision: a float width (fp32, fp16, bf16) or a quantization scheme priced by
-  ``labkit.quant.tensor_bits`` (the one source of truth for bits per weight; int8/int4 are Q8_0 and
-  Q4_0). One list, so the sum equals the bytes of a real checkpoint — a test checks it on the
-  shipped model, byte for byte.
+* Weights: ``labkit.quant.footprint`` (every tensor of the checkpoint at a precision; exact, a
+  test checks it on the shipped model, byte for byte).
 * KV cache: ``labkit.inference.kv_cache.kv_cache_bytes_for_config`` (the lab's one formula).
 * Activations: an *estimate* of the transient buffers of one forward (see
-  ``activation_bytes``); unlike the other two it is not exact and is labelled so.
-* Mac memory: unified-memory sizes of Apple-silicon Macs and the share the GPU may use by
-  default (``mac_gpu_budget_bytes``, an approximation with its sources).
+  :func:`activation_bytes`); unlike the other two it is not exact and is labelled so.
+* Mac memory: ``labkit.core.chips`` (the sizes Macs ship with, and the share the GPU may use by
+  default, an approximation with its sources).
+
+The notebook's sections, each a function here: the plan (:func:`plan_table`,
+:func:`record_plans`, :func:`plot_plan`, :func:`scheme_table`), the planner against the shipped
+model's real tensors (:func:`shipped_checks`), and accelerate's device map with disk offload
+(:func:`offload_benchmark`, :func:`mps_offload`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from labkit.core import chips, results
+from labkit.core.checks import positive_int
 from labkit.inference.kv_cache import kv_cache_bytes_for_config
+from labkit.quant.footprint import (
+    decoder_dims,
+    num_parameters,
+    precision_name,
+    scheme_of,
+    weights_bytes,
+)
 
-# --- bits per weight -----------------------------------------------------------------------------
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
-#: Float storage widths (a checkpoint's dtype): every tensor of the model at this width.
-FLOAT_BITS: dict[str, int] = {"fp32": 32, "fp16": 16, "bf16": 16}
-FLOAT_PRECISIONS = tuple(FLOAT_BITS)
-#: The plain names the notebooks use, as ``labkit.quant`` schemes: the cost of a scheme (codes,
-#: scales, biases, LUTs) has one source of truth, ``labkit.quant.tensor_bits``. int8 and int4 are
-#: llama.cpp's Q8_0 and Q4_0: one fp16 scale per block of 32 weights, 8.5 and 4.5 bits per weight.
-PRECISION_SCHEMES: dict[str, str] = {"int8": "gguf-q8_0", "int4": "gguf-q4_0"}
-_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+STUDY = "09_will_it_fit"
+GiB = 2**30
 
-
-def _name(precision: str) -> str:
-    return _ALIASES.get(precision, precision)
-
-
-def precisions() -> list[str]:
-    """Every precision the planner takes: float widths, int8/int4, and each labkit.quant scheme."""
-    from labkit.quant import SCHEMES
-
-    return list(FLOAT_BITS) + list(PRECISION_SCHEMES) + [s for s in SCHEMES if s not in FLOAT_BITS]
-
-
-def scheme_of(precision: str) -> str | None:
-    """The labkit.quant scheme behind ``precision`` (None for a float width); refuses unknown names."""
-    from labkit.quant import SCHEMES
-
-    name = _name(precision)
-    if name in FLOAT_BITS:
-        return None
-    scheme = PRECISION_SCHEMES.get(name, name)
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"precision {precision!r} is unknown; known: {', '.join(precisions())}"
-        )
-    return scheme
+#: display names of the configs in data/configs (a model without one is shown by its name)
+LABELS = {
+    "meta-llama__Llama-2-7b-hf": "Llama 2 7B",
+    "microsoft__phi-2": "Phi-2",
+    "Salesforce__xLAM-1b-fc-r": "xLAM-1b",
+    "meta-llama__Meta-Llama-3-8B": "Llama 3 8B",
+}
 
 
-def bits_per_weight(precision: str) -> float:
-    """Bits one weight of a matrix takes at ``precision`` (block scales included), from
-    labkit.quant for quantized schemes. Shape-dependent schemes (per-channel, LUT) have no single
-    value: ``tensor_bytes`` prices them per tensor."""
-    from labkit.quant import bits_per_weight as scheme_bits
-
-    scheme = scheme_of(precision)
-    return float(FLOAT_BITS[_name(precision)]) if scheme is None else scheme_bits(scheme)
+def label(name: str) -> str:
+    """The display name of a planned model."""
+    return LABELS.get(name, name)
 
 
 # --- configs -------------------------------------------------------------------------------------
 
 
-def configs_dir() -> Path:
-    """data/configs/ in the checkout: config.json files of models the lab plans but never loads."""
-    from labkit.core import paths
-
-    return paths.configs_dir()
-
-
 def load_config(source: Any) -> dict[str, Any]:
     """A config dict from a dict, a config .json file, a model folder, ``"tiny-llama"``, or the
     stem of a file in data/configs (e.g. ``"microsoft__phi-2"``). Keys starting with ``_``
-    (provenance notes) are dropped."""
+    (provenance notes) are dropped. The file is read by ``labkit.models.config.read_config``."""
+    from labkit.core import paths
+    from labkit.models.config import read_config
+
     if isinstance(source, Mapping):
         config = dict(source)
     else:
         text = os.fspath(source)
         path = Path(text).expanduser()
         if text == "tiny-llama":
-            from labkit.core import paths
-
             path = paths.models_dir() / "tiny-llama"
-        elif not path.exists() and (configs_dir() / f"{text}.json").is_file():
-            path = configs_dir() / f"{text}.json"
+        elif not path.exists() and (paths.configs_dir() / f"{text}.json").is_file():
+            path = paths.configs_dir() / f"{text}.json"
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            known = sorted(p.stem for p in configs_dir().glob("*.json"))
+            known = sorted(p.stem for p in paths.configs_dir().glob("*.json"))
             raise FileNotFoundError(
                 f"{path}: no config found; expected a config .json, a model folder with "
                 f"config.json, 'tiny-llama', or one of data/configs: {', '.join(known)}"
             )
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: a config must be a JSON object")
+        config = read_config(path)
     return {k: v for k, v in config.items() if not str(k).startswith("_")}
 
 
-def _family(config: Mapping[str, Any]) -> str:
-    archs = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if model_type in ("llama", "mistral") or any(a in ("LlamaForCausalLM", "MistralForCausalLM")
-                                                  for a in archs):
-        return "llama"
-    if model_type == "phi" or "PhiForCausalLM" in archs:
-        return "phi"
-    raise ValueError(
-        f"config: unsupported architecture {archs or model_type!r}; the planner knows Llama, "
-        "Mistral and Phi (architectures LlamaForCausalLM, MistralForCausalLM, PhiForCausalLM)"
-    )
+def planned_configs(stems: list[str], model: str) -> tuple[dict[str, dict[str, Any]], Path, str]:
+    """(name -> config of every model planned, the folder of ``model``, its name).
 
-
-def _dims(config: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int]:
-    """(vocab, hidden, intermediate, layers, heads, kv_heads, head_dim) with HF defaults."""
-    try:
-        vocab, hidden = int(config["vocab_size"]), int(config["hidden_size"])
-        inter, layers = int(config["intermediate_size"]), int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-    except KeyError as exc:
-        raise ValueError(f"config: missing required key {exc.args[0]!r}") from exc
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    return vocab, hidden, inter, layers, heads, kv_heads, head_dim
-
-
-# --- weights -------------------------------------------------------------------------------------
-
-
-def weight_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint, HF name -> shape, as ``model.safetensors`` stores them.
-
-    A tied output projection (``tie_word_embeddings``) is stored once, as the embedding.
+    ``stems`` name files of data/configs; ``model`` (a name or folder ``labkit.models`` loads)
+    is always planned too, under its own name ("tiny-llama") or its folder's.
     """
-    family = _family(config)
-    vocab, hidden, inter, layers, heads, kv_heads, head_dim = _dims(config)
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        if family == "llama":
-            attn_bias = bool(config.get("attention_bias", False))
-            mlp_bias = bool(config.get("mlp_bias", False))
-            linears = {
-                "self_attn.q_proj": (q_dim, hidden, attn_bias),
-                "self_attn.k_proj": (kv_dim, hidden, attn_bias),
-                "self_attn.v_proj": (kv_dim, hidden, attn_bias),
-                "self_attn.o_proj": (hidden, q_dim, attn_bias),
-                "mlp.gate_proj": (inter, hidden, mlp_bias),
-                "mlp.up_proj": (inter, hidden, mlp_bias),
-                "mlp.down_proj": (hidden, inter, mlp_bias),
-            }
-            norms = {"input_layernorm": False, "post_attention_layernorm": False}
-        else:  # Phi: biases everywhere, one LayerNorm (weight and bias) per parallel block
-            linears = {
-                "self_attn.q_proj": (q_dim, hidden, True),
-                "self_attn.k_proj": (kv_dim, hidden, True),
-                "self_attn.v_proj": (kv_dim, hidden, True),
-                "self_attn.dense": (hidden, q_dim, True),
-                "mlp.fc1": (inter, hidden, True),
-                "mlp.fc2": (hidden, inter, True),
-            }
-            norms = {"input_layernorm": True}
-        for name, (out_f, in_f, bias) in linears.items():
-            shapes[p + name + ".weight"] = (out_f, in_f)
-            if bias:
-                shapes[p + name + ".bias"] = (out_f,)
-        for name, bias in norms.items():
-            shapes[p + name + ".weight"] = (hidden,)
-            if bias:
-                shapes[p + name + ".bias"] = (hidden,)
-    if family == "llama":
-        shapes["model.norm.weight"] = (hidden,)
-        if not config.get("tie_word_embeddings", False):
-            shapes["lm_head.weight"] = (vocab, hidden)
-    else:
-        shapes["model.final_layernorm.weight"] = (hidden,)
-        shapes["model.final_layernorm.bias"] = (hidden,)
-        shapes["lm_head.weight"] = (vocab, hidden)
-        shapes["lm_head.bias"] = (vocab,)
-    return shapes
+    from labkit.models.loader import resolve
 
-
-def num_parameters(config: Mapping[str, Any]) -> int:
-    """Parameters of the checkpoint (a tied embedding counted once)."""
-    return sum(math.prod(s) for s in weight_shapes(config).values())
-
-
-def tensor_bytes(shape: tuple[int, ...], precision: str) -> int:
-    """Bytes of one tensor at ``precision``.
-
-    Float precisions store every tensor at their width. Quantized ones store matrices (2-D:
-    linear layers, embedding, output) as the labkit.quant scheme prices them
-    (``tensor_bits``, exact) and keep vectors (norms, biases: a tiny share of the bytes) in fp16,
-    as llama.cpp's files keep norms in a float type.
-    """
-    numel = math.prod(shape)
-    scheme = scheme_of(precision)
-    if scheme is None:
-        return numel * FLOAT_BITS[_name(precision)] // 8
-    if len(shape) < 2:
-        return numel * 2
-    from labkit.quant import tensor_bits
-
-    return math.ceil(tensor_bits(scheme, tuple(shape)) / 8)
-
-
-def weights_bytes(config: Mapping[str, Any], precision: str) -> int:
-    """Bytes of all weights of ``config`` at ``precision`` (sum over ``weight_shapes``)."""
-    return sum(tensor_bytes(s, precision) for s in weight_shapes(config).values())
+    _, folder, _ = resolve(model)
+    name = "tiny-llama" if model == "tiny-llama" else folder.name
+    configs = {stem: load_config(stem) for stem in stems}
+    configs[name] = load_config(folder)
+    return configs, folder, name
 
 
 # --- KV cache and activations --------------------------------------------------------------------
@@ -239,7 +112,7 @@ _BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 
 def element_bytes(precision: str) -> float:
     """Bytes per element of an activation or cache tensor at ``precision`` (int8: 1, int4: 0.5)."""
-    name = _name(precision)
+    name = precision_name(precision)
     if name in _BYTES:
         return _BYTES[name]
     if name == "int4":
@@ -273,7 +146,7 @@ def activation_bytes(
     position. Only one layer is alive at a time in inference, so layers do not multiply it.
     Real runtimes add allocator slack and scratch buffers; treat this as an order of magnitude.
     """
-    _, hidden, inter, _, heads, kv_heads, head_dim = _dims(config)
+    _, hidden, inter, _, heads, kv_heads, head_dim = decoder_dims(config)
     vocab = int(config["vocab_size"])
     t = min(chunk, context)
     per_token = 2 * hidden + heads * head_dim * 2 + 2 * kv_heads * head_dim + 3 * inter
@@ -316,10 +189,8 @@ def plan(
     name: str | None = None,
 ) -> Plan:
     """Weights + KV cache + activation estimate for ``config`` (anything ``load_config`` takes)."""
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise ValueError(f"context must be a positive integer (tokens), got {context!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    context = positive_int(context, "context (tokens)")
+    batch = positive_int(batch, "batch")
     cfg = load_config(config)
     if name is None:
         name = config if isinstance(config, str) else "model"
@@ -337,44 +208,243 @@ def plan(
     )
 
 
-# --- Macs ----------------------------------------------------------------------------------------
-
-#: Unified-memory sizes of Apple-silicon Macs (M1 to M4 families: MacBook Air/Pro, mini, iMac,
-#: Studio, Pro), in Apple's "GB", which are binary: 16 GB is 16 x 2**30 bytes.
-MAC_MEMORY_GB = (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)
-
-#: Where the usable share comes from (shown in the notebook beside the numbers).
-MAC_BUDGET_SOURCE = (
-    "Metal's MTLDevice.recommendedMaxWorkingSetSize, which llama.cpp, MLX and Ollama use as the "
-    "GPU memory limit, defaults (sysctl iogpu.wired_limit_mb = 0) to about 2/3 of RAM on Macs "
-    "with <= 36 GB and about 3/4 above: ~5.3 GB of 8 GB (SceneWorks/SceneWorks PR #1552), "
-    "75% of RAM (gpustack/gpustack issue #1375), ~96 GB of 128 GB (stencel.io, 'Apple silicon "
-    "limitations with usage on local LLM'). An approximation: newer macOS releases report more "
-    "(107.5 GiB of 128 GiB on macOS 26, antirez/ds4 issue #890), and `sudo sysctl "
-    "iogpu.wired_limit_mb=N` raises the limit until reboot."
-)
-
-
-def mac_gpu_share(memory_gb: float) -> float:
-    """The approximate default share of unified memory the GPU may use (see MAC_BUDGET_SOURCE)."""
-    if not memory_gb > 0:
-        raise ValueError(f"memory_gb must be > 0, got {memory_gb!r}")
-    return 2 / 3 if memory_gb <= 36 else 3 / 4
-
-
-def mac_gpu_budget_bytes(memory_gb: float) -> int:
-    """Bytes a Mac with ``memory_gb`` of unified memory lets the GPU use by default (approx.)."""
-    return int(memory_gb * 2**30 * mac_gpu_share(memory_gb))
-
-
 def fits(p: Plan, memory_gb: float) -> bool:
     """Does the plan's total fit in the default GPU budget of a ``memory_gb`` Mac?"""
-    return p.total_bytes <= mac_gpu_budget_bytes(memory_gb)
+    return p.total_bytes <= chips.mac_gpu_budget_bytes(memory_gb)
 
 
-def smallest_mac(p: Plan, sizes: tuple[int, ...] = MAC_MEMORY_GB) -> int | None:
+def smallest_mac(p: Plan, sizes: tuple[int, ...] = chips.MAC_MEMORY_GB) -> int | None:
     """The smallest Mac memory size (GB) the plan fits in, or None if none does."""
     return next((gb for gb in sorted(sizes) if fits(p, gb)), None)
+
+
+# --- section 1: the plan, as tables, records and a figure ---------------------------------------
+
+
+def mac_budgets() -> pd.DataFrame:
+    """Every Mac memory size, the GPU's default share of it and that budget in GiB."""
+    import pandas as pd
+
+    return pd.DataFrame([
+        dict(mac_memory_gb=gb, gpu_share=chips.mac_gpu_share(gb),
+             gpu_budget_GiB=chips.mac_gpu_budget_bytes(gb) / GiB)
+        for gb in chips.MAC_MEMORY_GB
+    ]).set_index("mac_memory_gb")
+
+
+def window_of(config: Mapping[str, Any], default: int) -> int:
+    """The context a model was trained for (``max_position_embeddings``; ``default`` if unset)."""
+    return int(config.get("max_position_embeddings", default))
+
+
+def plan_table(
+    configs: Mapping[str, Mapping[str, Any]], precisions: list[str], contexts: list[int],
+    batch: int, kv_precision: str,
+) -> pd.DataFrame:
+    """One plan per model, precision and context up to the model's window, with its smallest Mac."""
+    import pandas as pd
+
+    rows = []
+    for name, cfg in configs.items():
+        window = window_of(cfg, max(contexts))
+        for precision in precisions:
+            for context in (c for c in contexts if c <= window):
+                p = plan(cfg, precision, context, batch, kv_precision=kv_precision, name=name)
+                rows.append(dict(p.to_dict(), label=label(name), window=window,
+                                 smallest_mac_gb=smallest_mac(p)))
+    return pd.DataFrame(rows)
+
+
+#: the budget a "fits" record was judged against (its params say so)
+BUDGET_NOTE = "default GPU working set (approx. 2/3 <= 36 GB, 3/4 above)"
+
+
+def _planner_record(metric: str, value: int, unit: str, model: str, params: dict) -> dict:
+    return dict(study=STUDY, metric=metric, value=value, unit=unit, runtime="planner",
+                device="none", model=model, params=dict(model=model, **params))
+
+
+def record_plans(plans: pd.DataFrame, batch: int, kv_precision: str) -> None:
+    """Weight bytes per (model, precision), KV bytes per (model, context), and whether each plan
+    fits each Mac (1 or 0, its total bytes in the params)."""
+    batch_records = [
+        _planner_record("weights_bytes", int(r.weights_bytes), "bytes", r.model,
+                        dict(dtype=r.precision, parameters=int(r.parameters)))
+        for r in plans.drop_duplicates(["model", "precision"]).itertuples()
+    ] + [
+        _planner_record("kv_bytes", int(r.kv_bytes), "bytes", r.model,
+                        dict(dtype=kv_precision, context=int(r.context), batch=batch))
+        for r in plans.drop_duplicates(["model", "context"]).itertuples()
+    ] + [
+        _planner_record("fits", int(r.total_bytes <= chips.mac_gpu_budget_bytes(gb)), "1", r.model,
+                        dict(dtype=r.precision, context=int(r.context), mac_memory_gb=gb, batch=batch,
+                             kv_dtype=kv_precision, total_bytes=int(r.total_bytes), budget=BUDGET_NOTE))
+        for r in plans.itertuples() for gb in chips.MAC_MEMORY_GB
+    ]
+    results.record_many(batch_records)
+
+
+def plan_summary(plans: pd.DataFrame) -> pd.DataFrame:
+    """The plan in GiB per (model, precision, context), with the smallest Mac that holds it."""
+    import pandas as pd
+
+    table = plans.assign(
+        weights_GiB=plans.weights_bytes / GiB, kv_GiB=plans.kv_bytes / GiB,
+        act_GiB=plans.activation_bytes / GiB, total_GiB=plans.total_bytes / GiB,
+        smallest_mac=plans.smallest_mac_gb.map(lambda gb: "none" if pd.isna(gb) else f"{int(gb)} GB"))
+    columns = ["label", "precision", "context", "parameters", "weights_GiB", "kv_GiB", "act_GiB",
+               "total_GiB", "smallest_mac"]
+    return table[columns].set_index(["label", "precision", "context"]).round(3)
+
+
+def figure_table(
+    configs: Mapping[str, Mapping[str, Any]], precisions: list[str], context: int, batch: int,
+    kv_precision: str,
+) -> pd.DataFrame:
+    """GiB of weights, KV cache and activations per model and precision at ``context`` (or the
+    model's window, if shorter): the bars of :func:`plot_plan`."""
+    import pandas as pd
+
+    rows = []
+    for name, cfg in configs.items():
+        ctx = min(context, window_of(cfg, context))
+        for precision in precisions:
+            p = plan(cfg, precision, ctx, batch, kv_precision=kv_precision, name=name)
+            rows.append(dict(label=f"{label(name)} {precision} @{ctx}", weights=p.weights_bytes / GiB,
+                             kv=p.kv_bytes / GiB, act=p.activation_bytes / GiB))
+    return pd.DataFrame(rows)
+
+
+def plot_plan(fig_df: pd.DataFrame, batch: int, kv_precision: str) -> Figure:
+    """Stacked bars (weights, KV cache, activations) against the GPU budget of each Mac in range."""
+    import numpy as np
+
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure(figsize=(10, 0.32 * len(fig_df) + 1.5))
+    y = np.arange(len(fig_df))[::-1]
+    left = np.zeros(len(fig_df))
+    for col, name in (("weights", "weights"), ("kv", f"KV cache ({kv_precision})"),
+                      ("act", "activations (estimate)")):
+        ax.barh(y, fig_df[col], left=left, label=name)
+        left += fig_df[col].to_numpy()
+    for gb in chips.MAC_MEMORY_GB:
+        budget = chips.mac_gpu_budget_bytes(gb) / GiB
+        if budget <= left.max() * 1.15:
+            ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
+            ax.text(budget, y.max() + 1.7, f"{gb} GB Mac", rotation=90, fontsize=7, va="top",
+                    ha="right", color="dimgrey")
+    ax.set_ylim(y.min() - 0.7, y.max() + 1.8)
+    ax.set_yticks(y, fig_df.label, fontsize=8)
+    ax.set_xlabel("memory (GiB); dotted: default GPU budget of a Mac (approx.)")
+    ax.set_ylabel("model, precision @ context (tokens)")
+    ax.set_title(f"Will it fit? Weights + KV cache + activations (batch {batch})")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def scheme_table(configs: Mapping[str, Mapping[str, Any]], schemes: list[str]) -> pd.DataFrame:
+    """Weight bytes and whole-checkpoint bits per weight of every model in every scheme."""
+    import pandas as pd
+
+    rows = []
+    for name, cfg in configs.items():
+        params = num_parameters(cfg)
+        for scheme in schemes:
+            nbytes = weights_bytes(cfg, scheme)
+            rows.append(dict(model=name, label=label(name), scheme=scheme, weights_bytes=nbytes,
+                             bits_per_weight=8 * nbytes / params))
+    return pd.DataFrame(rows)
+
+
+def record_schemes(schemes_df: pd.DataFrame, lab_schemes: list[str]) -> None:
+    """Weight bytes of every model in each of ``lab_schemes``."""
+    results.record_many([
+        _planner_record("weights_bytes", int(r.weights_bytes), "bytes", r.model, dict(dtype=r.scheme))
+        for r in schemes_df.itertuples() if r.scheme in lab_schemes
+    ])
+
+
+# --- section 2: the planner against the shipped model's tensors ---------------------------------
+
+_SAFETENSORS_PRECISIONS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def safetensors_tensors(folder: Path) -> tuple[dict[str, tuple[int, ...]], int, str]:
+    """(name -> shape, data bytes, precision) of the checkpoint in ``folder``, from its headers."""
+    from labkit.models.loader import read_safetensors_header, weight_files
+
+    shapes, nbytes, dtypes = {}, 0, set()
+    for path in weight_files(folder):
+        for name, info in read_safetensors_header(path).items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+                nbytes += info["data_offsets"][1] - info["data_offsets"][0]
+                dtypes.add(info["dtype"])
+    if len(dtypes) != 1:
+        raise ValueError(f"{folder}: expected one dtype for every tensor, found {sorted(dtypes)}")
+    return shapes, nbytes, _SAFETENSORS_PRECISIONS[dtypes.pop()]
+
+
+def kv_checks(
+    models: Mapping[str, Any], config: Mapping[str, Any], lengths: list[int]
+) -> list[dict[str, Any]]:
+    """A real KVCache's bytes after a prefill of each length (capped at the model's window), for
+    each ``models`` entry (precision name -> the loaded model), beside the planner's."""
+    import torch
+
+    from labkit.inference.kv_cache import KVCache
+
+    window = min(m.config.max_position_embeddings for m in models.values())
+    rows = []
+    for n in sorted({min(n, window) for n in lengths}):
+        for name, model in models.items():
+            cache = KVCache.for_model(model, max_len=n)
+            with torch.inference_mode():
+                model(torch.randint(0, config["vocab_size"], (1, n)), cache=cache)
+            if cache.length != n:
+                raise RuntimeError(f"the prefill filled {cache.length} of {n} cache positions")
+            rows.append(dict(what=f"KVCache {name}, {n} positions", measured=cache.nbytes(),
+                             planner=kv_bytes(config, n, 1, name)))
+    return rows
+
+
+@dataclass
+class ShippedChecks:
+    """Section 2: measured bytes against the planner's, and what the tables do not show."""
+
+    table: pd.DataFrame  # what, measured, planner, equal
+    header_shapes: dict[str, tuple[int, ...]]  # the checkpoint's tensors, from its header
+    buffer_bytes: int  # non-persistent buffers accelerate counts (RoPE frequencies): not weights
+
+
+def shipped_checks(folder: Path, config: Mapping[str, Any], kv_lengths: list[int]) -> ShippedChecks:
+    """The shipped checkpoint's file bytes, its loaded parameters, real KV caches and
+    accelerate's module sizes (minus buffers), each beside what the planner says."""
+    import pandas as pd
+    import torch
+    from accelerate.utils import compute_module_sizes
+
+    from labkit.models import load
+
+    shapes, file_bytes, file_precision = safetensors_tensors(folder)
+    loaded = load(folder, device="cpu", dtype=torch.float32).model
+    loaded_bytes = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    by_dtype = {"fp32": loaded, "fp16": load(folder, device="cpu", dtype=torch.float16).model}
+    kv_rows = kv_checks(by_dtype, config, kv_lengths)
+    empty = empty_hf_model(folder)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in empty.buffers())
+    fp32 = weights_bytes(config, "fp32")
+    table = pd.DataFrame([
+        dict(what=f"model.safetensors data ({file_precision})", measured=file_bytes,
+             planner=weights_bytes(config, file_precision)),
+        dict(what="loaded parameters (fp32)", measured=loaded_bytes, planner=fp32),
+        *kv_rows,
+        dict(what="accelerate module sizes (fp32) minus buffers",
+             measured=compute_module_sizes(empty)[""] - buffer_bytes, planner=fp32),
+    ])
+    table["equal"] = table.measured == table.planner
+    return ShippedChecks(table, shapes, buffer_bytes)
 
 
 # --- Hugging Face accelerate: a device map for a model that does not fit ------------------------
@@ -444,3 +514,153 @@ def load_with_device_map(
         local_files_only=True,
         trust_remote_code=False,
     )
+
+
+# --- section 3: a split model, timed -------------------------------------------------------------
+
+
+def generate_fixed(model: Any, prompt: Any, new_tokens: int) -> Any:
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (the same work for every placement)."""
+    import torch
+
+    with torch.inference_mode():
+        return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+
+
+def _timed_generate(model: Any, prompt: Any, new_tokens: int, warmup: int, repeats: int,
+                    sync: Any = None) -> tuple[Any, Any]:
+    """(the tokens of a first, untimed run; timing.measure's stats of further runs)."""
+    from labkit.core import timing
+
+    tokens = generate_fixed(model, prompt, new_tokens)
+    stats = timing.measure(lambda: generate_fixed(model, prompt, new_tokens), warmup=warmup,
+                           repeats=repeats, sync=sync)
+    return tokens, stats
+
+
+@dataclass
+class Offload:
+    """Section 3: the device map accelerate chose under ``budget`` and the timed generations."""
+
+    budget: dict[str, int]  # max_memory: bytes per device
+    device_map: dict[str, str | int]
+    table: pd.DataFrame  # index placement; median_s, p10_s, p90_s, tok_s, n
+    same_tokens: bool  # the split model generated exactly the unsplit one's tokens
+    prompt: Any  # the random prompt both generated from, [1, prompt_tokens]
+
+    @property
+    def disk_modules(self) -> list[str]:
+        return sorted(k for k, v in self.device_map.items() if v == "disk")
+
+    @property
+    def slowdown(self) -> float:
+        """Unsplit tok/s over split tok/s: what offloading to disk costs."""
+        return float(self.table.loc["unsplit (cpu)", "tok_s"] / self.table.loc["cpu+disk", "tok_s"])
+
+
+def offload_benchmark(
+    folder: Path, config: Mapping[str, Any], cpu_share: float, prompt_tokens: int,
+    new_tokens: int, warmup: int, repeats: int, offload_dir: str | os.PathLike[str],
+) -> Offload:
+    """Split ``folder``'s model over "cpu" (``cpu_share`` of its fp32 bytes) and "disk", and time
+    ``generate`` split and unsplit (transformers' implementation, fp32) on one random prompt."""
+    import warnings
+
+    import pandas as pd
+    import torch
+    import transformers
+
+    fp32_bytes = weights_bytes(config, "fp32")
+    budget = {"cpu": int(cpu_share * fp32_bytes), "disk": 100 * fp32_bytes}
+    device_map = auto_device_map(folder, budget)
+    if not {"cpu", "disk"} <= set(device_map.values()):
+        raise ValueError(f"budget {budget} did not force a split: {device_map}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split_model = load_with_device_map(folder, device_map, offload_dir)
+        whole_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    prompt = torch.randint(3, config["vocab_size"], (1, prompt_tokens),
+                           generator=torch.Generator().manual_seed(0))
+    rows, outputs = [], {}
+    for placement, model in (("unsplit (cpu)", whole_model), ("cpu+disk", split_model)):
+        outputs[placement], stats = _timed_generate(model, prompt, new_tokens, warmup, repeats)
+        rows.append(dict(placement=placement, median_s=stats.median, p10_s=stats.p10,
+                         p90_s=stats.p90, tok_s=new_tokens / stats.median, n=stats.n))
+    same = torch.equal(outputs["unsplit (cpu)"], outputs["cpu+disk"])
+    return Offload(budget, device_map, pd.DataFrame(rows).set_index("placement"), same, prompt)
+
+
+def record_offload(off: Offload, model: str, cpu_share: float, new_tokens: int) -> None:
+    """Median generation tok/s of each placement, with the budget and the disk modules."""
+    import torch
+
+    results.record_many([
+        dict(study=STUDY, metric="offload_tok_s", value=r.tok_s, unit="tokens/s",
+             runtime="transformers+accelerate", device="cpu", model=model,
+             params=dict(placement=placement, max_memory_cpu=off.budget["cpu"], cpu_share=cpu_share,
+                         disk_modules=len(off.disk_modules) if placement != "unsplit (cpu)" else 0,
+                         prompt_tokens=off.prompt.shape[1], new_tokens=new_tokens, dtype="float32",
+                         stat="median", threads=torch.get_num_threads(), repeats=int(r.n),
+                         p10_s=r.p10_s, p90_s=r.p90_s))
+        for placement, r in off.table.iterrows()
+    ])
+
+
+def plot_offload(table: pd.DataFrame, new_tokens: int, model: str) -> Figure:
+    """Median tok/s of each placement, whiskers from the p10 and p90 times."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure()
+    ax.bar(table.index, table.tok_s, yerr=[table.tok_s - new_tokens / table.p90_s,
+                                           new_tokens / table.p10_s - table.tok_s], capsize=4)
+    ax.set_xlabel("placement of the weights (device map)")
+    ax.set_ylabel("generation speed (new tokens/s, median)")
+    ax.set_title(f"{model}: accelerate disk offload vs unsplit, {new_tokens} new tokens")
+    return fig
+
+
+def mps_offload(
+    folder: Path, config: Mapping[str, Any], prompt: Any, cpu_share: float, new_tokens: int,
+    warmup: int, repeats: int, offload_dir: str | os.PathLike[str], model: str,
+) -> tuple[dict[str, str | int], float]:
+    """(the map over "mps" (``cpu_share`` of the fp32 bytes) + "cpu", its median tok/s, recorded)
+    on ``prompt``; macOS on Apple silicon only."""
+    import warnings
+
+    import torch
+
+    from labkit.core import timing
+
+    fp32_bytes = weights_bytes(config, "fp32")
+    mps_map = auto_device_map(folder, {"mps": int(cpu_share * fp32_bytes), "cpu": 100 * fp32_bytes})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mps_model = load_with_device_map(folder, mps_map, offload_dir)
+    stats = timing.measure(lambda: generate_fixed(mps_model, prompt, new_tokens), warmup=warmup,
+                           repeats=repeats, sync=timing.device_sync("mps"))
+    tok_s = new_tokens / stats.median
+    results.record(STUDY, "offload_tok_s", tok_s, "tokens/s", runtime="transformers+accelerate",
+                   device="mps", model=model,
+                   params=dict(placement="mps+cpu", max_memory_mps=int(cpu_share * fp32_bytes),
+                               prompt_tokens=prompt.shape[1], new_tokens=new_tokens,
+                               dtype="float32", stat="median", threads=torch.get_num_threads(),
+                               repeats=stats.n))
+    return mps_map, tok_s
+
+
+# --- what the numbers say ------------------------------------------------------------------------
+
+
+def weights_by_precision(plans: pd.DataFrame) -> pd.DataFrame:
+    """Weight bytes, model x precision."""
+    return plans.drop_duplicates(["model", "precision"]).pivot(
+        index="model", columns="precision", values="weights_bytes")
+
+
+def smallest_macs(plans: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """(smallest Mac GB, model x precision, at each model's largest planned context; that context)."""
+    largest = plans.loc[plans.groupby(["model", "precision"]).context.idxmax()]
+    verdict = largest.pivot(index="model", columns="precision", values="smallest_mac_gb")
+    return verdict, largest.drop_duplicates("model").set_index("model").context
