@@ -1,6 +1,6 @@
 """The Swift port against PyTorch, like llm.c's test_gpt2: ours vs a reference, stated tolerances.
 
-Tolerances (issue 7): float32 weights and arithmetic, max |logit - reference| <= 1e-4 over the
+Tolerances: float32 weights and arithmetic, max |logit - reference| <= 1e-4 over the
 first 64 steps, and 100 % greedy agreement over 256 tokens, for a tiny random Llama (GQA) and a
 tiny random Phi (partial rotary), and for the shipped tiny-llama when data/models/tiny-llama exists.
 The reference is transformers' LlamaForCausalLM / PhiForCausalLM in float32.
@@ -192,17 +192,57 @@ def test_run_names_a_bad_model_folder(tmp_path: Path) -> None:
         swiftport.run(tmp_path, [1, 2], 2)
 
 
-# --- helpers the notebook uses ----------------------------------------------------------------
+# --- the reference and the model folders ------------------------------------------------------
 
 
 def test_weight_files_ignores_other_safetensors(tmp_path: Path) -> None:
     """A data slice saved as .safetensors beside the weights is not a weight file."""
+    from labkit.models.errors import ModelLoadError
+
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "heldout_slice.safetensors").write_bytes(b"")
     assert swiftport.weight_files(tmp_path) == [tmp_path / "model.safetensors"]
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
         swiftport.weight_files(tmp_path)
+
+
+def test_model_folder_needs_config_and_weights(tmp_path: Path) -> None:
+    assert swiftport.model_folder(tmp_path) is None
+    (tmp_path / "config.json").write_text("{}")
+    assert swiftport.model_folder(tmp_path) is None
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    assert swiftport.model_folder(tmp_path) == tmp_path
+    assert swiftport.model_folder("no-such-model-here") is None
+
+
+def test_reference_records_greedy_steps_hidden_states_and_teacher_forcing(tmp_path: Path) -> None:
+    """The reference's cached steps equal one uncached forward over prompt + its own tokens;
+    its hidden states are the residual stream after each layer; forcing changes step 1 only
+    from step 1 on."""
+    torch = pytest.importorskip("torch")
+    from labkit.core import tolerances
+
+    folder = swiftport.tiny_llama(tmp_path / "m")
+    prompt = swiftport.prompt_for(folder)
+    steps = 5
+    ref = swiftport.reference(folder, prompt, steps)
+    assert ref.logits.shape[0] == steps and ref.hidden.shape[:2] == (3, len(prompt) + steps - 1)
+    np.testing.assert_array_equal(ref.greedy_tokens, np.argmax(ref.logits, axis=1))
+    model = swiftport.load_reference_model(folder)
+    ids = torch.tensor([list(prompt) + [int(t) for t in ref.greedy_tokens[:-1]]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    tol = tolerances.SAME_MATH.at("cpu")
+    np.testing.assert_allclose(ref.logits, out.logits[0, len(prompt) - 1 :].numpy(), atol=tol, rtol=0)
+    np.testing.assert_allclose(ref.hidden[0], out.hidden_states[1][0].numpy(), atol=tol, rtol=0)
+    forced = [(int(t) + 1) % ref.logits.shape[1] for t in ref.greedy_tokens[:-1]]
+    pushed = swiftport.reference(folder, prompt, steps, layers=[2], force=forced, model=model)
+    np.testing.assert_array_equal(pushed.logits[0], ref.logits[0])
+    assert not np.allclose(pushed.logits[1], ref.logits[1])
+    assert pushed.meta["teacher_forced"] and pushed.layer_indices == [2]
+    with pytest.raises(ValueError, match="force"):
+        swiftport.reference(folder, prompt, steps, force=forced[:2], model=model)
 
 
 def test_convert_weights_round_trips_values(tmp_path: Path) -> None:
@@ -223,3 +263,6 @@ def test_convert_weights_round_trips_values(tmp_path: Path) -> None:
         assert torch.equal(restored[name], value.half().float()), name
     with pytest.raises(ValueError, match="dtype"):
         swiftport.convert_weights(src, tmp_path / "x", "int8")
+    swiftport.convert_weights(src, back, "float16")  # replaces the folder, as one swap
+    assert swiftport.weights_dtype(back) == "float16"
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -28,12 +28,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from labkit.core import files
 
 MAGIC = b"LMREFDMP"
 VERSION = 1
@@ -95,7 +96,7 @@ class RefDump:
 
 
 def write(path: str | os.PathLike[str], dump: RefDump) -> Path:
-    """Write ``dump`` to ``path`` atomically (temp file, then rename). Returns the path."""
+    """Write ``dump`` to ``path`` atomically (labkit.core.files). Returns the path."""
     path = Path(path)
     arrays: dict[str, dict[str, Any]] = {}
     blobs: list[tuple[int, bytes]] = []
@@ -125,16 +126,7 @@ def write(path: str | os.PathLike[str], dump: RefDump) -> Path:
     out[16 : 16 + len(header)] = header
     for start, blob in blobs:
         out[data_start + start : data_start + start + len(blob)] = blob
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(out)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.atomic_write_bytes(path, bytes(out))
 
 
 def read(path: str | os.PathLike[str]) -> RefDump:

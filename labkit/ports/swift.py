@@ -13,8 +13,11 @@ module holds the plumbing for all three, so the tests and notebook 04 share one 
 * :func:`prepare_fixtures` writes tiny random Llama (GQA) and Phi folders plus their dumps, and
   the shipped tiny-llama's dump when it exists, into the folder ``swift test`` reads through
   the ``LMPORT_FIXTURES`` environment variable.
+* :func:`convert_weights` stores one model at another precision, for comparing the two.
 
-torch and transformers are imported inside the functions that need them.
+Notebook 04's parity tables, speed comparison and figures are in
+:mod:`labkit.studies.swift_port_parity`. torch and transformers are imported inside the
+functions that need them; every file goes through :mod:`labkit.core.files`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from labkit.core import paths
+from labkit.core import files, paths, tolerances
+from labkit.models.config import read_config
+from labkit.models.loader import read_safetensors_header, weight_files
 from labkit.ports import refdump
 
 SWIFT_DIR = Path(__file__).resolve().parents[2] / "swift"
@@ -41,8 +46,10 @@ FIXTURES_ENV = "LMPORT_FIXTURES"
 FIXTURES_VERSION = 1
 CLI_NAME = "lmport"
 
-# The acceptance tolerances of issue 7 (the Swift test target states the same numbers).
-LOGIT_TOL = 1e-4
+# The acceptance (the Swift test target states the same numbers): logits within float32
+# reordering noise over the first LOGIT_STEPS steps, and every greedy token of GREEDY_STEPS
+# equal to PyTorch's, so a user of the port reads the very text PyTorch would write.
+LOGIT_TOL = float(tolerances.OTHER_RUNTIME)
 LOGIT_STEPS = 64
 GREEDY_STEPS = 256
 
@@ -221,29 +228,12 @@ def _hf_class(model_dir: Path) -> Any:
     """transformers' class for the folder's architecture (never trust_remote_code)."""
     from transformers import LlamaForCausalLM, PhiForCausalLM
 
-    config = json.loads((model_dir / "config.json").read_text())
-    kind = config.get("model_type")
+    kind = read_config(model_dir).get("model_type")
     if kind == "llama":
         return LlamaForCausalLM
     if kind == "phi":
         return PhiForCausalLM
     raise ValueError(f"{model_dir / 'config.json'}: model_type {kind!r}; expected 'llama' or 'phi'")
-
-
-def weight_files(model_dir: str | os.PathLike[str]) -> list[Path]:
-    """The folder's weight files: model.safetensors, or the shards its index lists. Other
-    .safetensors files in the folder (a data slice, say) are not weights and are left alone."""
-    model_dir = Path(model_dir)
-    single = model_dir / "model.safetensors"
-    index = model_dir / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / s for s in shards]
-    raise FileNotFoundError(
-        f"{model_dir}: no model.safetensors or model.safetensors.index.json (safetensors only)"
-    )
 
 
 def load_reference_model(model_dir: str | os.PathLike[str]) -> Any:
@@ -263,12 +253,64 @@ def weights_dtype(model_dir: str | os.PathLike[str]) -> str:
     """The dtype the folder's safetensors store (float32, float16, bfloat16; 'mixed' if several)."""
     names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
     found: set[str] = set()
-    for f in weight_files(model_dir):
-        with f.open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(header_len))
+    for f in weight_files(Path(model_dir)):
+        header = read_safetensors_header(f)
         found |= {names.get(v["dtype"], v["dtype"]) for k, v in header.items() if k != "__metadata__"}
     return found.pop() if len(found) == 1 else "mixed"
+
+
+class _LayerCapture:
+    """The residual stream after each chosen decoder layer, captured with forward hooks while
+    the block runs, so its meaning does not depend on transformers' output_hidden_states
+    conventions. ``stacked()``: [layers, positions, hidden] float32."""
+
+    def __init__(self, model: Any, layers: list[int]) -> None:
+        self.model, self.layers = model, layers
+        self.captured: dict[int, list[Any]] = {i: [] for i in layers}
+
+    def _hook(self, index: int) -> Any:
+        import torch
+
+        def save(_module: Any, _inputs: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            self.captured[index].append(h[0].detach().to(torch.float32).clone())
+
+        return save
+
+    def __enter__(self) -> _LayerCapture:
+        layers = self.model.model.layers
+        self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in self.layers]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def stacked(self) -> np.ndarray:
+        import torch
+
+        return np.stack([torch.cat(self.captured[i]).numpy() for i in self.layers])
+
+
+def _decode(
+    model: Any, prompt: list[int] | np.ndarray, steps: int, force: list[int] | np.ndarray | None
+) -> np.ndarray:
+    """[steps, vocab] float32 logits: prefill ``prompt``, then one token per step through the
+    KV cache (as the port does), fed greedily or from ``force``."""
+    import torch
+
+    # transformers >= 5.2x names the cache argument `cache`; earlier, `past_key_values`.
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    logits: list[np.ndarray] = []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[int(t) for t in prompt]], dtype=torch.long), use_cache=True)
+        for step in range(steps):
+            if step > 0:
+                fed = int(force[step - 1]) if force is not None else int(np.argmax(logits[-1]))
+                out = model(input_ids=torch.tensor([[fed]]), **{cache_arg: out[1]}, use_cache=True)
+            logits.append(out.logits[0, -1].to(torch.float32).numpy().copy())
+    return np.stack(logits)
 
 
 def reference(
@@ -279,12 +321,10 @@ def reference(
     force: list[int] | np.ndarray | None = None,
     model: Any = None,
 ) -> refdump.RefDump:
-    """Greedy decoding with transformers in float32, recording what the port is checked against.
-
-    Prefill the prompt, then feed one token per step through the KV cache (as the port does).
-    Hidden states are captured with forward hooks on the decoder layers (the residual stream
-    after each layer), so their meaning does not depend on transformers' output_hidden_states
-    conventions. ``force`` feeds given tokens instead of the greedy ones (teacher forcing).
+    """Greedy decoding with transformers in float32, recording what the port is checked against:
+    each step's logits and the hidden state after each of ``layers`` (all by default).
+    ``force`` feeds given tokens instead of the greedy ones (teacher forcing); ``model``, an
+    already loaded :func:`load_reference_model`, saves loading it again.
     """
     import torch
     import transformers
@@ -300,41 +340,9 @@ def reference(
         raise ValueError(f"layers: expected indices in 0..{n_layers - 1}, got {layers}")
     if force is not None and len(force) < steps - 1:
         raise ValueError(f"force: {len(force)} tokens given, {steps - 1} needed for {steps} steps")
-
-    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-
-    def hook(index: int) -> Any:
-        def save(_module: Any, _inputs: Any, output: Any) -> None:
-            h = output[0] if isinstance(output, tuple) else output
-            captured[index].append(h[0].detach().to(torch.float32).clone())
-
-        return save
-
-    # transformers >= 5.2x names the cache argument `cache`; earlier, `past_key_values`.
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    handles = [model.model.layers[i].register_forward_hook(hook(i)) for i in layers]
-    logits: list[np.ndarray] = []
-    tokens: list[int] = []
-    try:
-        with torch.inference_mode():
-            ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)
-            out = model(input_ids=ids, use_cache=True)
-            for step in range(steps):
-                if step > 0:
-                    fed = int(force[step - 1]) if force is not None else tokens[-1]
-                    out = model(
-                        input_ids=torch.tensor([[fed]]), **{cache_arg: out[1]}, use_cache=True
-                    )
-                row = out.logits[0, -1].to(torch.float32).numpy().copy()
-                logits.append(row)
-                tokens.append(int(np.argmax(row)))
-    finally:
-        for h in handles:
-            h.remove()
-    logits_arr = np.stack(logits)
-    top2 = np.sort(logits_arr, axis=1)[:, -2:]
-    hidden = np.stack([torch.cat(captured[i]).numpy() for i in layers])
+    with _LayerCapture(model, layers) as capture:
+        logits = _decode(model, prompt, steps, force)
+    top2 = np.sort(logits, axis=1)[:, -2:]
     meta = {
         "arch": model.config.model_type,
         "dtype": weights_dtype(model_dir),
@@ -347,9 +355,9 @@ def reference(
     return refdump.RefDump(
         prompt_tokens=np.asarray(prompt, dtype=np.int32),
         layer_indices=layers,
-        hidden=hidden,
-        logits=logits_arr,
-        greedy_tokens=np.asarray(tokens, dtype=np.int32),
+        hidden=capture.stacked(),
+        logits=logits,
+        greedy_tokens=np.argmax(logits, axis=1).astype(np.int32),
         meta=meta,
     )
 
@@ -378,8 +386,8 @@ def _save(model: Any, out: Path, dtype: str) -> Path:
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in torch_dtype:
         raise ValueError(f"dtype: expected one of {sorted(torch_dtype)}, got {dtype!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch_dtype[dtype]).save_pretrained(out, safe_serialization=True)
+    with files.atomic_dir(out) as tmp:
+        model.to(torch_dtype[dtype]).save_pretrained(tmp, safe_serialization=True)
     model.to(torch.float32)
     return out
 
@@ -417,38 +425,12 @@ def tiny_llama(
         init_std=0.2,
     )
     if legacy_config:
-        cfg = json.loads((out / "config.json").read_text())
+        cfg = read_config(out)
         rope = cfg.pop("rope_parameters", {})
         cfg["rope_theta"] = rope.get("rope_theta", rope_theta)
         cfg["rope_scaling"] = None
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        files.atomic_write_text(out / "config.json", json.dumps(cfg, indent=2))
     return out
-
-
-def shipped_shape_llama(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0) -> Path:
-    """A random Llama with the shipped tiny-llama's shape (labkit.train.configs "shipped": hidden
-    512, 8 layers, 8 heads / 2 KV heads, SwiGLU 1408, tied embeddings, vocab 8192): a stand-in
-    for speed measurements (decode speed does not depend on the weights' values) while
-    data/models/tiny-llama is absent."""
-    from labkit.train.configs import CONFIGS
-    from labkit.train.tokenizer import DEFAULT_VOCAB_SIZE
-
-    m = CONFIGS["shipped"].model
-    return random_llama(
-        out,
-        dtype,
-        seed,
-        vocab_size=DEFAULT_VOCAB_SIZE,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        layers=m.num_hidden_layers,
-        heads=m.num_attention_heads,
-        kv_heads=m.num_key_value_heads,
-        max_positions=m.max_position_embeddings,
-        tie=m.tie_word_embeddings,
-        rope_theta=m.rope_theta,
-        rms_norm_eps=m.rms_norm_eps,
-    )
 
 
 def random_llama(
@@ -470,10 +452,8 @@ def random_llama(
     init_std: float = 0.02,
 ) -> Path:
     """A random transformers LlamaForCausalLM of the given shape, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -489,18 +469,14 @@ def random_llama(
         mlp_bias=bias,
         initializer_range=init_std,
     )
-    model = LlamaForCausalLM(config).eval()
-    _randomize_norms_and_biases(model, seed)
-    return _save(model, Path(out), dtype)
+    return random_model(out, config, dtype, seed)
 
 
 def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0) -> Path:
     """A random 2-layer Phi with Phi-2's shape of attention: 4 heads of 20 dims, partial rotary
     factor 0.4 (8 rotated dimensions per head, as 32 of 80 in Phi-2), biases everywhere."""
-    import torch
-    from transformers import PhiConfig, PhiForCausalLM
+    from transformers import PhiConfig
 
-    torch.manual_seed(seed)
     config = PhiConfig(
         vocab_size=512,
         hidden_size=80,
@@ -512,16 +488,38 @@ def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0)
         layer_norm_eps=1e-5,
         initializer_range=0.2,
     )
-    model = PhiForCausalLM(config).eval()
+    return random_model(out, config, dtype, seed)
+
+
+def random_model(out: str | os.PathLike[str], config: Any, dtype: str = "float32", seed: int = 0) -> Path:
+    """A transformers LlamaForCausalLM or PhiForCausalLM of ``config`` (a transformers config)
+    with weights drawn from ``torch.manual_seed(seed)``, norms and biases randomized too, saved
+    into ``out`` as safetensors of ``dtype``."""
+    import torch
+    from transformers import LlamaForCausalLM, PhiForCausalLM
+
+    classes = {"llama": LlamaForCausalLM, "phi": PhiForCausalLM}
+    if config.model_type not in classes:
+        raise ValueError(f"config: model_type {config.model_type!r}; expected 'llama' or 'phi'")
+    torch.manual_seed(seed)
+    model = classes[config.model_type](config).eval()
     _randomize_norms_and_biases(model, seed)
     return _save(model, Path(out), dtype)
 
 
+def model_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """A model folder (config.json and safetensors weights) given by path or by its name in
+    data/models; None when there is none."""
+    p = Path(name_or_path).expanduser()
+    if not p.is_dir():
+        p = paths.repo_models_dir() / name_or_path
+    has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
+    return p if (p / "config.json").is_file() and has_weights else None
+
+
 def shipped_model_dir() -> Path | None:
     """data/models/tiny-llama when it has been trained and committed, else None."""
-    d = paths.repo_models_dir() / "tiny-llama"
-    has_weights = (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file()
-    return d if (d / "config.json").is_file() and has_weights else None
+    return model_folder(paths.repo_models_dir() / "tiny-llama")
 
 
 _PROMPT_TEXTS = [
@@ -544,7 +542,7 @@ def prompt_for(model_dir: str | os.PathLike[str], length: int = 8, seed: int = 0
         ids = Tokenizer.from_file(str(tok)).encode(text).ids
         if ids:
             return [int(i) for i in ids]
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    vocab = read_config(model_dir)["vocab_size"]
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, size=length)]
 
 
@@ -646,7 +644,8 @@ def prepare_fixtures(
     tensors = {"f32": values, "f16": values.half(), "bf16": values.bfloat16()}
     tensors["f16_expected"] = values.half().float()
     tensors["bf16_expected"] = values.bfloat16().float()
-    save_file(tensors, str(out / "dtypes.safetensors"))
+    with files.atomic_path(out / "dtypes.safetensors") as tmp:
+        save_file(tensors, str(tmp))
 
     manifest = {
         "version": FIXTURES_VERSION,
@@ -663,9 +662,7 @@ def prepare_fixtures(
             for c in written
         ],
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / "manifest.json")
+    files.atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
     return written
 
 
@@ -714,23 +711,22 @@ def tokenizer_cases(out: str | os.PathLike[str]) -> Path:
     tok.post_processor = processors.TemplateProcessing(
         single="<|bos|> $A", special_tokens=[("<|bos|>", tok.token_to_id("<|bos|>"))]
     )
-    files = [out / "fixture-tokenizer.json"]
-    tok.save(str(files[0]))
+    tokenizers = [out / "fixture-tokenizer.json"]
+    with files.atomic_path(tokenizers[0]) as tmp:
+        tok.save(str(tmp))
     shipped = shipped_model_dir()
     if shipped is not None and (shipped / "tokenizer.json").is_file():
-        files.append(shipped / "tokenizer.json")
+        tokenizers.append(shipped / "tokenizer.json")
     texts = _TOKENIZER_TEXTS + _TOKENIZER_TRAIN
     cases = []
-    for f in files:
+    for f in tokenizers:
         t = Tokenizer.from_file(str(f))
         cases.append(
             {"tokenizer": str(f.resolve()), "texts": texts, "ids": [t.encode(x).ids for x in texts]}
         )
-    path = out / "cases.json"
-    tmp = out / ".cases.json.tmp"
-    tmp.write_text(json.dumps({"cases": cases}, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
-    return path
+    return files.atomic_write_text(
+        out / "cases.json", json.dumps({"cases": cases}, ensure_ascii=False, indent=1)
+    )
 
 
 def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -747,7 +743,8 @@ def convert_weights(
 ) -> Path:
     """Copy the model folder ``src`` to ``dst`` with every weight stored as ``dtype``
     (float32, float16, bfloat16) in one model.safetensors; other files (config.json, tokenizer)
-    are copied as they are. For comparing one model stored at two precisions."""
+    are copied as they are. For comparing one model stored at two precisions. ``dst`` is
+    replaced as a whole (one atomic folder swap)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -757,66 +754,12 @@ def convert_weights(
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src}: expected a model folder with config.json")
-    files = weight_files(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
     tensors: dict[str, Any] = {}
-    for f in files:
+    for f in weight_files(src):
         tensors.update({k: v.to(dtypes[dtype]).contiguous() for k, v in load_file(str(f)).items()})
-    tmp = dst / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, dst / "model.safetensors")
+    with files.atomic_dir(dst) as tmp:
+        for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return dst
-
-
-def torch_model(model_dir: str | os.PathLike[str]) -> Any:
-    """labkit's own eager PyTorch model (labkit.models.llama / phi) for ``model_dir``, float32,
-    eval mode: the "PyTorch eager" side of the speed comparison. Needs no tokenizer.json."""
-    import torch
-    from safetensors.torch import load_file
-
-    from labkit.models.config import LlamaConfig, PhiConfig
-    from labkit.models.llama import Llama
-    from labkit.models.phi import Phi
-
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    source = str(model_dir / "config.json")
-    if config.get("model_type") == "llama":
-        model = Llama(LlamaConfig.from_dict(config, source=source))
-    elif config.get("model_type") == "phi":
-        model = Phi(PhiConfig.from_dict(config, source=source))
-    else:
-        raise ValueError(f"{source}: model_type {config.get('model_type')!r}; expected llama or phi")
-    state: dict[str, Any] = {}
-    for f in weight_files(model_dir):
-        state.update({k: v.to(torch.float32) for k, v in load_file(str(f)).items()})
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def torch_decode_timing(model: Any, prompt: list[int], steps: int) -> Any:
-    """Time greedy decoding of ``steps`` tokens with labkit's KV-cached eager model at the
-    current torch.get_num_threads(); returns labkit.core.timing.GenerationTiming (tokens_per_s is the
-    decode rate, prefill excluded, as the Swift CLI reports it)."""
-    import torch
-
-    from labkit.core import timing
-    from labkit.inference.kv_cache import KVCache
-
-    with torch.inference_mode():
-        cache = KVCache.for_model(model, max_len=len(prompt) + steps)
-        ids = torch.tensor([prompt], dtype=torch.long)
-
-        def prefill() -> Any:
-            return model(ids, cache=cache)[:, -1].argmax(-1, keepdim=True)
-
-        def decode_step(token: Any) -> Any:
-            return model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
-
-        measured, _ = timing.time_generation(prefill, decode_step, steps)
-    return measured

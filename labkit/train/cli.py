@@ -7,7 +7,7 @@ Subcommands:
   also splits it into pieces small enough to come back from the GPU machine
 - ``assemble --parts DIR --data DIR --out DIR``: join those pieces into the HF folder here
 - ``breakdown --model DIR --data DIR``: eval_breakdown.json (held-out overlap, stdlib-only loss)
-- ``card --model DIR --data DIR``: write MODEL_CARD.md from the folder's logs plus greedy samples
+- ``card --model DIR``: write MODEL_CARD.md from the folder's logs plus greedy samples
 
 Without a subcommand (``labkit train --config quick --out DIR``, what ``make model-quick``
 runs): prepare the corpus if it is missing, fit, then write the card.
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from labkit.core import paths
+from labkit.core import files, paths
 
 DEFAULT_DATA = paths.data_dir() / "corpus"
 PART_BYTES = 15 * 1024 * 1024  # the device tool brings back files of at most 16 MiB
@@ -58,7 +58,6 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--data", type=Path, default=DEFAULT_DATA)
     q = sub.add_parser("card", help="write MODEL_CARD.md")
     q.add_argument("--model", type=Path, required=True)
-    q.add_argument("--data", type=Path, default=DEFAULT_DATA)
     # the default command's options live on the top-level parser
     p.add_argument("--config", default="quick")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "card":
         from labkit.train.card import write_card
 
-        print(write_card(args.model, args.data))
+        print(write_card(args.model))
         return 0
     if args.out is None:
         print("labkit train: --out DIR is required (the model folder to write)", file=sys.stderr)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     fit(args)
     from labkit.train.card import write_card
 
-    print(write_card(args.out, args.data))
+    print(write_card(args.out))
     return 0
 
 
@@ -171,24 +170,24 @@ def fit(args: argparse.Namespace) -> Path:
 
 def split_parts(folder: Path, dest: Path) -> None:
     """Copy a model folder into ``dest`` with model.safetensors cut into PART_BYTES pieces."""
-    dest.mkdir(parents=True, exist_ok=True)
     for p in sorted(folder.iterdir()):
         if p.name == "model.safetensors":
             data = p.read_bytes()
             for i in range(0, len(data), PART_BYTES):
-                (dest / f"model.safetensors.part{i // PART_BYTES}").write_bytes(
-                    data[i : i + PART_BYTES]
+                files.atomic_write_bytes(
+                    dest / f"model.safetensors.part{i // PART_BYTES}", data[i : i + PART_BYTES]
                 )
         elif p.name not in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            (dest / p.name).write_bytes(p.read_bytes())
+            files.atomic_write_bytes(dest / p.name, p.read_bytes())
 
 
 def assemble(parts: Path, data: Path, out: Path) -> Path:
-    """Rebuild the HF folder from split pieces, checking the sha256 the trainer recorded."""
+    """Rebuild the HF folder from split pieces, checking the sha256 the trainer recorded; the
+    folder is written as one atomic swap (labkit.core.files.atomic_dir)."""
     import hashlib
-    import os
     import shutil
-    import tempfile
+
+    from labkit.train.loop import generation_config
 
     pieces = sorted(parts.glob("model.safetensors.part*"), key=lambda p: int(p.suffix[5:]))
     if not pieces:
@@ -201,26 +200,14 @@ def assemble(parts: Path, data: Path, out: Path) -> Path:
             f"{parts}: joined model.safetensors has sha256 {digest}, the training log says "
             f"{log['model_safetensors_sha256']}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    (tmp / "model.safetensors").write_bytes(blob)
-    for p in parts.iterdir():
-        if not p.name.startswith("model.safetensors.part") and p.is_file():
-            shutil.copyfile(p, tmp / p.name)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(data / name, tmp / name)
-    from labkit.train.loop import generation_config
-
-    (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
-    for p in tmp.iterdir():
-        p.chmod(0o644)
-    tmp.chmod(0o755)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    with files.atomic_dir(out) as tmp:
+        (tmp / "model.safetensors").write_bytes(blob)
+        for p in parts.iterdir():
+            if not p.name.startswith("model.safetensors.part") and p.is_file():
+                shutil.copyfile(p, tmp / p.name)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(data / name, tmp / name)
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+        for p in tmp.iterdir():
+            p.chmod(files.FILE_MODE)
     return out

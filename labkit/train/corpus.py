@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
-import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,16 +217,6 @@ def _totals(entries: list[dict]) -> dict:
         t["files"] += 1
         t["bytes"] += e["bytes"]
     return out
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON next to ``path`` and rename over it, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=False)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def documents(manifest: dict, texts: dict[str, str], split: str) -> list[str]:

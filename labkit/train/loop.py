@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labkit.core import files
 from labkit.train import tokenizer as tok_mod
 from labkit.train.configs import TrainConfig
 
@@ -237,6 +237,194 @@ class TrainResult:
     losses: list[float]  # train loss of every step
 
 
+@dataclass
+class _Run:
+    """The state of one training run: model, optimiser, data, and what has been measured."""
+
+    cfg: TrainConfig
+    dev: torch.device
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, or its torch.compile wrapper
+    compiled: bool
+    opt: torch.optim.Optimizer
+    batches: Batches
+    hx: torch.Tensor  # held-out windows (inputs, targets)
+    hy: torch.Tensor
+    t_start: float
+    total_steps: int  # planned steps: max_steps, or fewer once fitted to a time budget
+    calib_start: int  # steps left out of the steady timing (warm-up; compilation on CUDA)
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"loss": float("inf")})
+    best_state: dict[str, torch.Tensor] | None = None
+    eval_seconds: float = 0.0
+    step_seconds_total: float = 0.0
+    timed_steps: int = 0
+    calib_t0: float | None = None
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.dev.type == "cuda"
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len
+
+
+def _start_run(
+    cfg: TrainConfig,
+    train_tokens: np.ndarray,
+    heldout_tokens: np.ndarray,
+    vocab_size: int,
+    device: str,
+    t_start: float,
+) -> _Run:
+    """Model, optimiser (and torch.compile on CUDA), batches and held-out windows of a run."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg, vocab_size).to(dev)
+    opt = make_optimizer(model, cfg, dev)
+    compiled = bool(cfg.compile and dev.type == "cuda")
+    batches = Batches(
+        torch.from_numpy(train_tokens.astype(np.int64)).to(dev),
+        cfg.seq_len,
+        cfg.batch_size,
+        cfg.seed,
+    )
+    hx, hy = heldout_windows(heldout_tokens, cfg.seq_len, cfg.eval_max_windows)
+    return _Run(
+        cfg=cfg,
+        dev=dev,
+        model=model,
+        step_model=torch.compile(model) if compiled else model,
+        compiled=compiled,
+        opt=opt,
+        batches=batches,
+        hx=hx,
+        hy=hy,
+        t_start=t_start,
+        total_steps=cfg.max_steps,
+        calib_start=5 if compiled else 2,
+    )
+
+
+def _train_step(run: _Run, step: int, say: Callable[[str], None]) -> float:
+    """One optimiser step at ``step`` (0-based): lr, batch, loss, clipped gradients. Returns
+    the lr; the loss goes to ``run.losses``, the step's time to the steady timing."""
+    cfg = run.cfg
+    lr = lr_at(step, run.total_steps, cfg)
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    x, y = run.batches.next()
+    t0 = time.perf_counter()
+    try:
+        loss = _forward_backward(run.step_model, x, y, run.opt, run.dev, run.on_cuda)
+    except Exception as exc:  # torch.compile failing on this machine: train eagerly
+        if run.step_model is run.model:
+            raise
+        say(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing eagerly")
+        run.step_model, run.compiled = run.model, False
+        loss = _forward_backward(run.step_model, x, y, run.opt, run.dev, run.on_cuda)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    run.losses.append(float(loss.detach()))  # syncs: the step is done when this returns
+    if step + 1 > run.calib_start:
+        run.step_seconds_total += time.perf_counter() - t0
+        run.timed_steps += 1
+    return lr
+
+
+def _evaluate_checkpoint(run: _Run, step: int, say: Callable[[str], None]) -> None:
+    """Held-out loss after ``step`` steps, logged; the weights are kept when it is the best."""
+    cfg = run.cfg
+    _sync(run.dev)
+    t0 = time.perf_counter()
+    res = evaluate(run.model, run.hx, run.hy, run.dev, max(1, cfg.batch_size), autocast=run.on_cuda)
+    _sync(run.dev)
+    run.eval_seconds += time.perf_counter() - t0
+    recent = run.losses[-cfg.eval_every :]
+    rec = {
+        "step": step,
+        "tokens_seen": step * run.tokens_per_step,
+        "train_loss": float(np.mean(recent)) if recent else None,
+        "heldout_loss": res["loss"],
+        "heldout_ppl": res["ppl"],
+        "lr": lr_at(max(0, step - 1), run.total_steps, cfg),
+        "elapsed_s": time.perf_counter() - run.t_start,
+    }
+    run.evals.append(rec)
+    if res["loss"] < run.best["loss"]:
+        run.best = dict(rec, loss=res["loss"])
+        run.best_state = {
+            k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()
+        }
+    say(
+        f"step {step:5d}/{run.total_steps} tokens {rec['tokens_seen']:,} "
+        f"train {rec['train_loss'] if rec['train_loss'] is not None else float('nan'):.4f} "
+        f"held-out {res['loss']:.4f} (ppl {res['ppl']:.2f}) best@{run.best['step']}"
+    )
+
+
+def _budget_spent(run: _Run, step: int, bar, say: Callable[[str], None]) -> bool:
+    """With a time budget: once the steady step time is known, fit ``run.total_steps`` to the
+    budget; True when the budget is spent before the planned steps are."""
+    cfg = run.cfg
+    if step == run.calib_start:
+        run.calib_t0 = time.perf_counter()
+    elif run.calib_t0 is not None and (
+        step == run.calib_start + cfg.calibrate_steps
+        # slow machine: calibrate on fewer steps rather than run out of budget first
+        or (step >= run.calib_start + 3 and _elapsed(run.t_start) > 0.1 * cfg.time_budget_s)
+    ):
+        run.total_steps = _fit_steps_to_budget(
+            cfg,
+            step,
+            (time.perf_counter() - run.calib_t0) / (step - run.calib_start),
+            run.t_start,
+            run.eval_seconds,
+            len(run.evals),
+        )
+        run.calib_t0 = None
+        say(f"calibrated: {run.total_steps} steps fit the {cfg.time_budget_s:.0f} s budget")
+        if bar is not None:
+            bar.total = run.total_steps
+    if time.perf_counter() - run.t_start > cfg.time_budget_s and step < run.total_steps:
+        say(f"time budget reached at step {step} (planned {run.total_steps})")
+        return True
+    return False
+
+
+def _training_log(run: _Run, step: int, stopped_by: str, wall: float, train_tokens: int) -> dict:
+    """training_log.json's content: config, machine, steps, throughput, every evaluation."""
+    tps = run.tokens_per_step
+    return {
+        "config": run.cfg.to_dict(),
+        "device": _device_name(run.dev),
+        "torch": torch.__version__,
+        "compiled": run.compiled,
+        "num_parameters": run.model.num_parameters(),
+        "steps": step,
+        "planned_steps": run.total_steps,
+        "stopped_by": stopped_by,
+        "tokens_per_step": tps,
+        "tokens_seen": step * tps,
+        "epochs_seen": step * tps / train_tokens,
+        "wall_seconds": wall,
+        "eval_seconds": run.eval_seconds,
+        "tokens_per_second_overall": step * tps / wall,
+        "tokens_per_second_steady": (
+            run.timed_steps * tps / run.step_seconds_total if run.step_seconds_total else None
+        ),
+        "best": run.best,
+        "evals": run.evals,
+        "train_loss_every_10": [
+            float(np.mean(run.losses[i : i + 10])) for i in range(0, len(run.losses), 10)
+        ],
+    }
+
+
 def train(
     cfg: TrainConfig,
     train_tokens: np.ndarray,
@@ -246,159 +434,41 @@ def train(
     progress: bool = True,
     say: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train ``cfg`` on the token streams; return the model with its best held-out weights."""
+    """Train ``cfg`` on the token streams; return the model with its best held-out weights.
+
+    Evaluates at step 0, every ``cfg.eval_every`` steps and at the last step; with
+    ``cfg.time_budget_s`` the planned steps are fitted to the budget after a few timed steps.
+    """
     t_start = time.perf_counter()
-    dev = resolve_device(device)
-    on_cuda = dev.type == "cuda"
-    if on_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg, vocab_size).to(dev)
-    n_params = model.num_parameters()
-    opt = make_optimizer(model, cfg, dev)
-    step_model: torch.nn.Module = model
-    compiled = False
-    if cfg.compile and on_cuda:
-        step_model = torch.compile(model)
-        compiled = True
-    batches = Batches(
-        torch.from_numpy(train_tokens.astype(np.int64)).to(dev),
-        cfg.seq_len,
-        cfg.batch_size,
-        cfg.seed,
-    )
-    hx, hy = heldout_windows(heldout_tokens, cfg.seq_len, cfg.eval_max_windows)
-    eval_bs = max(1, cfg.batch_size)
-
-    total_steps = cfg.max_steps
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    losses: list[float] = []
-    evals: list[dict] = []
-    best: dict = {"loss": float("inf")}
-    best_state: dict[str, torch.Tensor] | None = None
-    eval_seconds = 0.0
-    calib_t0: float | None = None
-    calib_start = 5 if compiled else 2
-    step_seconds_total = 0.0
-    timed_steps = 0
-
-    def run_eval(step: int) -> None:
-        nonlocal best, best_state, eval_seconds
-        _sync(dev)
-        t0 = time.perf_counter()
-        res = evaluate(model, hx, hy, dev, eval_bs, autocast=on_cuda)
-        _sync(dev)
-        eval_seconds += time.perf_counter() - t0
-        recent = losses[-cfg.eval_every :]
-        rec = {
-            "step": step,
-            "tokens_seen": step * tokens_per_step,
-            "train_loss": float(np.mean(recent)) if recent else None,
-            "heldout_loss": res["loss"],
-            "heldout_ppl": res["ppl"],
-            "lr": lr_at(max(0, step - 1), total_steps, cfg),
-            "elapsed_s": time.perf_counter() - t_start,
-        }
-        evals.append(rec)
-        if res["loss"] < best["loss"]:
-            best = dict(rec, loss=res["loss"])
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        say(
-            f"step {step:5d}/{total_steps} tokens {rec['tokens_seen']:,} "
-            f"train {rec['train_loss'] if rec['train_loss'] is not None else float('nan'):.4f} "
-            f"held-out {res['loss']:.4f} (ppl {res['ppl']:.2f}) best@{best['step']}"
-        )
-
-    bar = _progress(total_steps, progress)
-    model.train()
-    run_eval(0)
+    run = _start_run(cfg, train_tokens, heldout_tokens, vocab_size, device, t_start)
+    bar = _progress(run.total_steps, progress)
+    run.model.train()
+    _evaluate_checkpoint(run, 0, say)
     step = 0
     stopped_by = "max_steps"
-    while step < total_steps:
-        lr = lr_at(step, total_steps, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = batches.next()
-        t0 = time.perf_counter()
-        try:
-            loss = _forward_backward(step_model, x, y, opt, dev, on_cuda)
-        except Exception as exc:  # torch.compile failing on this machine: train eagerly
-            if step_model is model:
-                raise
-            say(f"torch.compile failed ({type(exc).__name__}: {exc}); continuing eagerly")
-            step_model, compiled = model, False
-            loss = _forward_backward(step_model, x, y, opt, dev, on_cuda)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))  # syncs: the step is done when this returns
+    while step < run.total_steps:
+        lr = _train_step(run, step, say)
         step += 1
-        if step > calib_start:
-            step_seconds_total += time.perf_counter() - t0
-            timed_steps += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}")
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"training loss became {losses[-1]} at step {step}")
-        if cfg.time_budget_s is not None:
-            if step == calib_start:
-                calib_t0 = time.perf_counter()
-            elif calib_t0 is not None and (
-                step == calib_start + cfg.calibrate_steps
-                # slow machine: calibrate on fewer steps rather than run out of budget first
-                or (step >= calib_start + 3 and _elapsed(t_start) > 0.1 * cfg.time_budget_s)
-            ):
-                total_steps = _fit_steps_to_budget(
-                    cfg,
-                    step,
-                    (time.perf_counter() - calib_t0) / (step - calib_start),
-                    t_start,
-                    eval_seconds,
-                    len(evals),
-                )
-                calib_t0 = None
-                say(f"calibrated: {total_steps} steps fit the {cfg.time_budget_s:.0f} s budget")
-                if bar is not None:
-                    bar.total = total_steps
-            if time.perf_counter() - t_start > cfg.time_budget_s and step < total_steps:
-                stopped_by = "time_budget"
-                say(f"time budget reached at step {step} (planned {total_steps})")
-                break
-        if step % cfg.eval_every == 0 or step == total_steps:
-            run_eval(step)
-    if evals[-1]["step"] != step:
-        run_eval(step)
+            bar.set_postfix(loss=f"{run.losses[-1]:.3f}", lr=f"{lr:.2e}")
+        if not math.isfinite(run.losses[-1]):
+            raise FloatingPointError(f"training loss became {run.losses[-1]} at step {step}")
+        if cfg.time_budget_s is not None and _budget_spent(run, step, bar, say):
+            stopped_by = "time_budget"
+            break
+        if step % cfg.eval_every == 0 or step == run.total_steps:
+            _evaluate_checkpoint(run, step, say)
+    if run.evals[-1]["step"] != step:
+        _evaluate_checkpoint(run, step, say)
     if bar is not None:
         bar.close()
-    _sync(dev)
+    _sync(run.dev)
     wall = time.perf_counter() - t_start
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    log = {
-        "config": cfg.to_dict(),
-        "device": _device_name(dev),
-        "torch": torch.__version__,
-        "compiled": compiled,
-        "num_parameters": n_params,
-        "steps": step,
-        "planned_steps": total_steps,
-        "stopped_by": stopped_by,
-        "tokens_per_step": tokens_per_step,
-        "tokens_seen": step * tokens_per_step,
-        "epochs_seen": step * tokens_per_step / len(train_tokens),
-        "wall_seconds": wall,
-        "eval_seconds": eval_seconds,
-        "tokens_per_second_overall": step * tokens_per_step / wall,
-        "tokens_per_second_steady": (
-            timed_steps * tokens_per_step / step_seconds_total if step_seconds_total else None
-        ),
-        "best": best,
-        "evals": evals,
-        "train_loss_every_10": [
-            float(np.mean(losses[i : i + 10])) for i in range(0, len(losses), 10)
-        ],
-    }
-    return TrainResult(model=model, log=log, losses=losses)
+    assert run.best_state is not None
+    run.model.load_state_dict(run.best_state)
+    log = _training_log(run, step, stopped_by, wall, len(train_tokens))
+    return TrainResult(model=run.model, log=log, losses=run.losses)
 
 
 def _forward_backward(
@@ -531,20 +601,19 @@ def write_model_folder(
     training_log: dict,
     slice_tokens: np.ndarray | None = None,
 ) -> Path:
-    """Write the HF folder into a temp dir beside ``out``, then rename it into place."""
+    """Write the HF folder ``out`` as one atomic folder swap (labkit.core.files.atomic_dir):
+    a reader sees the old folder or the complete new one, never a half-written mix."""
     from safetensors.numpy import save_file as save_np
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with files.atomic_dir(out) as tmp:
         save_file(stored, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         training_log = dict(
             training_log, model_safetensors_sha256=_sha256(tmp / "model.safetensors")
         )
-        _dump(tmp / "config.json", model_config.to_hf_dict())
-        _dump(tmp / "generation_config.json", generation_config())
+        _write_json(tmp / "config.json", model_config.to_hf_dict())
+        _write_json(tmp / "generation_config.json", generation_config())
         for name in ("tokenizer.json", "tokenizer_config.json"):
             src = Path(tokenizer_dir) / name
             if not src.is_file():
@@ -552,26 +621,15 @@ def write_model_folder(
             shutil.copyfile(src, tmp / name)
         if slice_tokens is not None:
             save_np({"windows": slice_tokens}, str(tmp / "heldout_slice.safetensors"))
-        _dump(tmp / "training_log.json", training_log)
+        _write_json(tmp / "training_log.json", training_log)
         for p in tmp.iterdir():
-            p.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            p.chmod(files.FILE_MODE)
     return out
 
 
-def _dump(path: Path, obj: object) -> None:
+def _write_json(path: Path, obj: object) -> None:
+    """JSON as the shipped folder has it (indent 2, trailing newline); inside an atomic_dir
+    block, so a plain write: the folder swap makes the whole folder atomic."""
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 

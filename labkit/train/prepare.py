@@ -12,11 +12,13 @@ machine or on the GPU machine, where neither the venv nor these sources exist:
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from labkit.core import files
 from labkit.train import corpus, tokenizer
 
 
@@ -30,7 +32,7 @@ def build(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     manifest, texts = corpus.build_manifest(corpus.collect(packages))
-    corpus.write_json_atomic(out_dir / "manifest.json", manifest)
+    _write_json(out_dir / "manifest.json", manifest)
     train_docs = corpus.documents(manifest, texts, "train")
     heldout_docs = corpus.documents(manifest, texts, "heldout")
     tok = tokenizer.train_tokenizer(train_docs, vocab_size=vocab_size)
@@ -41,9 +43,8 @@ def build(
         streams[name] = np.fromiter(
             (i for doc in ids for i in doc), dtype=np.uint16, count=sum(len(d) for d in ids)
         )
-    tmp = out_dir / "tokens.tmp.npz"
-    np.savez_compressed(tmp, **streams)
-    tmp.replace(out_dir / "tokens.npz")
+    with files.atomic_path(out_dir / "tokens.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **streams)  # a file object: np.savez would append ".npz" to a name
     stats = {
         "manifest_hash": manifest["manifest_hash"],
         "python": manifest["python"],
@@ -57,7 +58,7 @@ def build(
         },
         "build_seconds": time.perf_counter() - t0,
     }
-    corpus.write_json_atomic(out_dir / "corpus_stats.json", stats)
+    _write_json(out_dir / "corpus_stats.json", stats)
     return stats
 
 
@@ -70,3 +71,7 @@ def load_tokens(data_dir: Path) -> dict[str, np.ndarray]:
         )
     with np.load(path) as z:
         return {"train": z["train"], "heldout": z["heldout"]}
+
+
+def _write_json(path: Path, obj: object) -> None:
+    files.atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -18,11 +18,11 @@ No ``<unk>``: a byte-level vocabulary covers all 256 bytes, so nothing is ever u
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from labkit.core import files
 
 if TYPE_CHECKING:  # pragma: no cover
     from tokenizers import Tokenizer
@@ -98,8 +98,8 @@ def tokenizer_config(model_max_length: int) -> dict:
 def save(tok: Tokenizer, folder: Path, model_max_length: int) -> None:
     """Write tokenizer.json and tokenizer_config.json into ``folder`` (each atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(folder / "tokenizer.json", tok.to_str(pretty=True))
-    _write_text_atomic(
+    files.atomic_write_text(folder / "tokenizer.json", tok.to_str(pretty=True))
+    files.atomic_write_text(
         folder / "tokenizer_config.json",
         json.dumps(tokenizer_config(model_max_length), indent=2) + "\n",
     )
@@ -115,10 +115,3 @@ def load(folder_or_file: Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer.json not found (expected a trained tokenizer)")
     return Tokenizer.from_file(str(path))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
