@@ -69,8 +69,8 @@ lab: $(STAMP)
 
 # The Swift port's own tests against reference dumps written by labkit (make test runs them too).
 swift-test: $(STAMP)
-	$(PY) -c "from labkit import swiftport; swiftport.prepare_fixtures('build/lmport-fixtures')"
-	cd swift && LMPORT_FIXTURES=$(CURDIR)/build/lmport-fixtures swift test -c release
+	$(PY) -c "from labkit.ports import swift; swift.prepare_fixtures('build/lmport-fixtures')"
+	cd swift && LMPORT_FIXTURES="$(CURDIR)/build/lmport-fixtures" swift test -c release
 
 model-quick: $(STAMP)
 	$(PY) -m labkit train --config quick --out build/models/tiny-llama-quick

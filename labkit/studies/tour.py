@@ -83,10 +83,10 @@ def studies_table() -> pd.DataFrame:
     import nbformat
     import pandas as pd
 
-    from labkit.lab.reproduce import discover
+    from labkit.core import paths
 
     rows = []
-    for path in discover():
+    for path in sorted(paths.notebooks_dir().glob("[0-9][0-9]_*.ipynb")):
         nb = nbformat.read(path, as_version=4)
         title = nb.cells[0].source.splitlines()[0].lstrip("# ").strip() if nb.cells else ""
         rows.append({"notebook": path.name, "title": title})
