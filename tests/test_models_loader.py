@@ -252,7 +252,7 @@ def test_unknown_hub_id_offline(tmp_path, monkeypatch):
 
 
 def test_unknown_bare_name():
-    with pytest.raises(ModelLoadError, match=r"gpt-17.*unknown model name.*tiny-llama, minilm"):
+    with pytest.raises(ModelLoadError, match=r"gpt-17.*unknown model name.*tiny-llama, smollm2-135m, minilm"):
         load("gpt-17", device="cpu")
 
 
