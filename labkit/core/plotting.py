@@ -163,6 +163,16 @@ def provenance(name: str, *, notebook: str | None = None, params: dict | None = 
 # --------------------------------------------------------------------------- saving
 
 
+def variant_name(name: str) -> str:
+    """``name`` for this run: ``<name>--<model>`` when the notebook runs again on another model
+    (``LABKIT_VARIANT``, set by ``labkit reproduce``), so both runs' figures stand side by side."""
+    variant = os.environ.get("LABKIT_VARIANT")
+    if not variant:
+        return name
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", variant).strip("-")
+    return f"{name}--{slug}"
+
+
 def save_figure(
     fig: Any,
     name: str,
@@ -180,6 +190,7 @@ def save_figure(
     SVG is deterministic (fixed hash salt, no date), so an unchanged figure gives an unchanged file.
     """
     _check_name(name)
+    name = variant_name(name)
     check_figure(fig)
     info = provenance(name, notebook=notebook, params=params)
     description = json.dumps(info, sort_keys=True)

@@ -8,6 +8,12 @@ earlier outputs intact.
 
 Quick parameters live in one file, ``notebooks/quick.yml``: a top-level key per notebook stem
 (``01_kv_cache: {PROMPT_LENS: [16, 64]}``). Every quick run also gets ``QUICK=True``.
+
+Each notebook runs once with its own defaults (the embedded tiny-llama) and then once per model
+that ``notebooks/models.yml`` lists for it, with ``MODEL`` set: the same study asked again on a
+real checkpoint. Such a run is named ``<stem>@<model>`` (its executed copy, its skips, its
+summary line), its figures get ``--<model>`` after their names, and quick mode adds the
+parameters under ``<stem>@<model>`` in quick.yml to the notebook's own quick ones.
 """
 
 from __future__ import annotations
@@ -48,6 +54,52 @@ class NotebookRun:
         return self.status == "ok"
 
 
+@dataclass(frozen=True)
+class Job:
+    """One execution of a notebook: with its own defaults, or with ``MODEL`` set to ``model``."""
+
+    path: Path
+    model: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.model is None else f"{self.path.stem}@{model_slug(self.model)}"
+
+
+def model_slug(model: str) -> str:
+    """A file-name-safe tag for a model: its name, or a folder's last component."""
+    import re
+
+    tail = Path(model).name if ("/" in model or os.sep in model) else model
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", tail).strip("-.") or "model"
+
+
+def model_runs(stem: str, models_file: Path | None = None) -> list[str]:
+    """The models notebooks/models.yml lists for ``stem`` (each an extra run with MODEL set)."""
+    import yaml
+
+    path = models_file or paths.notebooks_dir() / "models.yml"
+    if not path.exists():
+        return []
+    table = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected a mapping of notebook stem -> list of model names")
+    models = table.get(stem) or []
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ValueError(f"{path}: models of {stem!r} must be a list of names, got {models!r}")
+    return models
+
+
+def jobs_for(notebooks: list[Path], *, with_models: bool = True) -> list[Job]:
+    """Each notebook's own run, followed by its runs on the models of notebooks/models.yml."""
+    jobs = []
+    for path in notebooks:
+        jobs.append(Job(path))
+        if with_models:
+            jobs += [Job(path, m) for m in model_runs(path.stem, path.parent / "models.yml")]
+    return jobs
+
+
 def discover(only: str | None = None, notebooks_dir: Path | None = None) -> list[Path]:
     """The lab's notebooks (``NN_slug.ipynb``), in order; ``only`` filters by substring or glob."""
     folder = notebooks_dir or paths.notebooks_dir()
@@ -62,8 +114,9 @@ def discover(only: str | None = None, notebooks_dir: Path | None = None) -> list
     return found
 
 
-def quick_parameters(stem: str, quick_file: Path | None = None) -> dict:
-    """Quick-mode parameters of one notebook from notebooks/quick.yml (always with QUICK=True)."""
+def quick_parameters(stem: str, quick_file: Path | None = None, model: str | None = None) -> dict:
+    """Quick-mode parameters of one notebook from notebooks/quick.yml (always with QUICK=True);
+    for a run on ``model``, those under ``<stem>@<model>`` on top."""
     import yaml
 
     path = quick_file or paths.notebooks_dir() / "quick.yml"
@@ -73,9 +126,12 @@ def quick_parameters(stem: str, quick_file: Path | None = None) -> dict:
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of notebook stem -> parameters")
         table = loaded
-    params = dict(table.get(stem) or {})
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: parameters of {stem!r} must be a mapping, got {params!r}")
+    params: dict = {}
+    for key in (stem, f"{stem}@{model}") if model else (stem,):
+        entry = table.get(key) or {}
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: parameters of {key!r} must be a mapping, got {entry!r}")
+        params.update(entry)
     params["QUICK"] = True
     return params
 
@@ -174,24 +230,34 @@ def run_notebook(
     timeout: float | None = None,
     out_dir: Path | None = None,
     kernel: str = KERNEL_NAME,
+    model: str | None = None,
 ) -> NotebookRun:
-    """Execute one notebook with papermill in a subprocess; never raises for a notebook failure."""
+    """Execute one notebook with papermill in a subprocess; never raises for a notebook failure.
+
+    ``model``: run it with ``MODEL`` set to that model (a run named ``<stem>@<model>``).
+    """
     stem = path.stem
+    name = Job(path, model).name
     out_dir = out_dir or paths.build_dir() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{stem}.ipynb"
-    partial = out_dir / f".{stem}.partial.ipynb"
-    params = quick_parameters(stem, path.parent / "quick.yml") if quick else {}
+    final = out_dir / f"{name}.ipynb"
+    partial = out_dir / f".{name}.partial.ipynb"
+    params = quick_parameters(stem, path.parent / "quick.yml", model) if quick else {}
+    if model is not None:
+        params["MODEL"] = model
     effective = {**default_parameters(path), **params}
 
     env = kernel_env(dict(os.environ))
     env.update(
-        LABKIT_NOTEBOOK=stem,
+        LABKIT_NOTEBOOK=name,
         LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
         LABKIT_QUICK="1" if quick else "0",
         MPLBACKEND="Agg",
         PYTHONHASHSEED="0",
     )
+    env.pop("LABKIT_VARIANT", None)
+    if model is not None:
+        env["LABKIT_VARIANT"] = model_slug(model)
     if quick and "LABKIT_OUTPUT_ROOT" not in os.environ:
         # Smoke runs must not overwrite the committed full-parameter figures and results.
         env["LABKIT_OUTPUT_ROOT"] = str(paths.build_dir() / "quick")
@@ -201,7 +267,7 @@ def run_notebook(
         "--kernel", kernel, "--language", "python", "--cwd", str(path.parent), "--no-progress-bar",
         "--parameters_yaml", json.dumps(params),
     ]
-    clear_skips(stem)
+    clear_skips(name)
     start = time.time()
     t0 = time.perf_counter()
     try:
@@ -216,8 +282,8 @@ def run_notebook(
         os.replace(partial, final)
         output = final
     return NotebookRun(
-        name=stem, status=status, seconds=seconds, figures=_figures_since(stem, start, figures),
-        output=output, error=error, skipped=read_skips(stem),
+        name=name, status=status, seconds=seconds, figures=_figures_since(stem, start, figures),
+        output=output, error=error, skipped=read_skips(name),
     )
 
 
@@ -228,8 +294,10 @@ def reproduce(
     jobs: int = 1,
     timeout: float | None = None,
     progress: bool = True,
+    with_models: bool = True,
 ) -> list[NotebookRun]:
-    """Run the selected notebooks (``jobs`` at a time) and return one NotebookRun each."""
+    """Run the selected notebooks (``jobs`` at a time), each also on the models of
+    notebooks/models.yml unless ``with_models`` is False; one NotebookRun per execution."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     notebooks = discover(only)
@@ -239,6 +307,7 @@ def reproduce(
             else f"no notebooks found in {paths.notebooks_dir()}"
         )
     kernel = ensure_kernel()
+    todo = jobs_for(notebooks, with_models=with_models)
     runs: list[NotebookRun] = []
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -247,16 +316,17 @@ def reproduce(
         TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), disable=not progress, transient=False,
     ) as bar:
-        task = bar.add_task("quick" if quick else "reproduce", total=len(notebooks))
+        task = bar.add_task("quick" if quick else "reproduce", total=len(todo))
 
-        def one(nb: Path) -> NotebookRun:
-            run = run_notebook(nb, quick=quick, timeout=timeout, kernel=kernel)
+        def one(job: Job) -> NotebookRun:
+            run = run_notebook(job.path, quick=quick, timeout=timeout, kernel=kernel,
+                               model=job.model)
             bar.console.print(f"{'ok  ' if run.ok else 'FAIL'} {run.name} ({run.seconds:.0f} s)")
             bar.advance(task)
             return run
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            runs = list(pool.map(one, notebooks))
+            runs = list(pool.map(one, todo))
     return runs
 
 
@@ -305,6 +375,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="limit per notebook (default none)")
+    parser.add_argument("--no-models", action="store_true",
+                        help="skip the extra runs on the models of notebooks/models.yml")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -312,7 +384,8 @@ def main_from_args(args: argparse.Namespace) -> int:
 
     console = Console(stderr=False)
     try:
-        runs = reproduce(quick=args.quick, only=args.only, jobs=args.jobs, timeout=args.timeout)
+        runs = reproduce(quick=args.quick, only=args.only, jobs=args.jobs, timeout=args.timeout,
+                         with_models=not getattr(args, "no_models", False))
     except FileNotFoundError as exc:
         console.print(f"[red]{exc}[/red]")
         return 2
