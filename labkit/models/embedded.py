@@ -121,7 +121,40 @@ def _converted(model: EmbeddedGGUF, gguf: Path, digest: str) -> Path:
         from labkit.models.gguf_import import from_gguf
 
         from_gguf(gguf, out, eos_token=model.eos_token, name=model.origin)
+    if not (out / HELDOUT_FILE).is_file():
+        write_heldout(out)
     return out
+
+
+#: The held-out windows a model folder carries (tiny-llama's trainer writes the same file).
+HELDOUT_FILE = "heldout_slice.safetensors"
+HELDOUT_CONTEXT = 1024
+
+
+def heldout_text() -> Path:
+    """data/text/python-reference.txt: English prose under the PSF licence (see its README)."""
+    from labkit.core import paths
+
+    return paths.data_dir() / "text" / "python-reference.txt"
+
+
+def write_heldout(folder: Path, context: int = HELDOUT_CONTEXT) -> Path:
+    """Tokenize the shipped English text with the folder's tokenizer into non-overlapping windows
+    of ``context + 1`` tokens (``windows``, int32), the format ``quant.evaluate.heldout_windows``
+    reads: so every evaluation of tiny-llama runs on the real model unchanged."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer
+
+    from labkit.core.files import atomic_path
+
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(
+        heldout_text().read_text(encoding="utf-8"), add_special_tokens=False).ids
+    n = len(ids) // (context + 1)
+    windows = np.asarray(ids[: n * (context + 1)], dtype=np.int32).reshape(n, context + 1)
+    with atomic_path(folder / HELDOUT_FILE) as tmp:
+        save_file({"windows": windows}, str(tmp), metadata={"source": heldout_text().name})
+    return folder / HELDOUT_FILE
 
 
 def folder(model: EmbeddedGGUF = SMOLLM2) -> Path:
