@@ -9,6 +9,7 @@ once for every architecture (the Swift port and the exporters depend on these be
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,10 +77,18 @@ class Decoder(nn.Module):
     """A causal LM: ``self.model.embed_tokens``, ``self.model.layers`` (blocks taking
     ``(x, cos, sin, cache, mask)``), then ``head`` (final norm and output matrix).
 
-    Subclasses set ``self.config`` and ``self.model``, call ``build_rope_cache()`` and
-    ``self.apply(self._init_weights)``, and define ``rotary_dim``, ``head`` and
-    ``residual_projection``.
+    Subclasses pass their config, trunk (``model.``) and output Linear (None when tied) to
+    ``__init__``, and define ``rotary_dim``, ``head`` and ``residual_projection``.
     """
+
+    def __init__(self, cfg: Any, trunk: nn.Module, lm_head: nn.Linear | None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = trunk  # registered first: state-dict keys in transformers' order
+        if lm_head is not None:
+            self.lm_head = lm_head
+        self.build_rope_cache()
+        self.apply(self._init_weights)
 
     @property
     def rotary_dim(self) -> int:

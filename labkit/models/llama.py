@@ -118,13 +118,9 @@ class Llama(Decoder):
     """
 
     def __init__(self, cfg: LlamaConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.build_rope_cache()
-        self.apply(self._init_weights)
+        tied = cfg.tie_word_embeddings
+        head = None if tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        super().__init__(cfg, LlamaModel(cfg), head)
 
     @property
     def rotary_dim(self) -> int:

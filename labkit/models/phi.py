@@ -98,12 +98,7 @@ class Phi(Decoder):
     """
 
     def __init__(self, cfg: PhiConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.model = PhiModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
-        self.build_rope_cache()
-        self.apply(self._init_weights)
+        super().__init__(cfg, PhiModel(cfg), nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True))
 
     @property
     def rotary_dim(self) -> int:
