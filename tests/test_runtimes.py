@@ -175,24 +175,3 @@ def test_swift(folder, reference):
     if swiftport.available() is not None:
         pytest.skip(f"Swift port: {swiftport.available()}")
     _check(runtimes.get("swift", threads=1), folder, reference, 1e-3)
-
-
-def test_matrix_records_every_metric(folder, tmp_path, monkeypatch):
-    """One small matrix (torch-eager in its own process) writes the issue's records."""
-    from labkit.core import results
-    from labkit.studies.runtime_benchmark import STUDY, Spec, run_matrix
-
-    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path / "out"))
-    spec = Spec(model=str(folder), prompt_len=8, gen_len=3, repeats=2, ttft_lens=[4, 8],
-                parity_prompt=4, parity_gen=3, threads=1)
-    res = run_matrix(spec, ["torch-eager", "coreml"], progress=False)
-    assert "pp" in res["torch-eager"], res["torch-eager"].get("failed")
-    assert res["torch-eager"]["parity"]["greedy_agreement_pct"] == 100.0
-    df = results.load_results(STUDY)
-    assert {"pp_tok_s", "tg_tok_s", "ttft_ms", "peak_rss_bytes", "greedy_agreement_pct",
-            "max_abs_logit_err"} <= set(df["metric"])
-    assert (df["value"] > 0).all() or set(df[df["value"] <= 0]["metric"]) == {"max_abs_logit_err"}
-    ttft = df[df["metric"] == "ttft_ms"]
-    assert sorted(p["prompt_len"] for p in ttft["params"]) == [4, 8]
-    if "skipped" in res["coreml"]:
-        assert res["coreml"]["skipped"]

@@ -10,14 +10,24 @@ How it runs, and why:
   cache or a thread pool of one runtime cannot touch the next;
 * torch eager float32 runs first: its greedy tokens and logits are the parity reference;
 * pp = prompt tokens / prefill seconds on ``prompt_len`` tokens, tg = ``gen_len`` decode steps
-  after one token, both repeated (mean +- sd, as llama-bench), after one untimed warm-up;
+  after one token, both repeated within the process (mean +- sd, as llama-bench), after one
+  untimed warm-up;
+* the whole matrix runs ``rounds`` times, each runtime in a new process every round and the
+  runtimes interleaved (round 1: all runtimes, then round 2: all again, ...): on a shared VM
+  speed drifts from one process to the next by more than within one, so the figure shows the
+  median over processes and their spread, and a ratio to torch eager is taken within a round
+  (the same minutes of the machine) and then its median across rounds;
+* every thread count of ``thread_counts`` is its own column of the matrix;
 * TTFT = prefill seconds of a prompt, for each length of ``ttft_lens``;
 * parity: greedy ``parity_gen`` tokens after a held-out prompt vs the reference
   (``base.parity``).
 
-Records (study "08_runtime_benchmark"): pp_tok_s, tg_tok_s, ttft_ms, peak_rss_bytes,
-model_bytes, load_s, greedy_agreement_pct, max_abs_logit_err; params carry runtime, dtype,
-prompt_len, gen_len, repeats, sd, threads, load_avg_1m and the runtime's note.
+Records (study "08_runtime_benchmark"): pp_tok_s, tg_tok_s (median over processes),
+pp_vs_reference, tg_vs_reference (median within-round ratio to torch eager), ttft_ms,
+peak_rss_bytes, model_bytes, load_s, greedy_agreement_pct, max_abs_logit_err; params carry
+runtime, dtype, prompt_len, gen_len, repeats, rounds, the per-process values and their spread,
+threads, the load average (max over the rounds), noisy (load above half the cores) and the
+runtime's note.
 """
 
 from __future__ import annotations
@@ -52,12 +62,13 @@ class Spec:
     parity_gen: int = 64
     threads: int | None = None
     device: str = "cpu"
+    rounds: int = 3  # separate processes per runtime, interleaved
 
     @classmethod
     def quick(cls, **kw: Any) -> Spec:
         """Small sizes, few repeats: every code path, a fraction of the time."""
         base = dict(prompt_len=64, gen_len=16, repeats=2, ttft_lens=[16, 64], parity_prompt=16,
-                    parity_gen=16)
+                    parity_gen=16, rounds=2)
         base.update(kw)
         return cls(**base)
 
@@ -156,17 +167,26 @@ def record_result(res: dict[str, Any], spec: Spec, parity: dict[str, Any] | None
 
     name = res["runtime"]
     base = {"runtime": name, "dtype": res["dtype"], "repeats": spec.repeats,
-            "threads": spec.threads, "load_avg_1m": res.get("load_avg_1m"), "note": res.get("note", "")}
+            "rounds": res.get("rounds", 1), "threads": spec.threads,
+            "load_avg_1m": res.get("load_avg_1m"), "noisy": bool(res.get("noisy")),
+            "note": res.get("note", "")}
     kw = {"runtime": name, "device": res["device"], "model": spec.model}
     recs = []
 
     def rec(metric: str, value: float, unit: str, **params: Any) -> None:
         recs.append(results.record(STUDY, metric, value, unit, **kw, params={**base, **params}))
 
-    rec("pp_tok_s", res["pp"]["mean"], "tok/s", prompt_len=spec.prompt_len, gen_len=0,
-        sd=res["pp"]["sd"], samples=res["pp"]["samples"])
-    rec("tg_tok_s", res["tg"]["mean"], "tok/s", prompt_len=1, gen_len=spec.gen_len,
-        sd=res["tg"]["sd"], samples=res["tg"]["samples"])
+    for key, metric, lens in (("pp", "pp_tok_s", (spec.prompt_len, 0)),
+                              ("tg", "tg_tok_s", (1, spec.gen_len))):
+        st = res[key]
+        spread = {k: st[k] for k in ("min", "max", "processes") if k in st}
+        rec(metric, st["mean"], "tok/s", prompt_len=lens[0], gen_len=lens[1], sd=st["sd"],
+            **spread)
+        ratio = res.get(f"{key}_vs_reference")
+        if ratio is not None:
+            rec(f"{key}_vs_reference", ratio["median"], "1", prompt_len=lens[0], gen_len=lens[1],
+                reference=REFERENCE, min=ratio["min"], max=ratio["max"],
+                processes=ratio["processes"])
     for n, st in res["ttft"].items():
         rec("ttft_ms", st["mean"] * 1e3, "ms", prompt_len=int(n), gen_len=1, sd=st["sd"] * 1e3)
     rec("peak_rss_bytes", res["peak_rss_bytes"], "bytes", prompt_len=spec.prompt_len,
@@ -194,45 +214,108 @@ def _parity_of(path: Path, ref_path: Path) -> dict[str, Any]:
     return parity(read(path), read(ref_path), exposes_logits=True)
 
 
-def run_matrix(
-    spec: Spec, names: list[str] | None = None, *, record: bool = True, progress: bool = True
-) -> dict[str, dict[str, Any]]:
-    """Measure every runtime of ``names`` (default: all registered), each in its own process.
+def _one_round(spec: Spec, order: list[str], tmp: Path, ref_file: Path) -> dict[str, dict]:
+    """Every runtime of ``order`` once, each in a fresh process, the reference first."""
+    out = {}
+    ref_spec = Spec(**{**asdict(spec), "device": "cpu"})
+    for name in order:
+        t0 = time.time()
+        parity_file = ref_file if name == REFERENCE else tmp / f"{name}-{spec.threads}.npz"
+        res = run_isolated(name, ref_spec if name == REFERENCE else spec, parity_file)
+        res.update(load_avg_1m=load_average(), wall_s=time.time() - t0)
+        out[name] = res
+    return out
 
-    Returns {runtime: result dict}; skipped/failed runtimes carry "skipped"/"failed" reasons
-    (and ``labkit.core.skips.skip`` is told). The reference (torch-eager on the CPU) is run first
-    even when not asked for, because every parity number needs it.
+
+def _parity(res: dict, name: str, spec: Spec, tmp: Path, ref_file: Path) -> dict | None:
+    if name == REFERENCE:
+        return {"greedy_agreement_pct": 100.0, "first_divergence": spec.parity_gen,
+                "max_abs_logit_err": 0.0}
+    return _parity_of(tmp / f"{name}-{spec.threads}.npz", ref_file)
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    """median, min, max and every value: the spread between processes."""
+    return {"median": float(np.median(values)), "min": float(min(values)),
+            "max": float(max(values)), "processes": [float(v) for v in values]}
+
+
+def aggregate(rounds: list[dict[str, dict]], name: str) -> dict[str, Any]:
+    """One runtime's rounds as one result: pp/tg median over processes with their spread, the
+    within-round ratios to the reference, TTFT medians, the first round's other fields."""
+    done = [r[name] for r in rounds if "pp" in r[name]]
+    if len(done) < len(rounds):  # a round skipped or failed: report the first reason
+        bad = next(r[name] for r in rounds if "pp" not in r[name])
+        return bad
+    first = dict(done[0])
+    for key in ("pp", "tg"):
+        first[key] = {**_spread([d[key]["mean"] for d in done]), "sd": done[0][key]["sd"]}
+        first[key]["mean"] = first[key]["median"]  # tables read "mean": the process median
+        refs = [r[REFERENCE][key]["mean"] for r in rounds if "pp" in r[REFERENCE]]
+        if len(refs) == len(done):
+            first[f"{key}_vs_reference"] = _spread(
+                [d[key]["mean"] / ref for d, ref in zip(done, refs, strict=True)])
+    first["ttft"] = {n: {"mean": float(np.median([d["ttft"][n]["mean"] for d in done])),
+                         "sd": float(np.std([d["ttft"][n]["mean"] for d in done]))}
+                     for n in done[0]["ttft"]}
+    first["load_avg_1m"] = max(d.get("load_avg_1m") or 0.0 for d in done)
+    first["noisy"] = first["load_avg_1m"] > (os.cpu_count() or 1) / 2
+    first["rounds"] = len(done)
+    return first
+
+
+def run_matrix(
+    spec: Spec, names: list[str] | None = None, *, thread_counts: list[int | None] | None = None,
+    record: bool = True, progress: bool = True,
+) -> dict[tuple[str, int | None], dict[str, Any]]:
+    """Measure every runtime of ``names`` (default: all registered) at each thread count,
+    ``spec.rounds`` times, each time in its own process, interleaved.
+
+    Returns {(runtime, threads): aggregated result}; skipped/failed runtimes carry
+    "skipped"/"failed" reasons (and ``labkit.core.skips.skip`` is told once). The reference
+    (torch eager on the CPU) runs first in every round, because every ratio and parity needs it.
     """
     from labkit import runtimes
-    from labkit.core import skips
 
     names = list(names or runtimes.RUNTIMES)
-    ref_spec = Spec(**{**asdict(spec), "device": "cpu"})
-    out: dict[str, dict[str, Any]] = {}
+    order = [REFERENCE] + [n for n in names if n != REFERENCE]
+    counts = list(thread_counts) if thread_counts else [spec.threads]
+    rounds: dict[int | None, list[dict]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory(prefix="labkit-parity-") as tmp:
-        ref_file = Path(tmp) / "ref.npz"
-        order = [REFERENCE] + [n for n in names if n != REFERENCE]
-        for name in order:
-            t0 = time.time()
-            spec_n = ref_spec if name == REFERENCE else spec
-            res = run_isolated(name, spec_n, Path(tmp) / f"{name}.npz" if name != REFERENCE else ref_file)
-            res["load_avg_1m"] = load_average()
-            res["wall_s"] = time.time() - t0
-            if name != REFERENCE and "skipped" not in res and "failed" not in res:
-                res["parity"] = _parity_of(Path(tmp) / f"{name}.npz", ref_file)
-            elif name == REFERENCE and "pp" in res:
-                res["parity"] = {"greedy_agreement_pct": 100.0, "first_divergence": spec.parity_gen,
-                                 "max_abs_logit_err": 0.0}
-            if "skipped" in res:
-                skips.skip(f"runtime {name}", res["skipped"])
-            elif "failed" in res:
-                skips.skip(f"runtime {name}", "failed: " + res["failed"].strip().splitlines()[-1])
-            elif record and (name in names):
-                res["records"] = record_result(res, spec_n, res.get("parity"))
-            if name in names:
-                out[name] = res
-            if progress:
-                print(f"[matrix] {name}: {_status(res)} ({res['wall_s']:.0f} s)", flush=True)
+        for r in range(spec.rounds):
+            for threads in counts:
+                spec_t = Spec(**{**asdict(spec), "threads": threads})
+                ref_file = Path(tmp) / f"ref-{threads}.npz"
+                rounds[threads].append(_one_round(spec_t, order, Path(tmp), ref_file))
+                if progress:
+                    for name, res in rounds[threads][-1].items():
+                        print(f"[matrix] round {r + 1}/{spec.rounds}, {threads} thread(s), "
+                              f"{name}: {_status(res)} ({res['wall_s']:.0f} s)", flush=True)
+                if r == 0:
+                    for name, res in rounds[threads][0].items():
+                        if "pp" in res:
+                            res["parity"] = _parity(res, name, spec_t, Path(tmp), ref_file)
+        return _finish(spec, names, counts, rounds, record)
+
+
+def _finish(spec: Spec, names: list[str], counts: list[int | None],
+            rounds: dict[int | None, list[dict]], record: bool) -> dict:
+    """Aggregate each (runtime, threads), tell the skips, write the records."""
+    from labkit.core import skips
+
+    out = {}
+    for threads in counts:
+        spec_t = Spec(**{**asdict(spec), "threads": threads})
+        for name in names:
+            res = aggregate(rounds[threads], name)
+            res["parity"] = rounds[threads][0][name].get("parity")
+            if "skipped" in res or "failed" in res:
+                if threads == counts[0]:
+                    why = res.get("skipped") or "failed: " + res["failed"].strip().splitlines()[-1]
+                    skips.skip(f"runtime {name}", why)
+            elif record:
+                res["records"] = record_result(res, spec_t, res.get("parity"))
+            out[(name, threads)] = res
     return out
 
 
@@ -244,17 +327,18 @@ def _status(res: dict[str, Any]) -> str:
     return f"pp {res['pp']['mean']:.1f} tok/s, tg {res['tg']['mean']:.1f} tok/s"
 
 
-def table(results_by_runtime: dict[str, dict[str, Any]], spec: Spec) -> str:
-    """A llama-bench-like table: runtime | dtype | size | test | t/s (mean ± sd), plus parity."""
+def table(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec) -> str:
+    """A llama-bench-like table: runtime | threads | dtype | size | test | t/s (median over
+    processes, min-max), plus parity."""
     lines = [
-        "| runtime | dtype | device | size | test | t/s | agree % | max |dlogit| |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |",
+        "| runtime | threads | dtype | device | size | test | t/s (median, min-max) | agree % | max |dlogit| |",
+        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |",
     ]
-    for name, r in results_by_runtime.items():
+    for (name, threads), r in results.items():
         if "pp" not in r:
             why = r.get("skipped") or ("failed: " + r.get("failed", "").strip().splitlines()[-1:][0]
                                        if r.get("failed") else "?")
-            lines.append(f"| {name} | - | - | - | - | {why} | - | - |")
+            lines.append(f"| {name} | {threads} | - | - | - | - | {why} | - | - |")
             continue
         size = f"{r['model_bytes'] / 2**20:.1f} MiB" if r.get("model_bytes") else "-"
         par = r.get("parity") or {}
@@ -263,9 +347,15 @@ def table(results_by_runtime: dict[str, dict[str, Any]], spec: Spec) -> str:
         err_s = f"{err:.2e}" if err is not None else "-"
         for test, key in ((f"pp{spec.prompt_len}", "pp"), (f"tg{spec.gen_len}", "tg")):
             st = r[key]
-            lines.append(f"| {name} | {r['dtype']} | {r['device']} | {size} | {test} | "
-                         f"{st['mean']:.2f} ± {st['sd']:.2f} | {agree} | {err_s} |")
+            lines.append(f"| {name} | {threads} | {r['dtype']} | {r['device']} | {size} | {test} | "
+                         f"{st['mean']:.2f} ({st.get('min', st['mean']):.2f}-"
+                         f"{st.get('max', st['mean']):.2f}) | {agree} | {err_s} |")
     return "\n".join(lines)
+
+
+def measured(results: dict[tuple[str, int | None], dict[str, Any]]) -> dict:
+    """The (runtime, threads) entries that ran (skipped and failed ones left out)."""
+    return {k: r for k, r in results.items() if "pp" in r}
 
 
 def bench(quick: bool = False, model: str = "tiny-llama", runtimes: list[str] | None = None,
@@ -276,7 +366,7 @@ def bench(quick: bool = False, model: str = "tiny-llama", runtimes: list[str] | 
         spec.prompt_len = prompt
     if gen:
         spec.gen_len = gen
-    res = run_matrix(spec, runtimes)
+    res = run_matrix(spec, runtimes, thread_counts=[1] if quick else [1, 2])
     print(table(res, spec))
     return [r for v in res.values() for r in v.get("records", [])]
 
@@ -288,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtimes", default="all", help="comma-separated names, or 'all'")
     ap.add_argument("--prompt", type=int, default=None, help="pp prompt length (default 512)")
     ap.add_argument("--gen", type=int, default=None, help="tg tokens (default 128)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats within a process")
+    ap.add_argument("--rounds", type=int, default=None, help="processes per runtime (interleaved)")
+    ap.add_argument("--threads", default=None, help="thread counts, comma-separated (e.g. 1,2)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="write records under OUT/data/results/ instead of the repo")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -304,82 +395,129 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out:
         os.environ["LABKIT_OUTPUT_ROOT"] = str(Path(args.out).resolve())
-    kw: dict[str, Any] = {"model": args.model, "device": args.device, "threads": args.threads}
+    kw: dict[str, Any] = {"model": args.model, "device": args.device}
     spec = Spec.quick(**kw) if args.quick else Spec(**kw)
-    for attr, value in (("prompt_len", args.prompt), ("gen_len", args.gen), ("repeats", args.repeats)):
+    for attr, value in (("prompt_len", args.prompt), ("gen_len", args.gen),
+                        ("repeats", args.repeats), ("rounds", args.rounds)):
         if value:
             setattr(spec, attr, value)
+    counts = [int(x) for x in args.threads.split(",")] if args.threads else [None]
     names = None if args.runtimes == "all" else [n.strip() for n in args.runtimes.split(",")]
     if spec.device.startswith("cuda") and names is None:
         names = ["torch-eager", "torch-compile", "torch-cuda"]
-    res = run_matrix(spec, names)
+    res = run_matrix(spec, names, thread_counts=counts)
     print(table(res, spec))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 # --------------------------------------------------------------------------- tables and figures
 
 
-def matrix_frame(measured: dict[str, dict[str, Any]], spec: Spec) -> Any:
-    """One row per measured runtime: pp, tg (mean ± sd), TTFT at the longest prompt, memory, parity."""
+#: colour per precision of the weights (figures colour by what each runtime computes with)
+PRECISION_COLOURS = {"float32": "tab:blue", "float16": "tab:orange", "bfloat16": "tab:brown",
+                     "q8_0": "tab:green", "int8": "tab:olive", "q4_0": "tab:red",
+                     "int4": "tab:purple"}
+
+
+def _precision(dtype: str) -> str:
+    d = str(dtype).lower()
+    return next((k for k in PRECISION_COLOURS if k in d), "float32" if "32" in d else d)
+
+
+def matrix_frame(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec) -> Any:
+    """One row per measured (runtime, threads): pp, tg (median over processes, min-max), TTFT at
+    the longest prompt, memory, parity, the load it ran under."""
     import pandas as pd
 
     longest = max(spec.ttft_lens)
     rows = []
-    for n, r in measured.items():
+    for (n, threads), r in measured(results).items():
         par = r.get("parity") or {}
         ttft = r["ttft"].get(str(longest), r["ttft"].get(longest))
         rows.append({
-            "runtime": n, "dtype": r["dtype"], "device": r["device"],
-            f"pp{spec.prompt_len} tok/s": f"{r['pp']['mean']:.1f} ± {r['pp']['sd']:.1f}",
-            f"tg{spec.gen_len} tok/s": f"{r['tg']['mean']:.2f} ± {r['tg']['sd']:.2f}",
+            "runtime": n, "threads": threads, "dtype": r["dtype"], "device": r["device"],
+            f"pp{spec.prompt_len} tok/s": f"{r['pp']['mean']:.1f} ({r['pp']['min']:.1f}-{r['pp']['max']:.1f})",
+            f"tg{spec.gen_len} tok/s": f"{r['tg']['mean']:.2f} ({r['tg']['min']:.2f}-{r['tg']['max']:.2f})",
             "TTFT ms (longest)": ttft["mean"] * 1e3,
             "peak RSS MiB": r["peak_rss_bytes"] / 2**20,
             "model MiB": (r.get("model_bytes") or 0) / 2**20,
             "agree %": par.get("greedy_agreement_pct"),
             "max |dlogit|": par.get("max_abs_logit_err"),
-            "load avg": r.get("load_avg_1m"),
+            "load avg (max)": r.get("load_avg_1m"), "noisy": r.get("noisy"),
             "note": r.get("note", ""),
         })
-    return pd.DataFrame(rows).set_index("runtime")
+    return pd.DataFrame(rows).set_index(["runtime", "threads"])
 
 
-def plot_matrix(measured: dict[str, dict[str, Any]], spec: Spec, title: str):
-    """pp and tg per runtime (mean ± sd over the repeats), side by side."""
+def plot_matrix(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec, title: str):
+    """pp and tg per runtime, one bar per thread count: the median over processes, the whiskers
+    their min-max, coloured by the precision the runtime computes in, greedy agreement printed
+    on each bar (a fast runtime that computes another function shows it)."""
     from labkit.core import plotting
 
-    fig, axes = plotting.new_figure(1, 2, figsize=(12, 4.5))
-    labels = list(measured)
-    x = np.arange(len(labels))
+    done = measured(results)
+    labels = list(dict.fromkeys(n for n, _ in done))
+    counts = list(dict.fromkeys(t for _, t in done))
+    width = 0.8 / max(len(counts), 1)
+    fig, axes = plotting.new_figure(1, 2, figsize=(13, 4.8))
     for ax, key, test in ((axes[0], "pp", f"pp{spec.prompt_len}"), (axes[1], "tg", f"tg{spec.gen_len}")):
-        ax.bar(x, [measured[n][key]["mean"] for n in labels],
-               yerr=[measured[n][key]["sd"] for n in labels], capsize=3, color="tab:blue")
-        ax.set_xticks(x, labels, rotation=35, ha="right")
-        ax.set(ylabel="tokens per second", xlabel="runtime",
-               title=f"{test} (mean ± sd, {spec.repeats} repeats)")
+        for j, threads in enumerate(counts):
+            for i, name in enumerate(labels):
+                r = done.get((name, threads))
+                if r is None:
+                    continue
+                st, x = r[key], i + (j - (len(counts) - 1) / 2) * width
+                ax.bar(x, st["mean"], width * 0.95, color=PRECISION_COLOURS.get(_precision(r["dtype"]), "grey"),
+                       yerr=[[st["mean"] - st["min"]], [st["max"] - st["mean"]]], capsize=2,
+                       hatch="//" if j else None, edgecolor="black", linewidth=0.4)
+                agree = (r.get("parity") or {}).get("greedy_agreement_pct")
+                if agree is not None:  # inside the bar, below its top: never outside the axes
+                    ax.text(x, st["mean"] * 0.92, f"{agree:.0f}%", ha="center", va="top",
+                            fontsize=6, rotation=90, color="white")
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+        ax.set_yscale("log")
+        top = max(r[key]["max"] for r in done.values())
+        ax.set_ylim(top=top * 1.8)  # headroom for the whiskers and the legend
+        ax.set(ylabel="tokens per second (log)", xlabel="runtime",
+               title=f"{test}: median of {spec.rounds} processes (min-max)")
+    _precision_legend(axes[0], done, counts)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
-def plot_ttft(measured: dict[str, dict[str, Any]]):
-    """Time to first token against prompt length, one line per runtime (log-log)."""
+def _precision_legend(ax: Any, done: dict, counts: list) -> None:
+    from matplotlib.patches import Patch
+
+    seen = list(dict.fromkeys(_precision(r["dtype"]) for r in done.values()))
+    handles = [Patch(color=PRECISION_COLOURS.get(p, "grey"), label=p) for p in seen]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch="//" if j else None,
+                      label=f"{t} thread(s)") for j, t in enumerate(counts)]
+    ax.legend(handles=handles, fontsize=7, title="precision, threads; % = greedy agreement",
+              title_fontsize=7)
+
+
+def plot_ttft(results: dict[tuple[str, int | None], dict[str, Any]]):
+    """Time to first token against prompt length, one line per runtime (at the first thread
+    count measured), a colour and marker each."""
+    from matplotlib import colormaps
+
     from labkit.core import plotting
 
-    fig, ax = plotting.new_figure(figsize=(7, 4.5))
-    for n, r in measured.items():
+    done = measured(results)
+    first = next(iter(done))[1] if done else None
+    lines = [(n, r) for (n, t), r in done.items() if t == first]
+    colours = colormaps["tab20"].colors
+    fig, ax = plotting.new_figure(figsize=(7.5, 4.8))
+    for i, (n, r) in enumerate(lines):
         lens = sorted(int(k) for k in r["ttft"])
         ax.plot(lens, [r["ttft"][str(k) if str(k) in r["ttft"] else k]["mean"] * 1e3 for k in lens],
-                marker="o", label=n)
+                marker="os^vD<>pPX*h"[i % 12], color=colours[i % len(colours)], label=n)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(xlabel="prompt length (tokens)", ylabel="time to first token (ms)",
-           title="TTFT against prompt length")
-    ax.legend(fontsize=8)
+           title=f"TTFT against prompt length ({first} thread(s), median over processes)")
+    ax.legend(fontsize=7, ncol=2)
     return fig
 
 
@@ -405,16 +543,26 @@ def plot_machines(latest: Any):
     return fig
 
 
-def ratios(measured: dict[str, dict[str, Any]]) -> Any:
-    """Each runtime's pp and tg over torch eager's, with its parity and the load it ran under."""
+def ratios(results: dict[tuple[str, int | None], dict[str, Any]]) -> Any:
+    """Each (runtime, threads): pp and tg over torch eager's at the same thread count, taken
+    within each round (median, min-max over rounds), with parity and the load it ran under."""
     import pandas as pd
 
-    ref = measured[REFERENCE]
-    return pd.DataFrame({
-        n: {"pp / torch eager": r["pp"]["mean"] / ref["pp"]["mean"],
-            "tg / torch eager": r["tg"]["mean"] / ref["tg"]["mean"],
-            "agree %": r["parity"]["greedy_agreement_pct"],
-            "max |dlogit|": r["parity"]["max_abs_logit_err"],
-            "load avg": r.get("load_avg_1m")}
-        for n, r in measured.items()
-    }).T
+    rows = {}
+    for (n, threads), r in measured(results).items():
+        pp, tg = r.get("pp_vs_reference") or {}, r.get("tg_vs_reference") or {}
+        rows[(n, threads)] = {
+            "pp / torch eager": pp.get("median"), "pp min-max": _range(pp),
+            "tg / torch eager": tg.get("median"), "tg min-max": _range(tg),
+            "agree %": (r.get("parity") or {}).get("greedy_agreement_pct"),
+            "max |dlogit|": (r.get("parity") or {}).get("max_abs_logit_err"),
+            "load avg (max)": r.get("load_avg_1m"), "noisy": r.get("noisy")}
+    return pd.DataFrame(rows).T
+
+
+def _range(spread: dict) -> str:
+    return f"{spread['min']:.2f}-{spread['max']:.2f}" if spread else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
