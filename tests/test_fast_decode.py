@@ -72,3 +72,51 @@ def test_shipped_tiny_llama_cached_equals_uncached_128_tokens():
     assert torch.equal(fast, cached.tokens)
     assert (fast_logits - cached.logits).abs().max().item() <= 1e-4
     assert len(set(cached.new_tokens[0].tolist())) > 3
+
+
+LEVERS = [dict(fuse=f, transpose=t, attention=a)
+          for f in (True, False) for t in (False, True) for a in ("sdpa", "matmul")]
+
+
+@pytest.mark.parametrize("levers", LEVERS, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_every_lever_keeps_the_tokens_and_the_logits(levers):
+    """Each rung of the ladder (fused, transposed weights, matmul attention) is the same
+    function: greedy tokens identical over 64 steps, logits within SAME_MATH."""
+    model = _model(kv_heads=1)  # MQA: the grouped attention path at its widest
+    prompt = _prompt(6, b=2)
+    want = greedy(model, prompt, 64, return_logits=True)
+    tokens, logits = FastDecoder(model, **levers).greedy(prompt, 64, return_logits=True)
+    assert torch.equal(tokens, want.tokens)
+    assert (logits - want.logits).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_static_steps_match_the_dynamic_ones(attention):
+    model = _model()
+    prompt = _prompt(5, b=2)
+    dyn = FastDecoder(model, attention=attention).greedy(prompt, 32, return_logits=True)
+    sta = FastDecoder(model, attention=attention).greedy(prompt, 32, return_logits=True,
+                                                         static=True)
+    assert torch.equal(dyn[0], sta[0])
+    assert (dyn[1] - sta[1]).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precisions_run_and_follow_the_readable_model(dtype):
+    """fp16 and bf16 (the RoPE tables are cast, norms upcast as the readable RMSNorm does):
+    the fast step agrees with the readable model run in the same dtype."""
+    model = _model().to(dtype)
+    prompt = _prompt(6)
+    want = greedy(model, prompt, 16, return_logits=True)
+    tokens, logits = FastDecoder(model, transpose=True, attention="matmul").greedy(
+        prompt, 16, return_logits=True)
+    assert logits.dtype == dtype
+    first = (tokens[0, 6:] != want.tokens[0, 6:]).nonzero()
+    upto = int(first[0]) + 1 if len(first) else 16  # compare while the histories are equal
+    assert (logits[:, :upto].float() - want.logits[:, :upto].float()).abs().max().item() <= 0.1
+    assert upto >= 4, "half precision should agree for the first steps at least"
+
+
+def test_bad_attention_is_refused():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastDecoder(_model(), attention="flash")

@@ -107,22 +107,15 @@ class TorchCuda(TorchEager):
 
 
 class StaticStep:
-    """One decode step with static shapes, for torch.compile: the FastDecoder's step over a
-    ``StaticCache`` of all ``max_len`` slots of the KV cache, masked beyond the position; the
-    position is a 0-d tensor, not a Python int, so one graph serves every step."""
+    """The FastDecoder's static-shape step over this runtime's KV cache (``static_step``: all
+    ``max_len`` slots, masked beyond a 0-d position tensor), the callable torch.compile gets."""
 
     def __init__(self, decoder: Any, cache: Any) -> None:
         self.d = decoder
         self.cache = cache
 
     def __call__(self, token: Any, pos: Any) -> Any:
-        import torch
-
-        from labkit.inference.export_cache import StaticCache
-
-        max_len = self.cache.k[0].shape[2]
-        mask = (torch.arange(max_len, device=token.device) <= pos).view(1, 1, 1, max_len)
-        return self.d.step(token, StaticCache(self.cache.k, self.cache.v, pos.view(1), mask))
+        return self.d.static_step(token, pos, self.cache)
 
 
 class TorchCompile(TorchEager):
