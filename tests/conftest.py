@@ -1,5 +1,11 @@
-"""Shared fixtures. Model fixtures build tiny random checkpoints with transformers into tmp_path:
-no test reads weights from the network or from data/models unless it says so."""
+"""Shared fixtures and builders. Model fixtures build tiny random checkpoints with transformers into
+tmp_path: no test reads weights from the network or from data/models unless it says so.
+
+Builders: ``TINY_SHAPE`` (the shape most tests use), ``tiny_config`` / ``random_model`` /
+``random_llama`` / ``decisive_llama`` (labkit models of it, a test passing only what differs),
+``build_hf_checkpoint`` / ``hf_checkpoint`` (transformers-written folders), ``load_pair`` (ours and
+transformers' model of one folder), ``reload_in_transformers`` (the other direction),
+``max_abs_diff`` and ``token_prompt``. Bounds come from labkit.core.tolerances, never from here."""
 
 from __future__ import annotations
 

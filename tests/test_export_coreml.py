@@ -222,8 +222,8 @@ def test_runtime_adapter_feeds_the_stateful_step_like_the_model(model) -> None:
     for _ in range(2):  # a second prefill starts from an empty cache
         got = [feeder.prefill(ids[:4])] + [feeder.step(t) for t in ids[4:]]
         for pos, logits in zip(range(3, 6), got, strict=True):
-            got = torch.from_numpy(logits)  # step c in float32: the same math as the model
-            torch.testing.assert_close(got, ref[pos], atol=tol.SAME_MATH.at("cpu"), rtol=0)
+            step_c = torch.from_numpy(logits)  # in float32: the same math as the model
+            torch.testing.assert_close(step_c, ref[pos], atol=tol.SAME_MATH.at("cpu"), rtol=0)
     feeder.prefill(list(range(MAX_LEN)))
     with pytest.raises(ValueError, match=f"max_len={MAX_LEN}"):
         feeder.step(1)

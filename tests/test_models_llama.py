@@ -13,7 +13,14 @@ import math
 import pytest
 import torch
 import transformers
-from conftest import HF_VOCAB, load_pair, max_abs_diff, random_llama, reload_in_transformers
+from conftest import (
+    HF_VOCAB,
+    load_pair,
+    max_abs_diff,
+    random_llama,
+    reload_in_transformers,
+    tiny_config,
+)
 
 from labkit.core import tolerances as tol
 from labkit.inference.kv_cache import KVCache
@@ -248,17 +255,9 @@ def test_explicit_repeat_kv_path_matches_transformers(hf_checkpoint, monkeypatch
 
 
 def test_to_hf_dict_round_trips_through_transformers_and_back():
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rope_theta=20000.0,
-        rope_scaling={"rope_type": "linear", "factor": 4.0},
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_config(vocab_size=100, num_hidden_layers=3, num_attention_heads=8,
+                      rope_theta=20000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+                      tie_word_embeddings=True)
     hf = transformers.LlamaConfig(**cfg.to_hf_dict())
     assert hf.rope_parameters["rope_type"] == "linear" and hf.rope_parameters["factor"] == 4.0
     assert hf.num_key_value_heads == 2 and hf.tie_word_embeddings is True

@@ -181,8 +181,8 @@ def test_read_back_errors_and_records(model, compressed, tmp_path, monkeypatch) 
     assert errs.loc[("c", "none"), "float32"] == 0.0
     # on this slice (logit std ~ 1): fp16 compute of fp16 weights, fp32 compute of 4-bit weights
     assert errs.loc[("c", "none"), "float16"] < tol.FP16_COMPUTE.at("cpu")
-    compressed = [("d", "int4-block32"), ("e", "lut4")]
-    assert all(0.0 < errs.loc[k, "float32"] < tol.INT4_WEIGHTS.at("cpu") for k in compressed)
+    four_bit = [("d", "int4-block32"), ("e", "lut4")]
+    assert all(0.0 < errs.loc[k, "float32"] < tol.INT4_WEIGHTS.at("cpu") for k in four_bit)
     assert errs["read-back == compressor"].all() and rb.exact == {"c": True, "d": True, "e": True}
     assert ((errs["top-1 agreement (fp16 compute)"] > 0) & (errs["top-1 agreement (fp16 compute)"] <= 1)).all()
     assert rb.logit_std > 0
