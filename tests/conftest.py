@@ -1,5 +1,11 @@
-"""Shared fixtures. Model fixtures build tiny random checkpoints with transformers into tmp_path:
-no test reads weights from the network or from data/models unless it says so."""
+"""Shared fixtures and builders. Model fixtures build tiny random checkpoints with transformers into
+tmp_path: no test reads weights from the network or from data/models unless it says so.
+
+Builders: ``TINY_SHAPE`` (the shape most tests use), ``tiny_config`` / ``random_model`` /
+``random_llama`` / ``decisive_llama`` (labkit models of it, a test passing only what differs),
+``build_hf_checkpoint`` / ``hf_checkpoint`` (transformers-written folders), ``load_pair`` (ours and
+transformers' model of one folder), ``reload_in_transformers`` (the other direction),
+``max_abs_diff`` and ``token_prompt``. Bounds come from labkit.core.tolerances, never from here."""
 
 from __future__ import annotations
 
@@ -33,6 +39,23 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
     )
 
 
+#: The shape most unit tests use: small enough to run in milliseconds, with grouped-query
+#: attention (4 query heads share 2 KV heads) so GQA paths are exercised.
+TINY_SHAPE: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+
+#: build_hf_checkpoint's vocabulary (a test drawing token ids for its folders uses it)
+HF_VOCAB = 128
+
+
 def build_hf_checkpoint(
     folder: Path, arch: str = "llama", *, seed: int = 0, tokenizer: bool = True, **overrides: Any
 ) -> Path:
@@ -40,16 +63,7 @@ def build_hf_checkpoint(
     import torch
     import transformers
 
-    base: dict[str, Any] = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    base.update(overrides)
+    base: dict[str, Any] = {**TINY_SHAPE, "vocab_size": HF_VOCAB, **overrides}
     torch.manual_seed(seed)
     if arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**base))
@@ -83,17 +97,67 @@ def hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-#: The shape most unit tests use: small enough to run in milliseconds, with grouped-query
-#: attention (4 query heads share 2 KV heads) so GQA paths are exercised.
-TINY_SHAPE: dict[str, Any] = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+def load_pair(folder: Path) -> tuple[Any, Any]:
+    """(ours, reference) from one transformers-written folder: labkit's Llama or Phi (by the
+    config's model_type) with the folder's weights loaded strictly, and transformers' model of
+    the folder; both fp32 in eval mode."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from labkit.models.config import LlamaConfig, PhiConfig
+    from labkit.models.llama import Llama
+    from labkit.models.phi import Phi
+
+    d = json.loads((folder / "config.json").read_text())
+    config_class, ours_class, ref_class = {
+        "llama": (LlamaConfig, Llama, transformers.LlamaForCausalLM),
+        "phi": (PhiConfig, Phi, transformers.PhiForCausalLM),
+    }[d["model_type"]]
+    ours = ours_class(config_class.from_dict(d, source="cfg")).eval()
+    ours.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    ref = ref_class.from_pretrained(
+        folder, local_files_only=True, dtype=torch.float32
+    ).eval()  # transformers 5 would keep an fp16 checkpoint in fp16
+    return ours, ref
+
+
+def reload_in_transformers(model: Any, folder: Path) -> Any:
+    """The other direction: our ``config.to_hf_dict()`` and our state dict, written to ``folder``,
+    read back by transformers' AutoModelForCausalLM (eval mode)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    save_file(model.state_dict(), folder / "model.safetensors", metadata={"format": "pt"})
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """max |a - b| over two tensors of one shape (the number every parity bound is checked on)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
+    """labkit's LlamaConfig (or PhiConfig, ``arch="phi"``) of ``TINY_SHAPE`` + overrides."""
+    from labkit.models.config import LlamaConfig, PhiConfig
+
+    config_class = {"llama": LlamaConfig, "phi": PhiConfig}[arch]
+    return config_class(**{**TINY_SHAPE, **overrides})
+
+
+def random_model(arch: str = "llama", seed: int = 0, **overrides: Any) -> Any:
+    """labkit's Llama (or Phi) of ``tiny_config(arch, **overrides)``, random weights drawn after
+    ``torch.manual_seed(seed)``, in eval mode (fp32, CPU)."""
+    import torch
+
+    from labkit.models.llama import Llama
+    from labkit.models.phi import Phi
+
+    torch.manual_seed(seed)
+    return {"llama": Llama, "phi": Phi}[arch](tiny_config(arch, **overrides)).eval()
 
 
 def random_llama(seed: int = 0, *, logit_scale: float = 1.0, **overrides: Any):
@@ -104,11 +168,7 @@ def random_llama(seed: int = 0, *, logit_scale: float = 1.0, **overrides: Any):
     """
     import torch
 
-    from labkit.models.config import LlamaConfig
-    from labkit.models.llama import Llama
-
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig(**{**TINY_SHAPE, **overrides})).eval()
+    model = random_model("llama", seed, **overrides)
     if logit_scale != 1.0:
         with torch.no_grad():
             model.output_weight.mul_(logit_scale)
@@ -200,20 +260,8 @@ def tiny_quant() -> tuple[Any, Any, Any, Any]:
     conclusions about quantization quality."""
     import torch
 
-    from labkit.models.config import LlamaConfig
-    from labkit.models.llama import Llama
     from labkit.quant import evaluate as ev
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Llama(cfg).eval()
+    model = random_llama(0, vocab_size=64, max_position_embeddings=64)
     windows = torch.randint(0, 64, (2, 33))
     return model, ev.QuantCache(model), windows, ev.reference(model, windows)

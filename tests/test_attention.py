@@ -1,22 +1,23 @@
 """Our attention against PyTorch's SDPA (and MLX's fused kernel), in the style of llm.c's tests.
 
-Tolerance: max absolute difference <= 1e-5 in float32. Outputs are convex combinations of V
-rows (|O| of order 1 for standard-normal inputs), and a different summation order costs a few
-float32 ulps (~1e-7 each), so 1e-5 leaves room for rounding but not for a wrong softmax: a
-missing ``exp(m_old - m_new)`` rescale or a wrong mask moves outputs by ~1e-1.
+Tolerance: max absolute difference <= tolerances.ATTENTION (1e-5 in float32 on a CPU). Outputs
+are convex combinations of V rows (|O| of order 1 for standard-normal inputs), and a different
+summation order costs a few float32 ulps (~1e-7 each), so 1e-5 leaves room for rounding but not
+for a wrong softmax: a missing ``exp(m_old - m_new)`` rescale or a wrong mask moves outputs by
+~1e-1.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_abs_diff
 
-from labkit.core import tolerances
+from labkit.core import tolerances as tol
 from labkit.core.memory import peak_bytes, peak_cpu_bytes
 from labkit.models import attention_mlx
 from labkit.models.attention import naive_attention, sdpa_attention, tiled_attention
 
-ATOL = tolerances.ATTENTION.at("cpu")
 D = 64
 LENGTHS = [1, 7, 65, 129]  # 1 and odd lengths: none is a multiple of the blocks below
 BLOCKS = [(32, 32), (16, 32), (32, 16), (7, 13), (256, 256)]  # B_r != B_c, odd, larger than N
@@ -31,11 +32,6 @@ def _qkv(n: int, seed: int = 0, batch: int = 2, heads: int = 3, n_k: int | None 
     return q, k, v
 
 
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
-
-
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", LENGTHS)
 @pytest.mark.parametrize("block_q,block_k", BLOCKS)
@@ -44,14 +40,15 @@ def test_tiled_matches_sdpa(n: int, causal: bool, block_q: int, block_k: int) ->
     expected = sdpa_attention(q, k, v, causal)
     got = tiled_attention(q, k, v, causal, block_q=block_q, block_k=block_k)
     assert got.dtype == torch.float32
-    assert _max_abs_diff(got, expected) <= ATOL
+    assert max_abs_diff(got, expected) <= tol.ATTENTION.at("cpu")
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n", LENGTHS)
 def test_naive_matches_sdpa(n: int, causal: bool) -> None:
     q, k, v = _qkv(n, seed=1)
-    assert _max_abs_diff(naive_attention(q, k, v, causal), sdpa_attention(q, k, v, causal)) <= ATOL
+    naive, sdpa = naive_attention(q, k, v, causal), sdpa_attention(q, k, v, causal)
+    assert max_abs_diff(naive, sdpa) <= tol.ATTENTION.at("cpu")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -61,14 +58,14 @@ def test_tiled_is_stable_with_large_scores(causal: bool) -> None:
     q = q * 30.0
     got = tiled_attention(q, k, v, causal, block_q=32, block_k=32)
     assert torch.isfinite(got).all()
-    assert _max_abs_diff(got, sdpa_attention(q, k, v, causal)) <= ATOL
+    assert max_abs_diff(got, sdpa_attention(q, k, v, causal)) <= tol.ATTENTION.at("cpu")
 
 
 def test_tiled_cross_attention_with_different_lengths() -> None:
     """Non-causal attention needs no square score matrix: 33 queries over 100 keys."""
     q, k, v = _qkv(33, seed=3, n_k=100)
     got = tiled_attention(q, k, v, block_q=16, block_k=32)
-    assert _max_abs_diff(got, sdpa_attention(q, k, v)) <= ATOL
+    assert max_abs_diff(got, sdpa_attention(q, k, v)) <= tol.ATTENTION.at("cpu")
 
 
 def test_causal_skips_blocks_above_the_diagonal() -> None:
@@ -83,7 +80,7 @@ def test_causal_skips_blocks_above_the_diagonal() -> None:
     v[:, :, 32:] = float("nan")
     got = tiled_attention(q, k, v, causal=True, block_q=32, block_k=32)
     assert torch.isfinite(got[:, :, :32]).all()
-    assert _max_abs_diff(got[:, :, :32], expected[:, :, :32]) <= ATOL
+    assert max_abs_diff(got[:, :, :32], expected[:, :, :32]) <= tol.ATTENTION.at("cpu")
 
 
 def test_bad_inputs_name_the_parameter() -> None:
@@ -137,8 +134,8 @@ def test_mlx_tiled_matches_mlx_sdpa_and_torch(
     mlx_reference = np.array(attention_mlx.sdpa_attention_mlx(mq, mk, mv, causal))
     torch_reference = sdpa_attention(q, k, v, causal).numpy()
     assert got.shape == torch_reference.shape
-    assert np.abs(got - mlx_reference).max() <= ATOL
-    assert np.abs(got - torch_reference).max() <= ATOL
+    assert np.abs(got - mlx_reference).max() <= tol.ATTENTION.at("cpu")
+    assert np.abs(got - torch_reference).max() <= tol.ATTENTION.at("cpu")
 
 
 @requires_mlx

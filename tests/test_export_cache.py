@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 from conftest import random_llama
 
-from labkit.core import tolerances
+from labkit.core import tolerances as tol
 from labkit.inference.export_cache import PastKVCache, StaticCache
 from labkit.inference.kv_cache import KVCache
 from labkit.models.layers import explicit_gqa
 
 MAX_LEN = 12
-TOL = tolerances.SAME_MATH.at("cpu")
 
 
 def _reference(model, ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +51,7 @@ def test_static_cache_in_place_and_copied_match_the_eager_forward() -> None:
             position = torch.tensor([pos])
             in_place = StaticCache(states[0::2], states[1::2], position, _static_mask(pos))
             got = model(ids[:, pos : pos + 1], cache=in_place)
-            assert float((got[0, 0] - want[0, pos]).abs().max()) <= TOL
+            assert float((got[0, 0] - want[0, pos]).abs().max()) <= tol.SAME_MATH.at("cpu")
             before = [k.clone() for k in k_io]
             copied = StaticCache(k_io, v_io, position, _static_mask(pos), in_place=False)
             got_io = model(ids[:, pos : pos + 1], cache=copied)
@@ -74,11 +73,11 @@ def test_past_kv_cache_prefill_then_decode_matches_the_eager_forward() -> None:
     with torch.no_grad(), explicit_gqa():
         pre = PastKVCache(empty, empty, torch.arange(split), causal)
         got = model(ids[:, :split], cache=pre)
-        assert float((got - want[:, :split]).abs().max()) <= TOL
+        assert float((got - want[:, :split]).abs().max()) <= tol.SAME_MATH.at("cpu")
         k, v = pre.present_k, pre.present_v
         for pos in range(split, ids.shape[1]):
             step = PastKVCache(k, v, torch.tensor([pos]), torch.ones(1, pos + 1, dtype=torch.bool))
             got = model(ids[:, pos : pos + 1], cache=step)
-            assert float((got[0, 0] - want[0, pos]).abs().max()) <= TOL
+            assert float((got[0, 0] - want[0, pos]).abs().max()) <= tol.SAME_MATH.at("cpu")
             k, v = step.present_k, step.present_v
     assert k[0].shape[2] == ids.shape[1]

@@ -11,12 +11,11 @@ import torch
 from conftest import decisive_llama as _model
 from conftest import token_prompt as _prompt
 
-from labkit.core import tolerances
+from labkit.core import tolerances as tol
 from labkit.inference.fast_decode import FastDecoder
 from labkit.inference.generate import greedy
 from labkit.studies import kv_cache as ks
 
-ATOL = tolerances.SAME_MATH.at("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -29,7 +28,7 @@ def test_fast_decoder_equals_greedy_over_128_tokens(fuse):
     tokens, logits = FastDecoder(model, fuse=fuse).greedy(prompt, 128, return_logits=True)
     assert torch.equal(tokens, want.tokens)
     assert torch.equal(tokens, uncached.tokens)
-    assert (logits - want.logits).abs().max().item() <= ATOL
+    assert (logits - want.logits).abs().max().item() <= tol.SAME_MATH.at("cpu")
     assert len(set(want.new_tokens[0].tolist())) > 3
 
 
@@ -41,7 +40,7 @@ def test_fast_decoder_equals_transformers_generate():
     _, theirs = ks.tokens_per_s_hf_generate(hf, prompt, 128)
     assert torch.equal(tokens, theirs)
     with torch.no_grad():
-        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= ATOL
+        assert (hf(tokens).logits - model(tokens)).abs().max().item() <= tol.SAME_MATH.at("cpu")
 
 
 def test_fast_decoder_refuses_other_models():
@@ -68,9 +67,10 @@ def test_shipped_tiny_llama_cached_equals_uncached_128_tokens():
     with torch.no_grad():
         uncached_logits = model(cached.tokens[:, :-1])[:, 15:]  # positions 15 .. 15+127
     assert torch.equal(uncached_logits.argmax(-1), cached.new_tokens)
-    assert (uncached_logits - cached.logits).abs().max().item() <= 1e-4
+    atol = tol.LONG_DECODE.at("cpu")  # 8 trained layers, 128 steps: past SAME_MATH's 1e-5
+    assert (uncached_logits - cached.logits).abs().max().item() <= atol
     assert torch.equal(fast, cached.tokens)
-    assert (fast_logits - cached.logits).abs().max().item() <= 1e-4
+    assert (fast_logits - cached.logits).abs().max().item() <= atol
     assert len(set(cached.new_tokens[0].tolist())) > 3
 
 

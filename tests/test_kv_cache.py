@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_llama, tiny_config
 
 from labkit.inference.kv_cache import Cache, KVCache, kv_cache_bytes, kv_cache_bytes_for_config
-from labkit.models.config import LlamaConfig
 
 # Shapes as published in the models' config.json files (inputs, not measurements).
 LLAMA2_7B = {
@@ -61,14 +61,7 @@ def test_for_config_reads_hf_keys():
 
 
 def test_for_config_accepts_config_objects():
-    cfg = LlamaConfig(
-        vocab_size=10,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    cfg = tiny_config(vocab_size=10, intermediate_size=64, num_hidden_layers=3)
     assert kv_cache_bytes_for_config(cfg, 100) == 2 * 3 * 2 * 16 * 100 * 2
 
 
@@ -135,18 +128,9 @@ def test_overflow_is_an_error():
 
 
 def test_for_model_takes_shapes_dtype_and_device_from_the_model():
-    from labkit.models.llama import Llama
-
-    cfg = LlamaConfig(
-        vocab_size=10,
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=50,
-    )
-    model = Llama(cfg).to(torch.float16)
+    model = random_llama(vocab_size=10, hidden_size=32, intermediate_size=32, num_hidden_layers=3,
+                         num_key_value_heads=1, max_position_embeddings=50).to(torch.float16)
+    cfg = model.config
     cache = KVCache.for_model(model, batch=2)
     assert cache.num_layers == 3 and cache.max_len == 50
     assert cache.k[0].shape == (2, 1, 50, 8) and cache.k[0].dtype == torch.float16

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from labkit.core import tolerances as tol
 from labkit.models import LoadedModel, ModelLoadError, load
 from labkit.models.llama import Llama
 from labkit.models.phi import Phi
-
-ATOL = 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +50,7 @@ def test_local_folder_labkit_matches_hf_impl(hf_checkpoint, arch, kv_heads):
     assert ours.card["source"] == "local folder" and ours.card["dtype"] == "float32"
     assert ours.card["config"]["num_key_value_heads"] == kv_heads
     ids = _ids()
-    assert (_logits(ours, ids) - _logits(ref, ids)).abs().max().item() <= ATOL
+    assert (_logits(ours, ids) - _logits(ref, ids)).abs().max().item() <= tol.SAME_MATH.at("cpu")
     assert ours.tokenizer("w1 w2")["input_ids"] == [4, 5]
     assert not ours.model.training
 
@@ -61,7 +60,7 @@ def test_mistral_style_folder_loads_as_llama(hf_checkpoint):
     ours, ref = load(folder, device="cpu"), load(folder, device="cpu", impl="hf")
     assert isinstance(ours.model, Llama) and ours.card["architecture"] == "MistralForCausalLM"
     ids = _ids()
-    assert (_logits(ours, ids) - _logits(ref, ids)).abs().max().item() <= ATOL
+    assert (_logits(ours, ids) - _logits(ref, ids)).abs().max().item() <= tol.SAME_MATH.at("cpu")
 
 
 def test_sharded_checkpoint_loads(hf_checkpoint, tmp_path):
@@ -95,7 +94,7 @@ def test_half_precision_checkpoint_is_upcast_or_kept(hf_checkpoint, tmp_path):
     assert kept.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     ids = _ids()
     ref = load(half, device="cpu", impl="hf")  # transformers, upcast to fp32 the same way
-    assert (_logits(up, ids) - _logits(ref, ids)).abs().max().item() <= ATOL
+    assert (_logits(up, ids) - _logits(ref, ids)).abs().max().item() <= tol.SAME_MATH.at("cpu")
 
 
 def test_tiny_llama_name_resolves_to_the_repo_folder(hf_checkpoint, tmp_path, monkeypatch):
@@ -140,7 +139,7 @@ def test_minilm_loads_offline_and_ranks_paraphrases():
         loaded,
     )
     assert e.shape == (3, 384)
-    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=tol.SAME_MATH.at("cpu"))
     similar, unrelated = cosine(e[0], e[1]).item(), cosine(e[0], e[2]).item()
     assert similar > unrelated, (similar, unrelated)
 
@@ -159,7 +158,7 @@ def test_embedding_does_not_depend_on_batch_padding():
     loaded = load("minilm", device="cpu")
     alone = embed(["A man is eating food."], loaded)
     padded = embed(["A man is eating food.", "a much longer sentence " * 10], loaded)
-    assert (alone[0] - padded[0]).abs().max().item() < 1e-5
+    assert (alone[0] - padded[0]).abs().max().item() < tol.SAME_MATH.at("cpu")
 
 
 def test_embedding_rows_follow_input_order_despite_length_sorting():
@@ -169,7 +168,7 @@ def test_embedding_rows_follow_input_order_despite_length_sorting():
     texts = ["short.", "a much longer sentence " * 10, "a medium sentence about food.", "x"]
     together = embed(texts, loaded, batch_size=2)
     one_by_one = torch.cat([embed([t], loaded) for t in texts])
-    assert (together - one_by_one).abs().max().item() < 1e-5
+    assert (together - one_by_one).abs().max().item() < tol.SAME_MATH.at("cpu")
 
 
 # --- bad inputs: each names the file and the problem -----------------------------------------

@@ -1,35 +1,20 @@
-"""labkit's Phi vs transformers' PhiForCausalLM: max |logits diff| <= 1e-5 in fp32, uncached and
-cached. Tiny random configs with perturbed LayerNorm weights and biases; partial rotary factors
-0.5 (transformers' default) and 0.4 (Phi-2's)."""
+"""labkit's Phi vs transformers' PhiForCausalLM: max |logits diff| <= tolerances.SAME_MATH (fp32,
+the same math in another summation order), uncached and cached. Tiny random configs with
+perturbed LayerNorm weights and biases; partial rotary factors 0.5 (transformers' default) and
+0.4 (Phi-2's)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from conftest import HF_VOCAB, load_pair, max_abs_diff, random_model, reload_in_transformers
 
+from labkit.core import tolerances as tol
 from labkit.inference.kv_cache import KVCache
 from labkit.models.config import PhiConfig
 from labkit.models.errors import ModelLoadError
-from labkit.models.phi import Phi, gelu_new
-
-ATOL = 1e-5
-VOCAB = 128
-
-
-def _load_pair(folder):
-    cfg = PhiConfig.from_dict(json.loads((folder / "config.json").read_text()), source="cfg")
-    ours = Phi(cfg).eval()
-    ours.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-    ref = transformers.PhiForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    return ours, ref
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
+from labkit.models.phi import gelu_new
 
 
 @pytest.mark.parametrize("factor", [0.5, 0.4])
@@ -38,64 +23,55 @@ def test_uncached_logits_match_transformers(hf_checkpoint, factor):
     folder = hf_checkpoint(
         "phi", hidden_size=80, num_key_value_heads=4, partial_rotary_factor=factor
     )
-    ours, ref = _load_pair(folder)
+    ours, ref = load_pair(folder)
     assert ours.config.rotary_dim == int(20 * factor)
-    ids = torch.randint(0, VOCAB, (2, 29), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, HF_VOCAB, (2, 29), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        diff = _max_diff(ours(ids), ref(ids).logits)
-    assert diff <= ATOL, f"max abs diff {diff:.3g}"
+        diff = max_abs_diff(ours(ids), ref(ids).logits)
+    assert diff <= tol.SAME_MATH.at("cpu"), f"max abs diff {diff:.3g}"
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_cached_decode_matches_uncached_transformers(hf_checkpoint, kv_heads):
-    ours, ref = _load_pair(hf_checkpoint("phi", num_key_value_heads=kv_heads))
-    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    ours, ref = load_pair(hf_checkpoint("phi", num_key_value_heads=kv_heads))
+    ids = torch.randint(0, HF_VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
     cache = KVCache.for_model(ours, max_len=32, batch=2)
+    atol = tol.SAME_MATH.at("cpu")
     with torch.no_grad():
         expected = ref(ids).logits
-        assert _max_diff(ours(ids[:, :6], cache=cache), expected[:, :6]) <= ATOL
+        assert max_abs_diff(ours(ids[:, :6], cache=cache), expected[:, :6]) <= atol
         for pos in range(6, ids.shape[1]):
-            diff = _max_diff(ours(ids[:, pos : pos + 1], cache=cache)[:, 0], expected[:, pos])
-            assert diff <= ATOL, f"position {pos}: max abs diff {diff:.3g}"
+            diff = max_abs_diff(ours(ids[:, pos : pos + 1], cache=cache)[:, 0], expected[:, pos])
+            assert diff <= atol, f"position {pos}: max abs diff {diff:.3g}"
 
 
 def test_transformers_dynamic_cache_matches_ours(hf_checkpoint):
-    ours, ref = _load_pair(hf_checkpoint("phi"))
-    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    ours, ref = load_pair(hf_checkpoint("phi"))
+    ids = torch.randint(0, HF_VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
     cache = KVCache.for_model(ours, max_len=20)
     hf_cache = transformers.DynamicCache(config=ref.config)
     with torch.no_grad():
         for a, b in [(0, 4)] + [(p, p + 1) for p in range(4, 20)]:
             ours_step = ours(ids[:, a:b], cache=cache)
             ref_step = ref(ids[:, a:b], cache=hf_cache, use_cache=True).logits
-            assert _max_diff(ours_step, ref_step) <= ATOL, f"tokens [{a}, {b})"
+            diff = max_abs_diff(ours_step, ref_step)
+            assert diff <= tol.SAME_MATH.at("cpu"), f"tokens [{a}, {b}): max abs diff {diff:.3g}"
 
 
 def test_state_dict_keys_are_exactly_transformers(hf_checkpoint):
-    ours, ref = _load_pair(hf_checkpoint("phi"))
+    ours, ref = load_pair(hf_checkpoint("phi"))
     assert list(ours.state_dict()) == list(ref.state_dict())
     assert ours.num_parameters() == ref.num_parameters()
 
 
 def test_checkpoint_from_ours_loads_in_transformers(tmp_path):
-    cfg = PhiConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        partial_rotary_factor=0.5,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    ours = Phi(cfg).eval()
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    save_file(ours.state_dict(), tmp_path / "model.safetensors", metadata={"format": "pt"})
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    ours = random_model("phi", 0, vocab_size=HF_VOCAB, num_key_value_heads=4,
+                        partial_rotary_factor=0.5, max_position_embeddings=64)
+    ref = reload_in_transformers(ours, tmp_path)
     assert type(ref).__name__ == "PhiForCausalLM"
-    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, HF_VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        assert _max_diff(ours(ids), ref(ids).logits) <= ATOL
+        assert max_abs_diff(ours(ids), ref(ids).logits) <= tol.SAME_MATH.at("cpu")
 
 
 def test_old_style_config_keys_are_read():

@@ -169,26 +169,27 @@ def test_load_results_empty_has_record_columns() -> None:
     assert load_results().empty
 
 
-def test_corrupt_line_raises_with_path_and_line() -> None:
+def _after_one_record(line: str) -> None:
+    """s1's results file: one good record, then ``line`` as the file's line 2."""
     record("s1", "m", 1.0, "ms")
     with results_file("s1").open("a") as f:
-        f.write('{"study": "s1", "metr\n')
+        f.write(line)
+
+
+def test_corrupt_line_raises_with_path_and_line() -> None:
+    _after_one_record('{"study": "s1", "metr\n')
     with pytest.raises(ValueError, match=rf"{results_file('s1').name}:2: corrupt"):
         load_results("s1")
 
 
 def test_wrong_keys_line_raises() -> None:
-    record("s1", "m", 1.0, "ms")
-    with results_file("s1").open("a") as f:
-        f.write('{"study": "s1"}\n')
+    _after_one_record('{"study": "s1"}\n')
     with pytest.raises(ValueError, match=r":2: a record needs exactly keys"):
         load_results("s1")
 
 
 def test_blank_line_is_not_skipped_silently() -> None:
-    record("s1", "m", 1.0, "ms")
-    with results_file("s1").open("a") as f:
-        f.write("\n")
+    _after_one_record("\n")
     with pytest.raises(ValueError, match=r":2: corrupt"):
         load_results("s1")
 

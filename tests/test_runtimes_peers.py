@@ -1,8 +1,9 @@
 """The peer runtimes: OpenVINO and vLLM adapters against labkit's torch fp32 reference.
 
 Tolerances: OpenVINO f32 is held to the same bound as the ONNX Runtime adapter (fp32 graph vs
-fp32 eager: only the order of float32 operations differs), ``F32_LOGIT_TOL``. Weight-compressed
-rows are held to bounds that a wrong scale or a dropped layer would exceed by far.
+fp32 eager: only the order of float32 operations differs), ``tolerances.OTHER_RUNTIME``. The int8
+row is held to ``tolerances.INT8_WEIGHTS``, a bound that a wrong scale or a dropped layer would
+exceed by far.
 """
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ import numpy as np
 import pytest
 
 from labkit import runtimes
+from labkit.core import tolerances as tol
 from labkit.runtimes import vllm_rt
 from labkit.runtimes.base import parity
-
-#: max |logit difference| against torch eager fp32 for an fp32 graph runtime (ONNX Runtime's)
-F32_LOGIT_TOL = 1e-4
-#: int8 per-channel weights: logits of the tiny random model move by well under this
-INT8_LOGIT_TOL = 0.05
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 HAS_NNCF = importlib.util.find_spec("nncf") is not None
@@ -124,7 +121,7 @@ def test_openvino_f32_parity(ov_f32, ref) -> None:
     got = rt.timed_generate(PROMPT, len(ref.tokens), keep_logits=True)
     p = parity(got, ref)
     assert p["greedy_agreement_pct"] == 100.0, p
-    assert p["max_abs_logit_err"] <= F32_LOGIT_TOL, p
+    assert p["max_abs_logit_err"] <= tol.OTHER_RUNTIME.at("cpu"), p
     # the state is reset by prefill: a second generation gives the same tokens
     assert rt.timed_generate(PROMPT, len(ref.tokens)).tokens == got.tokens
 
@@ -136,7 +133,7 @@ def test_openvino_prefill_matches_decode_path(ov_f32) -> None:
     rt.prefill(PROMPT)
     stepped = rt.decode_step(11)
     whole = rt.prefill(PROMPT + [11])
-    np.testing.assert_allclose(stepped, whole, atol=F32_LOGIT_TOL, rtol=0)
+    np.testing.assert_allclose(stepped, whole, atol=tol.OTHER_RUNTIME.at("cpu"), rtol=0)
 
 
 @needs_nncf
@@ -149,7 +146,7 @@ def test_openvino_weight_compression(tiny, ref, ov_f32) -> None:
     assert int8.model_bytes() < 0.35 * f32.model_bytes()
     assert int4.model_bytes() < int8.model_bytes()
     p8 = parity(int8.timed_generate(PROMPT, len(ref.tokens), keep_logits=True), ref)
-    assert 0 < p8["max_abs_logit_err"] <= INT8_LOGIT_TOL, p8
+    assert 0 < p8["max_abs_logit_err"] <= tol.INT8_WEIGHTS.at("cpu"), p8
     p4 = parity(int4.timed_generate(PROMPT, len(ref.tokens), keep_logits=True), ref)
     assert p4["max_abs_logit_err"] > p8["max_abs_logit_err"], (p4, p8)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 from conftest import decisive_llama as _model
 
-from labkit.core import tolerances
 from labkit.models.sizes import (
     weight_bytes_per_token,
 )
 
-ATOL = tolerances.SAME_MATH.at("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

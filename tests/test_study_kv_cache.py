@@ -16,7 +16,6 @@ import transformers
 from conftest import decisive_llama as _model
 from conftest import token_prompt as _prompt
 
-from labkit.core import tolerances
 from labkit.inference.kv_cache import ConcatKVCache, KVCache
 from labkit.models.config import LlamaConfig
 from labkit.models.sizes import (
@@ -28,7 +27,6 @@ from labkit.models.sizes import (
 )
 from labkit.studies import kv_cache as ks
 
-ATOL = tolerances.SAME_MATH.at("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
