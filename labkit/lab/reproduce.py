@@ -184,8 +184,11 @@ def run_notebook(
     params = quick_parameters(stem, path.parent / "quick.yml") if quick else {}
     effective = {**default_parameters(path), **params}
 
+    from labkit.core import results
+
     env = kernel_env(dict(os.environ))
     env.update(
+        **results.run_env(),  # the notebook's records belong to this run
         LABKIT_NOTEBOOK=stem,
         LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
         LABKIT_QUICK="1" if quick else "0",
@@ -202,6 +205,8 @@ def run_notebook(
         "--parameters_yaml", json.dumps(params),
     ]
     clear_skips(stem)
+    run_results = figures.parent / "data" / "results"  # where the notebook writes its records
+    results.note_run(stem, "running", results_dir=run_results)
     start = time.time()
     t0 = time.perf_counter()
     try:
@@ -211,6 +216,7 @@ def run_notebook(
     except subprocess.TimeoutExpired:
         status, error = "timeout", f"timed out after {timeout:.0f} s"
     seconds = time.perf_counter() - t0
+    results.note_run(stem, status, results_dir=run_results)
     output = None
     if partial.exists():
         os.replace(partial, final)
@@ -229,7 +235,11 @@ def reproduce(
     timeout: float | None = None,
     progress: bool = True,
 ) -> list[NotebookRun]:
-    """Run the selected notebooks (``jobs`` at a time) and return one NotebookRun each."""
+    """Run the selected notebooks (``jobs`` at a time) and return one NotebookRun each.
+
+    One call is one run: every record the notebooks write carries its run id (see
+    ``labkit.core.results.start_run``).
+    """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     notebooks = discover(only)
@@ -239,6 +249,9 @@ def reproduce(
             else f"no notebooks found in {paths.notebooks_dir()}"
         )
     kernel = ensure_kernel()
+    from labkit.core import results
+
+    results.start_run()
     runs: list[NotebookRun] = []
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
