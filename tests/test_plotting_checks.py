@@ -122,3 +122,21 @@ def test_tick_labels_never_round_their_tick() -> None:
     assert fmt(1.25 * GIB) == "1.25 GiB"
     assert fmt(16 * 1024) == "16 KiB" and fmt(512) == "512 B" and fmt(0) == "0"
     assert fmt(1e8) == "95.367 MiB"
+
+
+def test_tick_labels_outside_the_view_do_not_count() -> None:
+    fig, ax = labelled()
+    ax.plot([1, 7, 65], [1e-9, 5e-7, 6e-7], label="error")
+    ax.set_yscale("log")  # the locator also places 1e-10, below the view: never drawn
+    plotting.check_figure(fig)
+
+
+def test_text_is_checked_at_the_screen_and_the_saved_dpi(monkeypatch: pytest.MonkeyPatch) -> None:
+    fig, ax = labelled()
+    ax.plot([1, 2], [1, 2])
+    seen = []
+    draw = plotting._renderer
+    monkeypatch.setattr(plotting, "_renderer", lambda f: seen.append(f.dpi) or draw(f))
+    plotting.check_figure(fig)
+    assert seen == [plotting.SCREEN_DPI, plotting.SAVE_DPI]
+    assert fig.dpi == plotting.SCREEN_DPI  # restored

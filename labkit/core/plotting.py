@@ -140,7 +140,7 @@ def _renderer(fig: Any) -> Any:
 def _ticks_in_view(axis: Any) -> list[Any]:
     """The ticks of ``axis`` that are drawn: those inside its view interval."""
     lo, hi = sorted(axis.get_view_interval())
-    eps = 1e-9 * max(abs(lo), abs(hi), 1.0)
+    eps = 1e-9 * (hi - lo)  # relative to the span: a log axis may span 1e-10 .. 1e-5
     ticks = axis.get_major_ticks() + axis.get_minor_ticks()
     return [t for t in ticks if lo - eps <= t.get_loc() <= hi + eps]
 
@@ -170,19 +170,29 @@ def _drawn_texts(fig: Any) -> list[Any]:
 
 
 def _offcanvas_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
-    """Text that runs past the figure's edge is cut off in the saved file."""
-    renderer = _renderer(fig)
-    width, height = fig.bbox.width, fig.bbox.height
-    problems = []
-    for text in _drawn_texts(fig):
-        box = text.get_window_extent(renderer)
-        sides = [side for side, out in (
-            ("left", box.x0 < -tolerance_px), ("right", box.x1 > width + tolerance_px),
-            ("bottom", box.y0 < -tolerance_px), ("top", box.y1 > height + tolerance_px)) if out]
-        if sides:
-            problems.append(f"text {text.get_text()[:50]!r} runs off the figure's "
-                            f"{'/'.join(sides)} edge (shorten it, wrap it, or move the legend)")
+    """Text that runs past the figure's edge is cut off: checked at the screen's dpi (the
+    notebook) and at SAVE_DPI (the PNG), since text metrics, hence the layout, shift with dpi."""
+    problems: list[str] = []
+    screen = fig.dpi
+    try:
+        for dpi in sorted({screen, SAVE_DPI}):
+            fig.set_dpi(dpi)
+            renderer = _renderer(fig)
+            for text in _drawn_texts(fig):
+                sides = _sides_out(text.get_window_extent(renderer), fig.bbox, tolerance_px)
+                problem = (f"text {text.get_text()[:50]!r} runs off the figure's {'/'.join(sides)} "
+                           f"edge (shorten it, wrap it, or move the legend)")
+                if sides and problem not in problems:
+                    problems.append(problem)
+    finally:
+        fig.set_dpi(screen)
     return problems
+
+
+def _sides_out(box: Any, canvas: Any, tolerance_px: float) -> list[str]:
+    return [side for side, out in (
+        ("left", box.x0 < -tolerance_px), ("right", box.x1 > canvas.width + tolerance_px),
+        ("bottom", box.y0 < -tolerance_px), ("top", box.y1 > canvas.height + tolerance_px)) if out]
 
 
 def _handle_style(handle: Any) -> tuple | None:
