@@ -47,8 +47,9 @@ KERNEL_CODE = {"read": "torch.sum(a) over float32", "copy": "b.copy_(a)",
                "triad": "torch.add(b, c, alpha=3.0, out=a)"}
 #: How far above the roofline (1.0) a measured fraction may sit before the instrument, not the
 #: decoder, is to blame: the probe's best-of-N rate and a decode's timing are each one sample of
-#: a noisy quantity; on the build box the best rate of the read probe moved by a few percent
-#: between processes. A study that checks its fractions states this margin or its own.
+#: a noisy quantity, taken at different moments. A starting value, not yet measured on a quiet
+#: machine (the build box's probe moved by tens of percent with its load); a study that checks
+#: its fractions states this margin or its own.
 NOISE_MARGIN = 0.10
 BANDWIDTH_FILE = "bandwidth"
 _MIN_ARRAY_BYTES = 2**30
