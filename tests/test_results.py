@@ -165,7 +165,7 @@ def test_load_results_includes_other_machines() -> None:
 
 def test_load_results_empty_has_record_columns() -> None:
     df = load_results("nothing_here")
-    assert df.empty and list(df.columns) == list(RECORD_KEYS)
+    assert df.empty and list(df.columns) == [*RECORD_KEYS, *results.DERIVED_KEYS]
     assert load_results().empty
 
 

@@ -1,8 +1,9 @@
-"""The machine we run on: device choice, hardware fingerprint, memory-bandwidth probe.
+"""The machine we run on: device choice, hardware fingerprint, the copy-bandwidth staircase.
 
 Why: every number the lab records depends on the hardware, so each record carries a machine id
-and the machine's fingerprint is stored beside the results. LLM decoding is usually limited by
-memory bandwidth, so the copy-bandwidth probe gives the denominator of later roofline estimates.
+and the machine's fingerprint is stored beside the results. The single-thread copy bandwidth over
+buffer sizes shows the cache staircase (notebook 00); the roofline's denominator, the
+multi-threaded read bandwidth, is :mod:`labkit.core.bandwidth`'s.
 
 Heavy libraries (torch) are imported inside the functions that need them; optional ones
 (coremltools, mlx, llama_cpp, onnxruntime) are only looked up, never imported, here.
@@ -319,23 +320,31 @@ def default_copy_sizes() -> list[int]:
 
 
 def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd.DataFrame:
-    """Memory-copy bandwidth over buffer sizes, measured with ``np.copyto``.
+    """Single-thread memory-copy bandwidth over buffer sizes, measured with ``np.copyto``: the
+    cache staircase of notebook 00 (the roofline's bandwidth is :mod:`labkit.core.bandwidth`'s).
 
     Convention: a copy of ``size`` bytes moves ``2 * size`` bytes (it reads the source and writes
     the destination), so GB/s = 2 * size / seconds / 1e9. (STREAM's "copy" counts the same way.)
 
-    Each timed sample repeats the copy enough times to move about 64 MiB, so tiny buffers are not
-    lost in clock resolution; numpy's per-call overhead (about a microsecond) still lowers the
-    figures for the smallest sizes, which are therefore lower bounds on cache bandwidth. Buffers
-    that fit a cache level show that level's bandwidth; the largest show DRAM's, provided they
-    exceed the last-level cache.
+    The sizes are measured in ``repeats`` interleaved rounds, every size once per round, so a
+    burst of load elsewhere lowers every size alike instead of one step of the staircase (timed
+    one size after another on a shared machine, a busy minute made a DRAM-sized copy look faster
+    than an L3-sized one). Each sample first copies once untimed, so a buffer that fits a cache
+    is in it, then times enough copies to move about 64 MiB, so tiny buffers are not lost in
+    clock resolution; numpy's per-call overhead (about a microsecond) still lowers the smallest
+    sizes, which are therefore lower bounds on cache bandwidth. All sizes are views of one pair
+    of buffers of the largest size.
 
     Returns a pandas DataFrame with columns size_bytes, gb_per_s (median), gb_per_s_p10,
-    gb_per_s_p90 (percentiles of bandwidth, i.e. p10 of bandwidth comes from p90 of time).
+    gb_per_s_p90 (percentiles of bandwidth, i.e. p10 of bandwidth comes from p90 of time),
+    gb_per_s_best (the fastest round: STREAM's figure, what the hardware can do when nothing
+    else runs).
     """
+    import time
+
     import pandas as pd
 
-    from labkit.core.timing import measure
+    from labkit.core.timing import Stats
 
     sizes = default_copy_sizes() if sizes_bytes is None else list(sizes_bytes)
     if not sizes or not all(
@@ -345,43 +354,39 @@ def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
 
+    sizes = [int(s) for s in sizes]
+    src = np.ones(max(sizes), dtype=np.uint8)
+    dst = np.zeros(max(sizes), dtype=np.uint8)
+    samples: dict[int, list[float]] = {size: [] for size in sizes}
+    for _ in range(repeats):
+        for size in sizes:
+            a, b, inner = src[:size], dst[:size], max(1, (64 * 2**20) // size)
+            np.copyto(b, a)  # warm: in cache if it fits, pages touched if not
+            start = time.perf_counter()
+            for _ in range(inner):
+                np.copyto(b, a)
+            samples[size].append((time.perf_counter() - start) / inner)
     rows = []
     for size in sizes:
-        size = int(size)
-        src = np.ones(size, dtype=np.uint8)
-        dst = np.zeros(size, dtype=np.uint8)  # zeros, then written below: pages are touched
-        inner = max(1, (64 * 2**20) // size)
-
-        def copy_many(src: np.ndarray = src, dst: np.ndarray = dst, inner: int = inner) -> None:
-            for _ in range(inner):
-                np.copyto(dst, src)
-
-        stats = measure(copy_many, warmup=1, repeats=repeats)
-        moved = 2 * size * inner
-        rows.append(
-            {
-                "size_bytes": size,
-                "gb_per_s": moved / stats.median / 1e9,
-                "gb_per_s_p10": moved / stats.p90 / 1e9,
-                "gb_per_s_p90": moved / stats.p10 / 1e9,
-            }
-        )
-        del src, dst
-    return pd.DataFrame(rows, columns=["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90"])
+        stats, moved = Stats.from_samples(samples[size]), 2 * size
+        rows.append({"size_bytes": size, "gb_per_s": moved / stats.median / 1e9,
+                     "gb_per_s_p10": moved / stats.p90 / 1e9, "gb_per_s_p90": moved / stats.p10 / 1e9,
+                     "gb_per_s_best": moved / min(stats.samples) / 1e9})
+    return pd.DataFrame(rows, columns=COPY_COLUMNS)
 
 
-def peak_copy_bandwidth_gbs(df: pd.DataFrame, *, llc_bytes: int | None = None) -> float:
-    """The DRAM-level copy bandwidth from :func:`copy_bandwidth`'s table, in GB/s.
+COPY_COLUMNS = ["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90", "gb_per_s_best"]
 
-    Median of ``gb_per_s`` over the rows that cannot fit a cache: size at least the last-level
-    cache (so the working set, source + destination, is at least twice it) and at least a
-    quarter of the largest size (Apple silicon reports no system-level cache, so the largest
-    buffers are the safe ones). With the default sizes on a 32 MiB-L3 CPU: 64, 128, 256 MiB.
-    ``llc_bytes`` defaults to the largest of :func:`cpu_cache_sizes` (0 when unknown).
 
-    If even the largest buffer is smaller than the last-level cache, its figure is returned
-    with a warning: it measures the cache, not DRAM. This is the bandwidth a memory-bound
-    decoder can hope for, the denominator of a roofline.
+def dram_rows(df: pd.DataFrame, *, llc_bytes: int | None = None) -> pd.DataFrame:
+    """The rows of :func:`copy_bandwidth`'s table that cannot fit a cache: size at least the
+    last-level cache (so the working set, source + destination, is at least twice it) and at
+    least a quarter of the largest size (Apple silicon reports no system-level cache, so the
+    largest buffers are the safe ones). With the default sizes on a 32 MiB-L3 CPU: 64, 128,
+    256 MiB. ``llc_bytes`` defaults to the largest of :func:`cpu_cache_sizes` (0 when unknown).
+
+    If even the largest buffer is smaller than the last-level cache, its row is returned with a
+    warning: it measures the cache, not DRAM.
     """
     required = {"size_bytes", "gb_per_s"}
     missing = required - set(getattr(df, "columns", []))
@@ -397,10 +402,26 @@ def peak_copy_bandwidth_gbs(df: pd.DataFrame, *, llc_bytes: int | None = None) -
         warnings.warn(
             f"the largest buffer ({largest} bytes) is smaller than the last-level cache "
             f"({llc_bytes} bytes): this copy bandwidth is the cache's, not DRAM's",
-            stacklevel=2,
+            stacklevel=3,
         )
         dram = df[df["size_bytes"] == largest]
-    return float(dram["gb_per_s"].median())
+    return dram
+
+
+def peak_copy_bandwidth_gbs(df: pd.DataFrame, *, llc_bytes: int | None = None,
+                            column: str = "gb_per_s") -> float:
+    """The DRAM-level copy bandwidth from :func:`copy_bandwidth`'s table, in GB/s: the median of
+    ``column`` over :func:`dram_rows` (the plateau beyond the caches). ``column``
+    "gb_per_s_best" takes each size's fastest round (notebook 00's plateau); the default, the
+    median round, is what notebook 01 has used so far.
+
+    A single-thread copy: a multi-threaded decoder that only reads can beat it, so a roofline
+    divides by :func:`labkit.core.bandwidth.read_bandwidth_gbs` instead.
+    """
+    rows = dram_rows(df, llc_bytes=llc_bytes)
+    if column not in rows.columns:
+        raise ValueError(f"df has no column {column!r}; columns are {list(df.columns)}")
+    return float(rows[column].median())
 
 
 # --------------------------------------------------------------------------- optional runtimes

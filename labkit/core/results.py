@@ -4,12 +4,22 @@ Layout (under ``paths.results_dir()``, i.e. data/results/):
 
     <study>/<machine-id>.jsonl      one JSON object per line, keys exactly RECORD_KEYS
     machines/<machine-id>.json      the fingerprint of that machine (env.fingerprint())
+    machines/<machine-id>.runs.json which study each run (`labkit reproduce`, `labkit bench`)
+                                    finished, and how: what makes a run "complete"
+    machines/<machine-id>.bandwidth.json   the read-bandwidth probe (labkit.core.bandwidth)
 
 Why this shape: results from other machines (a reader's M2, a CUDA box) are committed beside ours
 and appear in the same tables, each file written by one machine, so merges never conflict. An
 append rewrites the file atomically (lock, copy + new lines into a temp file, os.replace), so an
 interrupted run leaves the previous file whole, never a half line. Rewriting is O(file size) per
 append, which is fine at the lab's scale (thousands of lines).
+
+Runs: every record carries the run it belongs to (``run_id``: one per ``labkit reproduce`` or
+``labkit bench`` call, handed to the notebooks in $LABKIT_RUN_ID; a process started without it
+is a run of its own), the thread count, the load average at the run's start and at the record's
+time, and ``noisy`` (the machine was busy). A figure or an assert must draw on one run per
+machine, never a mix: :func:`select_runs` picks it (the latest complete clean run by default).
+Records written before runs existed load as one legacy run per (machine, git revision).
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ import contextlib
 import fcntl
 import json
 import math
+import os
 import re
+import secrets
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,16 +42,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from labkit.core import env, paths
-from labkit.core.files import atomic_write_bytes
+from labkit.core.checks import one_of, positive_int
+from labkit.core.files import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
-RECORD_KEYS = (
+#: The keys of a record written before runs existed (every record committed until then).
+LEGACY_RECORD_KEYS = (
     "study", "metric", "value", "unit", "runtime", "device", "model", "params", "machine",
     "git_rev", "created",
 )
+#: What a record says about the run that made it (see the module docstring).
+RUN_KEYS = ("run_id", "threads", "loadavg_start", "loadavg", "noisy")
+RECORD_KEYS = LEGACY_RECORD_KEYS + RUN_KEYS
+#: Columns load_results derives: ``dirty`` (git_rev ends in +dirty), ``run_noisy`` (any record
+#: of the run is noisy).
+DERIVED_KEYS = ("dirty", "run_noisy")
 MACHINES_FOLDER = "machines"
+RUN_ID_ENV = "LABKIT_RUN_ID"
+RUN_LOADAVG_ENV = "LABKIT_RUN_LOADAVG"
+LEGACY_RUN_PREFIX = "legacy-"
+RUN_STATUSES = ("running", "ok", "failed", "timeout")
+_KEYS, _LEGACY_KEYS = set(RECORD_KEYS), set(LEGACY_RECORD_KEYS)
 _STUDY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GIT_REV_TTL_S = 60.0
 _git_rev_cache: dict[str, tuple[float, str]] = {}
@@ -107,6 +133,7 @@ def _build_record(
     device: str = "cpu",
     model: str = "",
     params: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     _check_study(study)
     _check_str("metric", metric)
@@ -115,6 +142,8 @@ def _build_record(
     _check_str("runtime", runtime)
     _check_str("device", device)
     _check_str("model", model, allow_empty=True)
+    if threads is not None:
+        threads = positive_int(threads, "threads")
     return {
         "study": study,
         "metric": metric,
@@ -126,7 +155,8 @@ def _build_record(
         "params": _check_params(metric, params),
         "machine": env.machine_id(),
         "git_rev": _git_rev(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        "created": _now(),
+        **_run_fields(threads),
     }
 
 
@@ -142,11 +172,117 @@ def _git_rev() -> str:
     return rev
 
 
+# --------------------------------------------------------------------------- runs
+
+
+def loadavg() -> float | None:
+    """This machine's 1-minute load average, or None where the OS has none (Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+_PROCESS_START_LOADAVG = loadavg()  # at import: the start of a run this process makes itself
+_process_run_id: str | None = None
+
+
+def new_run_id() -> str:
+    """A fresh run id: the UTC start time (so ids sort by time) and 6 random hex digits."""
+    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def start_run() -> str:
+    """Begin a run (one ``labkit reproduce`` or ``labkit bench`` call) and return its id.
+
+    The id and the load average now go into $LABKIT_RUN_ID and $LABKIT_RUN_LOADAVG, so every
+    notebook or benchmark it starts (child processes inherit the environment) files its records
+    under this run. The runner then says what became of each study with :func:`note_run`.
+    """
+    run_id = new_run_id()
+    load = loadavg()
+    os.environ[RUN_ID_ENV] = run_id
+    os.environ[RUN_LOADAVG_ENV] = "" if load is None else repr(load)
+    return run_id
+
+
+def note_run(study: str, status: str, *, results_dir: Path | None = None) -> None:
+    """Enter in the run registry of ``results_dir`` (default: this process's results folder)
+    that ``study`` is "running", or ended "ok", "failed" or "timeout", in the current run.
+
+    Why: a crashed notebook leaves half its records; :func:`select_runs` counts a registered
+    run as complete for a study only once it ended "ok" there. ``study`` "*" stands for every
+    study of the run (a benchmark, whose studies are known only from its records).
+    """
+    if study != "*":
+        _check_study(study)
+    one_of(status, "status", RUN_STATUSES, "note_run")
+    run_id, start = current_run()
+
+    def update(registry: dict[str, Any]) -> None:
+        entry = registry.setdefault(run_id, {"loadavg_start": start, "studies": {}})
+        entry["studies"][study] = {"status": status, "at": _now()}
+
+    update_machine_file("runs", update, results_dir)
+
+
+def current_run() -> tuple[str, float | None]:
+    """(run id, load average at the run's start) of this process: $LABKIT_RUN_ID when a runner
+    set it, else an id of this process's own, made once (its start: when results was imported)."""
+    global _process_run_id
+    given = os.environ.get(RUN_ID_ENV)
+    if given:
+        raw = os.environ.get(RUN_LOADAVG_ENV, "")
+        try:
+            return given, float(raw) if raw else None
+        except ValueError:
+            return given, None
+    if _process_run_id is None:
+        _process_run_id = new_run_id()
+    return _process_run_id, _PROCESS_START_LOADAVG
+
+
+def run_env() -> dict[str, str]:
+    """The environment variables that make a child process part of the current run."""
+    run_id, start = current_run()
+    return {RUN_ID_ENV: run_id, RUN_LOADAVG_ENV: "" if start is None else repr(start)}
+
+
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count if this process loaded torch (None: it ran no torch code)."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
+def is_noisy(loadavg_start: float | None, load: float | None, threads: int | None,
+             cores: int | None) -> bool:
+    """Whether other work competed with a run: its start load, or the load now less this
+    process's own threads, exceeds half the cores. Unknown loads or cores never count as noisy."""
+    if not cores:
+        return False
+    busy_at_start = loadavg_start is not None and loadavg_start > cores / 2
+    others_now = load is not None and load - (threads or 1) > cores / 2
+    return busy_at_start or others_now
+
+
+def _run_fields(threads: int | None) -> dict[str, Any]:
+    run_id, start = current_run()
+    threads = _torch_threads() if threads is None else threads
+    load = loadavg()
+    cores = env.fingerprint().get("cores_logical")
+    return {"run_id": run_id, "threads": threads, "loadavg_start": start, "loadavg": load,
+            "noisy": is_noisy(start, load, threads, cores)}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
 # --------------------------------------------------------------------------- files
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Exclusive lock on a sidecar ``.<name>.lock`` so concurrent appenders take turns."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
@@ -159,7 +295,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
-    with _locked(path):
+    with locked(path):
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"  # a hand-edited file without a final newline
@@ -178,6 +314,48 @@ def _ensure_fingerprint_file() -> Path:
         atomic_write_bytes(path, data)
     _fingerprints_written.add(key)
     return path
+
+
+def machine_file(machine: str, kind: str = "", results_dir: Path | None = None) -> Path:
+    """data/results/machines/<machine>[.<kind>].json: the fingerprint (kind ""), the run
+    registry ("runs") or the bandwidth probe ("bandwidth") of one machine."""
+    folder = (results_dir or paths.results_dir()) / MACHINES_FOLDER
+    return folder / (f"{machine}.{kind}.json" if kind else f"{machine}.json")
+
+
+def load_machine_file(machine: str, kind: str) -> dict[str, Any]:
+    """The object in :func:`machine_file` ``(machine, kind)`` ({} when absent); a corrupt file
+    raises naming it."""
+    return _read_json(machine_file(machine, kind))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def update_machine_file(kind: str, update: Any, results_dir: Path | None = None) -> dict[str, Any]:
+    """Read-modify-write this machine's ``kind`` file under its lock: ``update(obj)`` changes
+    the dict in place; the result is written atomically and returned."""
+    path = machine_file(env.machine_id(), kind, results_dir)
+    with locked(path):
+        obj = _read_json(path)
+        update(obj)
+        atomic_write_json(path, obj, indent=1)
+    return obj
+
+
+def load_run_registry(machine: str) -> dict[str, Any]:
+    """The runs of ``machine`` that a runner noted: {run_id: {loadavg_start, studies: {study:
+    {status, at}}}} ({} if none)."""
+    return load_machine_file(machine, "runs")
 
 
 def _results_file(study: str, machine: str) -> Path:
@@ -201,16 +379,21 @@ def record(
     device: str = "cpu",
     model: str = "",
     params: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Validate and append one measured value to data/results/<study>/<machine-id>.jsonl.
 
     ``value`` must be a finite int/float (numpy scalars accepted, bools refused): a ValueError
     names the metric and the value otherwise. ``params`` (the knobs that produced the value,
-    e.g. ``{"seq_len": 512}``) must be JSON-serialisable. Fills machine, git_rev and created
-    (ISO 8601, UTC), makes sure the machine's fingerprint file exists, and returns the record.
+    e.g. ``{"seq_len": 512}``) must be JSON-serialisable. ``threads`` is the thread count the
+    value was measured with (default: torch's at this moment; None if torch is not loaded).
+    Fills machine, git_rev, created (ISO 8601, UTC) and the run fields (run_id, loadavg_start,
+    loadavg, noisy: see :func:`current_run`, :func:`is_noisy`), makes sure the machine's
+    fingerprint file exists, and returns the record.
     """
     rec = _build_record(
-        study, metric, value, unit, runtime=runtime, device=device, model=model, params=params
+        study, metric, value, unit, runtime=runtime, device=device, model=model, params=params,
+        threads=threads,
     )
     _ensure_fingerprint_file()
     _append_lines(_results_file(study, rec["machine"]), [_to_line(rec)])
@@ -253,9 +436,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: corrupt results line ({exc}): {line[:80]!r}") from exc
-        if not isinstance(obj, dict) or set(obj) != set(RECORD_KEYS):
+        if not isinstance(obj, dict) or set(obj) not in (_KEYS, _LEGACY_KEYS):
             got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{path}:{number}: a record needs exactly keys {RECORD_KEYS}, got {got}")
+            raise ValueError(f"{path}:{number}: a record needs exactly keys {RECORD_KEYS} "
+                             f"(or, written before runs existed, {LEGACY_RECORD_KEYS}), got {got}")
         rows.append(obj)
     return rows
 
@@ -281,13 +465,26 @@ def load_machine(machine: str) -> dict[str, Any] | None:
         raise ValueError(f"{path}: corrupt machine fingerprint ({exc})") from exc
 
 
+def _with_run_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """Legacy rows get their run id; add ``dirty`` and ``run_noisy`` (DERIVED_KEYS)."""
+    legacy = df["run_id"].isna()
+    df.loc[legacy, "run_id"] = LEGACY_RUN_PREFIX + df.loc[legacy, "git_rev"].astype(str)
+    df["dirty"] = df["git_rev"].astype(str).str.endswith("+dirty")
+    noisy = df["noisy"].eq(True)
+    df["run_noisy"] = noisy.groupby([df["machine"], df["run_id"]]).transform("any").astype(bool)
+    return df
+
+
 def load_results(study: str | None = None) -> pd.DataFrame:
     """All records of ``study`` from every machine (every study if None) as a DataFrame.
 
-    Columns: RECORD_KEYS (``created`` as a UTC datetime, ``params`` as dicts), then the machine's
-    fingerprint flattened with prefix ``machine_`` (machine_cpu, machine_os, machine_gpu,
-    machine_ram_gb, machine_versions_torch, ...). A corrupt line raises with its file and line;
-    a machine without a fingerprint file gives a warning and empty machine_ columns.
+    Columns: RECORD_KEYS (``created`` as a UTC datetime, ``params`` as dicts), DERIVED_KEYS,
+    then the machine's fingerprint flattened with prefix ``machine_`` (machine_cpu, machine_os,
+    machine_gpu, machine_ram_gb, machine_versions_torch, ...). A corrupt line raises with its
+    file and line; a machine without a fingerprint file gives a warning and empty machine_
+    columns. Records written before runs existed get ``run_id`` "legacy-<git_rev>" (one run per
+    machine and revision) and empty run fields. Every run is here, dirty and noisy ones
+    included: a figure draws on :func:`select_runs` of this (or :func:`load_run`).
     """
     import pandas as pd
 
@@ -303,7 +500,7 @@ def load_results(study: str | None = None) -> pd.DataFrame:
         for path in sorted(folder.glob("*.jsonl")):
             rows.extend(_read_jsonl(path))
 
-    df = pd.DataFrame(rows, columns=list(RECORD_KEYS))
+    df = _with_run_columns(pd.DataFrame(rows, columns=list(RECORD_KEYS)))
     df["created"] = pd.to_datetime(df["created"], utc=True, format="ISO8601")
     if df.empty:
         return df
@@ -321,6 +518,73 @@ def load_results(study: str | None = None) -> pd.DataFrame:
         machines.append({"machine": machine, **_flatten("machine_", info)})
     df = df.merge(pd.DataFrame(machines), on="machine", how="left")
     return df.sort_values("created", kind="stable").reset_index(drop=True)
+
+
+def runs_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of each study and machine in ``df`` (from :func:`load_results`): run_id,
+    git_rev (the last), dirty and noisy (any record), complete (see :func:`select_runs`),
+    current (this process's run), first and last record time, records; oldest first."""
+    import pandas as pd
+
+    cols = ["study", "machine", "run_id", "git_rev", "dirty", "noisy", "complete", "current",
+            "first", "last", "records"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    table = df.groupby(["study", "machine", "run_id"], sort=False).agg(
+        git_rev=("git_rev", "last"), dirty=("dirty", "any"), noisy=("run_noisy", "any"),
+        first=("created", "min"), last=("created", "max"), records=("metric", "size"),
+    ).reset_index()
+    registries = {m: load_run_registry(m) for m in table["machine"].unique()}
+    table["complete"] = [_completed(registries[r.machine], r.run_id, r.study)
+                         for r in table.itertuples()]
+    here, now = env.machine_id(), current_run()[0]
+    table["current"] = (table["machine"] == here) & (table["run_id"] == now)
+    return table[cols].sort_values("last", kind="stable").reset_index(drop=True)
+
+
+def _completed(registry: dict[str, Any], run_id: str, study: str) -> bool:
+    """A run no runner registered (legacy, or a notebook run by hand) counts as complete; a
+    registered one once the study (or "*", the whole run) ended "ok"."""
+    entry = registry.get(run_id)
+    if entry is None:
+        return True
+    studies = entry.get("studies", {})
+    status = studies.get(study) or studies.get("*") or {}
+    return status.get("status") == "ok"
+
+
+def select_runs(
+    df: pd.DataFrame,
+    *,
+    include_dirty: bool = False,
+    include_noisy: bool = True,
+    run_id: str | None = None,
+    current: bool = True,
+) -> pd.DataFrame:
+    """The records of one run per study and machine: the latest complete clean run.
+
+    Why: records of every run accumulate in one file; a figure or an assert that mixes runs
+    (another tree, another load) says nothing. A run is complete for a study when its runner
+    noted that study "ok" (:func:`note_run`; unregistered runs count as complete), clean when
+    no record's git_rev ends in +dirty. Dirty runs are left out unless ``include_dirty``, noisy
+    ones (see :func:`is_noisy`) only if ``include_noisy`` is False. ``current`` (default) always
+    lets this process's own run in, complete or not, clean or not: a notebook's figure shows what
+    it just measured (its provenance says +dirty). ``run_id`` picks that run, wherever it is.
+    """
+    if df.empty:
+        return df
+    if run_id is not None:
+        return df[df["run_id"] == run_id].reset_index(drop=True)
+    runs = runs_table(df)
+    ok = runs["complete"] & (include_dirty | ~runs["dirty"]) & (include_noisy | ~runs["noisy"])
+    ok |= current & runs["current"]
+    chosen = runs[ok].groupby(["study", "machine"]).tail(1)[["study", "machine", "run_id"]]
+    return df.merge(chosen, on=["study", "machine", "run_id"]).reset_index(drop=True)
+
+
+def load_run(study: str | None = None, **selection: Any) -> pd.DataFrame:
+    """:func:`select_runs` of :func:`load_results`: one run per machine, ready for a figure."""
+    return select_runs(load_results(study), **selection)
 
 
 def latest(df: pd.DataFrame, **filters: Any) -> pd.DataFrame:

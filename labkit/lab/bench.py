@@ -1,12 +1,14 @@
 """`labkit bench NAME`: a study's measurements outside its notebook, recorded the same way.
 
 Each benchmark is registered here by name as "module:function"; the function takes
-``quick: bool`` and returns the list of records it wrote. Modules import lazily so that
-`labkit bench --list` is instant and a benchmark's heavy dependencies load only when run.
+``quick: bool`` and returns the list of records it wrote; one call is one run (its own run id).
+Modules import lazily so that `labkit bench --list` is instant and a benchmark's heavy
+dependencies load only when run.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -24,4 +26,26 @@ def resolve(name: str) -> Callable[..., list[dict]]:
         known = ", ".join(sorted(BENCHMARKS))
         raise KeyError(f"unknown benchmark {name!r}; known: {known}")
     module, func = BENCHMARKS[name].split(":")
-    return getattr(importlib.import_module(module), func)
+    return _as_run(getattr(importlib.import_module(module), func))
+
+
+def _as_run(fn: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
+    """``fn`` as one run: a new run id for its records, noted "ok" in the run registry when it
+    returns ("failed" if it raises), so a half-finished benchmark is never taken as complete.
+    The signature stays ``fn``'s (functools.wraps), which the CLI inspects for its options."""
+
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> list[dict]:
+        from labkit.core import results
+
+        results.start_run()
+        results.note_run("*", "running")
+        try:
+            records = fn(*args, **kwargs)
+        except BaseException:
+            results.note_run("*", "failed")
+            raise
+        results.note_run("*", "ok")
+        return records
+
+    return run

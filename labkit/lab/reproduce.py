@@ -247,8 +247,11 @@ def run_notebook(
         params["MODEL"] = model
     effective = {**default_parameters(path), **params}
 
+    from labkit.core import results
+
     env = kernel_env(dict(os.environ))
     env.update(
+        **results.run_env(),  # the notebook's records belong to this run
         LABKIT_NOTEBOOK=name,
         LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
         LABKIT_QUICK="1" if quick else "0",
@@ -268,6 +271,11 @@ def run_notebook(
         "--parameters_yaml", json.dumps(params),
     ]
     clear_skips(name)
+    run_results = figures.parent / "data" / "results"  # where the notebook writes its records
+    # The study's run is complete once its own execution ended ok and no model run of it
+    # failed: a model run notes only a failure, so it never turns a failed study "ok".
+    if model is None:
+        results.note_run(stem, "running", results_dir=run_results)
     start = time.time()
     t0 = time.perf_counter()
     try:
@@ -277,6 +285,8 @@ def run_notebook(
     except subprocess.TimeoutExpired:
         status, error = "timeout", f"timed out after {timeout:.0f} s"
     seconds = time.perf_counter() - t0
+    if model is None or status != "ok":
+        results.note_run(stem, status, results_dir=run_results)
     output = None
     if partial.exists():
         os.replace(partial, final)
@@ -297,7 +307,11 @@ def reproduce(
     with_models: bool = True,
 ) -> list[NotebookRun]:
     """Run the selected notebooks (``jobs`` at a time), each also on the models of
-    notebooks/models.yml unless ``with_models`` is False; one NotebookRun per execution."""
+    notebooks/models.yml unless ``with_models`` is False; one NotebookRun per execution.
+
+    One call is one run: every record the notebooks write carries its run id (see
+    ``labkit.core.results.start_run``).
+    """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     notebooks = discover(only)
@@ -308,6 +322,9 @@ def reproduce(
         )
     kernel = ensure_kernel()
     todo = jobs_for(notebooks, with_models=with_models)
+    from labkit.core import results
+
+    results.start_run()
     runs: list[NotebookRun] = []
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

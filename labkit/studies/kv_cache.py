@@ -15,7 +15,8 @@ so the numbers they record are computed one way. What lives here, one idea per s
 * A fast decode loop, ``FastDecoder``: the levers that cut the per-token overhead of a Python
   decoder (fused projections, no ``nn.Module`` dispatch, one preallocated cache, inference mode).
 * The roofline: ``decode_bytes_per_token`` (weights + KV read for one token) and
-  ``roofline_fraction`` (time at the copy bandwidth / measured time).
+  ``roofline_fraction`` (time at the copy bandwidth / measured time; from
+  ``labkit.core.bandwidth``, with its ``margin`` check).
 * Measurements (``time_cached``, ``time_uncached``, ``tokens_per_s_*``) and ``bench``.
 
 Nothing imports this module at ``import labkit`` time (the bench registry resolves it lazily), so
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from labkit.core import paths
+from labkit.core.bandwidth import roofline_fraction, roofline_seconds
 from labkit.inference.fast_decode import FastDecoder
 from labkit.inference.kv_cache import KVCache
 from labkit.models.llama import Llama
@@ -162,23 +164,7 @@ def cache_bytes_table(
 
 # --------------------------------------------------------------------------- roofline
 
-
-def roofline_seconds(bytes_per_token: float, bandwidth_gbs: float) -> float:
-    """The fastest a memory-bound step can be: bytes / bandwidth."""
-    if not bandwidth_gbs > 0:
-        raise ValueError(f"bandwidth_gbs must be > 0, got {bandwidth_gbs!r}")
-    if not bytes_per_token >= 0:
-        raise ValueError(f"bytes_per_token must be >= 0, got {bytes_per_token!r}")
-    return bytes_per_token / (bandwidth_gbs * 1e9)
-
-
-def roofline_fraction(bytes_per_token: float, seconds_per_token: float, bandwidth_gbs: float) -> float:
-    """Achieved bandwidth / available bandwidth = roofline time / measured time (1.0 = at the
-    limit). Bandwidth is the copy bandwidth of ``labkit.core.env`` (read + write counted), so a step
-    that only reads could in principle exceed 1."""
-    if not seconds_per_token > 0:
-        raise ValueError(f"seconds_per_token must be > 0, got {seconds_per_token!r}")
-    return roofline_seconds(bytes_per_token, bandwidth_gbs) / seconds_per_token
+# roofline_seconds and roofline_fraction come from labkit.core.bandwidth (imported above).
 
 
 def roofline_config(size: str = "full") -> dict[str, Any]:
