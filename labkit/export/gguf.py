@@ -228,15 +228,17 @@ def _write_tokenizer(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path) -
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
     writer.add_token_merges(tok["merges"])
-    for token_id, adder in ((cfg.bos_token_id, writer.add_bos_token_id),
-                            (cfg.eos_token_id, writer.add_eos_token_id)):
+    # BOS: the id the tokenizer puts before a text, when it puts one (llama.cpp then adds it
+    # where tokenizers does); else config.json's. EOS: config.json's (where generation stops).
+    bos = tok["added_before"] if tok["added_before"] is not None else cfg.bos_token_id
+    for token_id, adder in ((bos, writer.add_bos_token_id), (cfg.eos_token_id, writer.add_eos_token_id)):
         if isinstance(token_id, int):
             adder(token_id)
     tcfg = _tokenizer_config(folder)
     for key, adder in (("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
         if tcfg.get(key) in tok["tokens"]:
             adder(tok["tokens"].index(tcfg[key]))
-    writer.add_add_bos_token(tok["added_before"] is not None and tok["added_before"] == cfg.bos_token_id)
+    writer.add_add_bos_token(tok["added_before"] is not None)
     writer.add_add_eos_token(tok["added_after"] is not None and tok["added_after"] == cfg.eos_token_id)
     template = tcfg.get("chat_template")
     if not template and (folder / "chat_template.jinja").is_file():

@@ -10,17 +10,22 @@ What its API gives, and how this adapter uses it:
 
 * generation: ``xllamacpp.Server`` runs llama.cpp's server loop (the code of ``llama-server``)
   inside this process, and ``handle_completions(request, callback)`` streams one OpenAI-style
-  completion over token ids (:func:`completion_request`: greedy, ``top_k`` 1, no prompt cache,
-  so every repeat prefills its prompt). The HTTP adapter (``llamacpp_server_rt``) sends the same
-  request over HTTP: the two rows differ by the transport only.
-* tokens: the stream names token ids only beside log-probabilities; timed runs ask for the
-  sampled token's probability after sampling (``n_probs`` 1, ``post_sampling_probs``): with
-  ``top_k`` 1 the sampler keeps one candidate, so there is nothing to sort.
-* logits: the API returns log-probabilities, not raw logits. ``n_probs`` = the vocabulary gives
-  llama.cpp's own log-softmax of every token's logit (float32), so ``prefill``/``decode_step``
-  return those and ``returns_logprobs`` is True: parity compares both sides as log-probabilities
-  (``base.parity``). Softmax ignores a per-position shift of the logits, so what is compared is
-  all of the logits that can change an output. tiny-llama F32: 5e-5 max |d log p| (64 tokens).
+  completion over token ids. A timed run is one such request (:func:`completion_request`:
+  greedy, ``top_k`` 1, no prompt cache, so every repeat prefills its prompt); the HTTP adapter
+  (``llamacpp_server_rt``) sends the same request over HTTP, so the two rows differ by the
+  transport only.
+* logits: the API returns log-probabilities, not raw logits. A step that asks for ``n_probs`` =
+  the vocabulary gets llama.cpp's own log-softmax of every token's logit (float32, before
+  sampling), so ``prefill``/``decode_step`` return those, ``returns_logprobs`` is True and parity
+  compares both sides as log-probabilities (``base.parity``). Softmax ignores a per-position
+  shift of the logits, so what is compared is all of the logits that can change an output.
+  The parity run (``keep_logits``) goes step by step; llama.cpp reuses its cache of the history
+  (``cache_prompt``), and each step's token is the argmax, llama.cpp's greedy choice.
+  tiny-llama F32: 5e-5 max |d log p| over 64 tokens.
+* tokens: the stream names a token's id only beside its probability, and a token that ends
+  inside a UTF-8 character (a byte token) is held back and named by nobody: llama.cpp reports
+  no probabilities for it. Timed runs count tokens from the stream's usage instead; each
+  parity step forces its sampled token to a one-character probe (:func:`next_token_request`).
 * timings: wall clock around the call, as for every adapter: TTFT = time to the first streamed
   token; decode = first to last token, spread evenly over the steps (the stream delivers tokens
   in bursts, so per-token gaps are not individual step times).
@@ -100,40 +105,55 @@ def server_params(
     return params
 
 
-def completion_request(
-    prompt: list[int], n_new: int, *, vocab: int | None = None, cache_prompt: bool = False
-) -> dict[str, Any]:
+def completion_request(prompt: list[int], n_new: int, *, cache_prompt: bool = False) -> dict[str, Any]:
     """A streamed greedy OpenAI completion of ``n_new`` tokens after the token ids ``prompt``.
 
-    ``vocab``: also return every token's log-probability (``n_probs`` = vocab) at each step;
-    None: only the sampled token (its id is all the stream needs to carry).
+    Each streamed token carries its id beside its probability after sampling (``n_probs`` 1,
+    ``post_sampling_probs``): with ``top_k`` 1 one candidate is left, so that costs no sort.
+    ``ignore_eos``: every run generates ``n_new`` tokens (llama.cpp then never samples an
+    end-of-generation token); the parity steps take the argmax of the distribution before
+    sampling, where EOS is a token like any other, as in the torch reference.
     """
-    request: dict[str, Any] = {
+    return {
         "prompt": [int(t) for t in prompt], "max_tokens": int(n_new), "stream": True,
         "temperature": 0.0, "top_k": 1, "ignore_eos": True, "cache_prompt": cache_prompt,
         "repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "dry_multiplier": 0.0,
+        "dry_multiplier": 0.0, "n_probs": 1, "post_sampling_probs": True,
     }
-    if vocab:
-        request["n_probs"] = int(vocab)
-    else:
-        request.update(n_probs=1, post_sampling_probs=True)
+
+
+def next_token_request(history: list[int], vocab: int, probe: int, *, cache_prompt: bool) -> dict[str, Any]:
+    """One step: every token's log-probability after ``history`` (``n_probs`` = ``vocab``).
+
+    The probabilities are llama.cpp's softmax of the raw logits, before sampling; the sampled
+    token is forced to ``probe`` (a one-character token) by a logit bias, which the reported
+    probabilities do not include. Why: llama.cpp's server holds back a token that ends inside a
+    UTF-8 character (a byte token) and reports no probabilities for it, so an unforced step on
+    such a token would answer nothing. The probe is never fed back: the caller appends the
+    greedy token (the argmax) to the history.
+    """
+    request = completion_request(history, 1, cache_prompt=cache_prompt)
+    request.update(n_probs=int(vocab), post_sampling_probs=False, logit_bias=[[int(probe), 1e6]])
     return request
 
 
 class TokenStream:
-    """The callback that collects one streamed completion: ids, arrival times, log-probabilities.
+    """The callback that collects one streamed completion: token ids, arrival times, counts.
 
     Called with each chunk (a dict, as the OpenAI stream's ``data:`` lines); returns False to go
-    on. :meth:`run` turns what arrived into a :class:`GenerationRun`.
+    on (True on an error chunk). A token that ends inside a UTF-8 character is held back by
+    llama.cpp and streamed with the next one *without its id* (see :func:`next_token_request`),
+    so ``tokens`` can be shorter than what was generated; the count comes from the final chunk's
+    ``usage``, and every time from chunk arrivals.
     """
 
-    def __init__(self, vocab: int, keep_logprobs: bool) -> None:
-        self.vocab, self.keep = vocab, keep_logprobs
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
         self.t0 = time.perf_counter()
         self.tokens: list[int] = []
-        self.times: list[float] = []
         self.logprobs: list[np.ndarray] = []
+        self.times: list[float] = []  # arrival of each chunk that carried tokens or text
+        self.generated: int | None = None
         self.error: str | None = None
 
     def __call__(self, chunk: dict[str, Any]) -> bool:
@@ -141,22 +161,28 @@ class TokenStream:
         if "error" in chunk:
             self.error = str(chunk["error"].get("message", chunk["error"]))
             return True
-        for entry in (chunk["choices"][0].get("logprobs") or {}).get("content") or []:
+        choice = chunk["choices"][0]
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        for entry in entries:
             self.tokens.append(int(entry["id"]))
-            self.times.append(now)
-            if self.keep:
+            if "top_logprobs" in entry:  # probabilities before sampling (next_token_request)
                 row = np.full(self.vocab, -np.inf, dtype=np.float32)
                 top = entry["top_logprobs"]
                 row[[t["id"] for t in top]] = [t["logprob"] for t in top]
                 self.logprobs.append(row)
+        if entries or choice.get("text"):
+            self.times.append(now)
+        if chunk.get("usage"):
+            self.generated = int(chunk["usage"]["completion_tokens"])
+            self.times = self.times or [now]  # nothing streamed before the end: the end
         return False
 
     def run(self, n_new: int) -> GenerationRun:
         """The greedy run: prefill = time to the first token, decode steps evenly spread."""
         if self.error is not None:
             raise LlamaCppError(f"llama.cpp: {self.error}")
-        if len(self.tokens) != n_new:
-            raise LlamaCppError(f"llama.cpp streamed {len(self.tokens)} tokens, asked for {n_new}")
+        if self.generated != n_new:
+            raise LlamaCppError(f"llama.cpp generated {self.generated} tokens, asked for {n_new}")
         steps = n_new - 1
         decode = [(self.times[-1] - self.times[0]) / steps] * steps if steps else []
         return GenerationRun(self.times[0] - self.t0, decode, self.tokens, self.logprobs)
@@ -175,6 +201,7 @@ class LlamaCpp(Runtime):
         self.dtype = {"F32": "float32", "F16": "float16"}.get(self.file_type, self.file_type.lower())
         self.device = "cpu"
         self.server: Any = None
+        self.probe = 0
         self._history: list[int] = []
 
     @classmethod
@@ -197,7 +224,8 @@ class LlamaCpp(Runtime):
         self.vocab = int(config["vocab_size"])
         self.path = gguf_path(Path(model_dir), self.file_type)
         self._open(self.path, min(self.n_ctx, int(config["max_position_embeddings"])))
-        self._generate([0], 1)  # the server's loop is running now (see the module docstring)
+        self.timed_generate([0], 1)  # the server's loop is running now (see the module docstring)
+        self.probe = self.tokenize("a", add_special=False)[0]  # see next_token_request
 
     @property
     def note(self) -> str:  # type: ignore[override]
@@ -215,30 +243,48 @@ class LlamaCpp(Runtime):
     def _send(self, request: dict[str, Any], stream: TokenStream) -> None:
         self.server.handle_completions(request, stream)
 
-    def _generate(self, prompt: list[int], n_new: int, keep_logprobs: bool = False,
-                  cache_prompt: bool = False) -> GenerationRun:
+    def _complete(self, request: dict[str, Any]) -> TokenStream:
         if self.server is None:
             raise RuntimeError(f"{self.name}: load() first")
-        stream = TokenStream(self.vocab, keep_logprobs)
-        self._send(completion_request(prompt, n_new, vocab=self.vocab if keep_logprobs else None,
-                                      cache_prompt=cache_prompt), stream)
-        return stream.run(n_new)
+        stream = TokenStream(self.vocab)
+        self._send(request, stream)
+        return stream
 
     def timed_generate(self, prompt: list[int], n_new: int, keep_logits: bool = False) -> GenerationRun:
-        """Greedy ``n_new`` tokens in one streamed request (llama.cpp runs the decode loop)."""
+        """Greedy ``n_new`` tokens. Timed: one streamed request (llama.cpp runs the decode
+        loop). ``keep_logits``: step by step (prefill, decode_step), each answering every
+        token's log-probability, the tokens the argmax of each (llama.cpp's greedy choice)."""
         if n_new < 1:
             raise ValueError(f"n_new must be >= 1, got {n_new}")
-        return self._generate(list(prompt), n_new, keep_logits)
+        if keep_logits:
+            return super().timed_generate(prompt, n_new, keep_logits=True)
+        return self._complete(completion_request(prompt, n_new)).run(n_new)
+
+    def _step(self, cache_prompt: bool) -> np.ndarray:
+        request = next_token_request(self._history, self.vocab, self.probe, cache_prompt=cache_prompt)
+        return self._complete(request).run(1).logits[0]
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """Log-probabilities of the next token after ``ids`` (a fresh request, no cache)."""
         self._history = [int(t) for t in ids]
-        return self._generate(self._history, 1, keep_logprobs=True).logits[0]
+        return self._step(cache_prompt=False)
 
     def decode_step(self, token: int) -> np.ndarray:
         """Log-probabilities after one more token; the server reuses its cache of the history."""
         self._history.append(int(token))
-        return self._generate(self._history, 1, keep_logprobs=True, cache_prompt=True).logits[0]
+        return self._step(cache_prompt=True)
+
+    @property
+    def base_url(self) -> str:
+        """Where this llama.cpp server answers HTTP (the in-process one listens on 127.0.0.1 too)."""
+        return self.server.listening_address
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """llama.cpp's token ids for ``text``, from its server's ``/tokenize`` (the Python API has
+        no tokenizer call). ``add_special``: BOS where the GGUF says the tokenizer adds it."""
+        from labkit.runtimes.llamacpp_server_rt import tokenize
+
+        return tokenize(self.base_url, text, add_special=add_special, parse_special=parse_special)
 
     def model_bytes(self) -> int | None:
         return file_bytes(self.path)

@@ -68,6 +68,27 @@ def port_in_use(port: int, host: str = HOST) -> bool:
     return False
 
 
+def post_json(base_url: str, path: str, body: dict, timeout: float = REQUEST_TIMEOUT_S) -> dict:
+    """POST ``body`` as JSON to ``base_url + path``; the reply's JSON (ServerError if not 200)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(base_url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ServerError(f"llama.cpp server: POST {path} -> {exc.code}: {exc.read()[:300]!r}") from exc
+
+
+def tokenize(base_url: str, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    """llama.cpp's token ids for ``text`` (``POST /tokenize``). ``parse_special``: special tokens
+    written in the text (``<|im_start|>``) become their ids, as ``tokenizers`` does."""
+    body = {"content": text, "add_special": add_special, "parse_special": parse_special}
+    return [int(t) for t in post_json(base_url, "/tokenize", body)["tokens"]]
+
+
 def _stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT_S) -> None:
     """Close stdin (the child's signal to stop), then terminate, then kill; always reaps it."""
     if proc.poll() is None:
@@ -168,12 +189,6 @@ class LlamaServer:
         finally:
             conn.close()
 
-    def post_json(self, path: str, body: dict) -> dict:
-        status, data = self.request("POST", path, body)
-        if status != 200:
-            raise ServerError(f"llama.cpp server: POST {path} -> {status}: {data[:300]!r}")
-        return json.loads(data)
-
     def stream(self, path: str, body: dict, on_chunk: Callable[[dict], bool]) -> None:
         """POST ``body`` and hand each server-sent event's JSON to ``on_chunk`` (True stops),
         within ``request_timeout`` seconds in all (and per socket read)."""
@@ -195,11 +210,6 @@ class LlamaServer:
                     break
         finally:
             conn.close()
-
-    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        """llama.cpp's token ids for ``text`` (``POST /tokenize``)."""
-        body = {"content": text, "add_special": add_special, "parse_special": parse_special}
-        return [int(t) for t in self.post_json("/tokenize", body)["tokens"]]
 
     def peak_rss_bytes(self) -> int | None:
         """VmHWM (peak resident memory) of the server process, from /proc (Linux)."""
@@ -237,6 +247,10 @@ class LlamaCppServer(LlamaCppF32):
 
     def _send(self, request: dict[str, Any], stream: TokenStream) -> None:
         self.server.stream("/v1/completions", request, stream)
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
 
     @property
     def note(self) -> str:  # type: ignore[override]
