@@ -59,8 +59,13 @@ def free_port(host: str = HOST) -> int:
 
 
 def port_in_use(port: int, host: str = HOST) -> bool:
-    """True when ``host:port`` cannot be bound (another server holds it)."""
+    """True when a server could not listen on ``host:port`` now (another one holds it).
+
+    With SO_REUSEADDR, as the server binds: connections it closed linger in TIME_WAIT for a
+    minute on that port, and they do not stop a new server from listening there.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -80,6 +85,9 @@ def post_json(base_url: str, path: str, body: dict, timeout: float = REQUEST_TIM
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         raise ServerError(f"llama.cpp server: POST {path} -> {exc.code}: {exc.read()[:300]!r}") from exc
+    except (TimeoutError, urllib.error.URLError) as exc:
+        raise ServerError(f"llama.cpp server at {base_url}: POST {path} got no answer within "
+                          f"{timeout:g} s ({exc})") from exc
 
 
 def tokenize(base_url: str, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -208,6 +216,9 @@ class LlamaServer:
                 payload = line[6:].strip()
                 if payload == b"[DONE]" or on_chunk(json.loads(payload)):
                     break
+        except TimeoutError as exc:  # a socket read waited request_timeout
+            raise ServerError(f"llama.cpp server: {path} sent nothing for {self.request_timeout:g} s"
+                              ) from exc
         finally:
             conn.close()
 
