@@ -265,14 +265,11 @@ class LlamaCppServer(LlamaCppF32):
 
     @property
     def note(self) -> str:  # type: ignore[override]
-        """How it was measured, and the server's own peak RSS (not in the driving process's)."""
-        text = ("llama.cpp server (xllamacpp) in its own process on 127.0.0.1, timed through HTTP "
+        """How it was measured. Fixed text: a record's note is part of its identity. The peak RSS
+        column is the driving process's; the server's own is ``server.peak_rss_bytes()``."""
+        return ("llama.cpp server (xllamacpp) in its own process on 127.0.0.1, timed through HTTP "
                 "streaming (SSE, a connection per request); KV cache F32, flash attention off; "
-                "logits compared as log-probabilities")
-        rss = self.server.peak_rss_bytes() if self.server is not None else None
-        if rss:
-            text += f"; server process peak RSS {rss / 2**20:.0f} MiB (not in the RSS column)"
-        return text
+                "logits compared as log-probabilities; peak RSS: the client's, not the server's")
 
     def close(self) -> None:
         if self.server is not None:
