@@ -39,14 +39,9 @@ needs_shipped = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory) -> Path:
     """A random tied-embedding GQA Llama (2 layers, hidden 64) with the shipped tokenizer."""
-    from labkit.ports.swift import random_llama
+    from conftest import random_llama_with_shipped_tokenizer
 
-    out = tmp_path_factory.mktemp("gguf-small") / "small-llama"
-    random_llama(out, "float32", 0, vocab_size=8192, hidden_size=64, intermediate_size=128,
-                 layers=2, heads=4, kv_heads=2, max_positions=256, tie=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SHIPPED / name, out / name)
-    return out
+    return random_llama_with_shipped_tokenizer(tmp_path_factory.mktemp("gguf-small") / "small-llama")
 
 
 def _weights(folder: Path) -> dict[str, np.ndarray]:

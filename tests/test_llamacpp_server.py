@@ -10,7 +10,6 @@ in time, a request that takes too long. All on a tiny random model; nothing here
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,20 +25,15 @@ import pytest
 from labkit.runtimes.llamacpp_rt import completion_request
 from labkit.runtimes.llamacpp_server_rt import LlamaServer, ServerError, port_in_use, tokenize
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"
-
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory) -> Path:
     """A random 2-layer Llama (hidden 64) with the shipped tokenizer, as an F32 GGUF."""
-    from labkit.export.gguf import export_gguf
-    from labkit.ports.swift import random_llama
+    from conftest import random_llama_with_shipped_tokenizer
 
-    folder = tmp_path_factory.mktemp("server") / "tiny"
-    random_llama(folder, "float32", 3, vocab_size=8192, hidden_size=64, intermediate_size=128,
-                 layers=2, heads=4, kv_heads=2, max_positions=256, tie=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SHIPPED / name, folder / name)
+    from labkit.export.gguf import export_gguf
+
+    folder = random_llama_with_shipped_tokenizer(tmp_path_factory.mktemp("server") / "tiny", seed=3)
     return export_gguf(folder, folder.parent / "tiny-F32.gguf", "F32")
 
 

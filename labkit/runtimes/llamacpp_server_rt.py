@@ -222,16 +222,6 @@ class LlamaServer:
         finally:
             conn.close()
 
-    def peak_rss_bytes(self) -> int | None:
-        """VmHWM (peak resident memory) of the server process, from /proc (Linux)."""
-        status = Path(f"/proc/{self.proc.pid}/status") if self.proc else None
-        if status is None or not status.exists():
-            return None
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return None
-
     def stop(self) -> None:
         """Stop the process (gracefully, then by force) and free its port; safe to call twice."""
         if self._finalizer is not None:
@@ -265,8 +255,8 @@ class LlamaCppServer(LlamaCppF32):
 
     @property
     def note(self) -> str:  # type: ignore[override]
-        """How it was measured. Fixed text: a record's note is part of its identity. The peak RSS
-        column is the driving process's; the server's own is ``server.peak_rss_bytes()``."""
+        """How it was measured. Fixed text: a record's note is part of its identity, so the
+        server process's own peak RSS is not written here (the RSS column is the client's)."""
         return ("llama.cpp server (xllamacpp) in its own process on 127.0.0.1, timed through HTTP "
                 "streaming (SSE, a connection per request); KV cache F32, flash attention off; "
                 "logits compared as log-probabilities; peak RSS: the client's, not the server's")
