@@ -222,3 +222,18 @@ def test_matrix_records_every_metric(folder, tmp_path, monkeypatch):
     assert sorted(p["prompt_len"] for p in ttft["params"]) == [4, 8]
     if "skipped" in res["coreml"]:
         assert res["coreml"]["skipped"]
+
+
+def test_matrix_compares_llamacpp_as_logprobs(folder, tmp_path, monkeypatch):
+    """Through the matrix (each runtime in its own process, parity from the saved files): the
+    llama.cpp rows' log-probabilities are compared as log-probabilities, within 1e-3."""
+    from labkit.studies.runtime_benchmark import Spec, run_matrix
+
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path / "out"))
+    spec = Spec(model=str(folder), prompt_len=8, gen_len=3, repeats=1, ttft_lens=[4],
+                parity_prompt=4, parity_gen=4, threads=1)
+    res = run_matrix(spec, ["llama.cpp-f32", "llama.cpp-server"], record=False, progress=False)
+    for name in ("llama.cpp-f32", "llama.cpp-server"):
+        assert "pp" in res[name], res[name].get("failed") or res[name].get("skipped")
+        assert res[name]["parity"]["greedy_agreement_pct"] == 100.0
+        assert res[name]["parity"]["max_abs_logit_err"] <= 1e-3

@@ -61,7 +61,7 @@ N_BATCH = 512
 
 
 class LlamaCppError(RuntimeError):
-    """llama.cpp answered a request with an error, or with fewer tokens than asked for."""
+    """llama.cpp answered a request with an error, or generated another number of tokens."""
 
 
 def gguf_path(model_dir: Path, file_type: str) -> Path:
