@@ -81,7 +81,7 @@ def _check(rt, folder, reference, atol):
 
 def test_registry_and_availability_reasons():
     assert {"torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "llama.cpp-f32",
-            "llama.cpp-q4_0", "swift", "coreml"} <= set(runtimes.RUNTIMES)
+            "llama.cpp-q4_0", "llama.cpp-server", "swift", "coreml"} <= set(runtimes.RUNTIMES)
     for name in runtimes.RUNTIMES:
         reason = runtimes.runtime_class(name).available()
         assert reason is None or (isinstance(reason, str) and reason), name

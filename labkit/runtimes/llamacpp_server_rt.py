@@ -128,6 +128,7 @@ class LlamaServer:
         self.port = port
         self.startup_timeout, self.request_timeout = startup_timeout, request_timeout
         self.proc: subprocess.Popen | None = None
+        self.log: Any = None  # the server's stdout and stderr, a temporary file while it runs
         self._finalizer: Any = None
 
     @property
@@ -226,7 +227,7 @@ class LlamaServer:
         """Stop the process (gracefully, then by force) and free its port; safe to call twice."""
         if self._finalizer is not None:
             self._finalizer()  # _stop_process, once
-        if getattr(self, "log", None) is not None:
+        if self.log is not None:
             self.log.close()
             self.log = None
 
