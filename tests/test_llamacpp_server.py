@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -96,6 +97,9 @@ def test_exits_when_its_caller_is_killed(gguf, tmp_path):
     while port_in_use(port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not port_in_use(port)
+    # what a killed caller cannot clean up: the temporary file that held the server's log
+    for log in Path(tempfile.gettempdir()).glob(f"labkit-llamacpp-server-{port}-*.log"):
+        log.unlink()
 
 
 def test_a_port_in_use_is_a_clear_error(gguf):
