@@ -265,3 +265,19 @@ def tiny_quant() -> tuple[Any, Any, Any, Any]:
     model = random_llama(0, vocab_size=64, max_position_embeddings=64)
     windows = torch.randint(0, 64, (2, 33))
     return model, ev.QuantCache(model), windows, ev.reference(model, windows)
+
+
+def random_llama_with_shipped_tokenizer(out: Path, seed: int = 0, **shape: Any) -> Path:
+    """A random tied GQA Llama folder (2 layers, hidden 64, vocab 8192 unless ``shape`` says
+    otherwise) with tiny-llama's tokenizer: real byte-level BPE ids for a tiny model."""
+    import shutil
+
+    from labkit.core.paths import models_dir
+    from labkit.ports.swift import random_llama
+
+    base: dict[str, Any] = dict(vocab_size=8192, hidden_size=64, intermediate_size=128, layers=2,
+                                heads=4, kv_heads=2, max_positions=256, tie=True)
+    random_llama(out, "float32", seed, **{**base, **shape})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models_dir() / "tiny-llama" / name, out / name)
+    return out

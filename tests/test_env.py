@@ -84,7 +84,8 @@ def test_fingerprint_fields_and_stable_id() -> None:
                 "apple_chip", "gpu", "caches", "versions"):
         assert key in first
     assert set(first["versions"]) == {
-        "python", "torch", "transformers", "numpy", "coremltools", "mlx", "swift"
+        "python", "torch", "transformers", "numpy", "coremltools", "mlx", "xllamacpp", "llama.cpp",
+        "swift",
     }
     assert first["versions"]["torch"] == torch.__version__
     assert first["versions"]["numpy"] is not None
@@ -271,7 +272,7 @@ def test_optional_runtimes_reasons_when_absent(monkeypatch: pytest.MonkeyPatch) 
     assert reasons["swift"] == "swift not on PATH"
     assert "no CUDA device" in reasons["cuda"]
     assert "macOS" in reasons["mps"]
-    assert "labkit[llamacpp]" in reasons["llama.cpp"]
+    assert "pip install xllamacpp" in reasons["llama.cpp"]
     assert "labkit[onnx]" in reasons["onnxruntime"]
 
 
@@ -289,3 +290,23 @@ def test_optional_runtimes_without_coremltools_on_mac(monkeypatch: pytest.Monkey
     assert env.optional_runtimes()["coreml-predict"] == (
         "coremltools not installed: pip install 'labkit[coreml]'"
     )
+
+
+def test_llamacpp_build_names_package_release_and_commit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The llama.cpp build (xllamacpp is a dependency): package, version, the llama.cpp release
+    its version names, the source commit; read without importing the 100 MB extension."""
+    import importlib.metadata
+    import sys
+
+    build = env.llamacpp_build()
+    assert build is not None
+    assert build["package"] == "xllamacpp"
+    assert build["version"] == importlib.metadata.version("xllamacpp")
+    assert build["llama.cpp"] == "b" + build["version"].rsplit(".", 1)[-1]
+    assert build["commit"] is None or re.fullmatch(r"[0-9a-f]{12}", build["commit"])
+    assert env.fingerprint()["versions"]["llama.cpp"] == build["llama.cpp"]
+    code = ("import sys; from labkit.core import env; env.fingerprint(); env.llamacpp_build(); "
+            "assert 'xllamacpp' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setattr(env, "_dist_version", lambda name: None)
+    assert env.llamacpp_build() is None

@@ -1,8 +1,9 @@
 """Each scheme labkit mirrors equals the library's own, bit for bit (all checks here are exact).
 
 - GGUF: our ggml blocks equal gguf-py's bytes (Q8_0, Q5_0, Q4_0: gguf-py can quantize those),
-  gguf-py's dequantizer reads our bytes (all five types) to exactly our values, and, where
-  llama.cpp's own C library is at hand, our bytes equal ``quantize_row_*_ref`` (the K-quants too).
+  gguf-py's dequantizer reads our bytes (all five types) to exactly our values, and our bytes
+  equal llama.cpp's own C ``quantize_row_*_ref`` (the K-quants too), loaded from the prebuilt
+  llama.cpp that xllamacpp ships.
 - MLX: scales, biases, codes and dequantized weights equal ``mx.quantize``/``mx.dequantize``.
 - coremltools: quantized data, scales, LUTs and indices equal its compressors, and the dense
   weights equal what a saved .mlpackage's constexpr ops decompress to.
@@ -13,6 +14,7 @@ Random weights and, when the shipped tiny-llama is present, real ones.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -93,37 +95,43 @@ def test_gguf_py_reads_our_blocks_to_our_values(weight: np.ndarray, qtype: str) 
     assert np.abs(ours - weight).max() <= np.abs(weight).max() * (0.5 if "K" in qtype else 0.2)
 
 
-def _ggml_library() -> ctypes.CDLL:
-    """llama.cpp's ggml with the exported quantize_row_*_ref functions: LABKIT_GGML_LIB, or the
-    libggml-base shipped inside llama-cpp-python."""
-    candidates = []
-    if os.environ.get("LABKIT_GGML_LIB"):
-        candidates.append(Path(os.environ["LABKIT_GGML_LIB"]))
-    try:
-        import llama_cpp  # noqa: F401  (only to find its bundled libraries)
+def _ggml_library_candidates() -> list[Path]:
+    """Shared objects that may export ggml's quantize_row_*_ref: LABKIT_GGML_LIB, the prebuilt
+    llama.cpp of xllamacpp (a labkit dependency: its extension module links ggml in and exports
+    its C API), then the libggml shipped inside llama-cpp-python where that is installed."""
+    import importlib.util
 
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        candidates += sorted(lib_dir.glob("libggml-base*.so*")) + sorted(
-            lib_dir.glob("libggml*.so")
-        )
-    except ImportError:
-        pass
-    for path in candidates:
+    candidates = [Path(os.environ["LABKIT_GGML_LIB"])] if os.environ.get("LABKIT_GGML_LIB") else []
+    for package, patterns in (("xllamacpp", ("xllamacpp*.so", "xllamacpp*.pyd")),
+                              ("llama_cpp", ("lib/libggml-base*", "lib/libggml*"))):
+        spec = importlib.util.find_spec(package)  # found, not imported
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            candidates += [p for pattern in patterns for p in sorted(Path(folder).glob(pattern))]
+    return candidates
+
+
+@functools.cache
+def _ggml_library() -> ctypes.CDLL | None:
+    """The first candidate that loads and exports quantize_row_q4_K_ref (None: none does)."""
+    for path in _ggml_library_candidates():
         try:
             lib = ctypes.CDLL(str(path))
             lib.quantize_row_q4_K_ref  # noqa: B018  (raises if not exported)
             return lib
         except (OSError, AttributeError):
             continue
-    pytest.skip(
-        "llama.cpp's C reference: needs llama-cpp-python (extra 'llamacpp') or LABKIT_GGML_LIB "
-        "pointing at a libggml exporting quantize_row_*_ref"
-    )
+    return None
+
+
+def test_a_c_reference_is_at_hand() -> None:
+    """xllamacpp is a dependency, so the C reference runs everywhere the lab is installed."""
+    assert _ggml_library() is not None, [str(p) for p in _ggml_library_candidates()]
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_gguf_blocks_equal_llama_cpp_c_reference(weight: np.ndarray, qtype: str) -> None:
     lib = _ggml_library()
+    assert lib is not None, "no library exports quantize_row_*_ref (see test_a_c_reference_is_at_hand)"
     block, nbytes = {
         "Q8_0": (32, 34),
         "Q5_0": (32, 22),

@@ -3,10 +3,10 @@
 Reference: labkit's Llama in float32, one full causal forward over the whole sequence (no
 cache). Each runtime is driven the way the matrix drives it (prefill, then decode steps) on a
 small random Llama with the shipped tokenizer, so the logits of every position are compared.
-Tolerances (max |logit difference|): tolerances.OTHER_RUNTIME (1e-4) for torch, its static-shape
-step and ONNX Runtime (same float32 arithmetic, other kernels); tolerances.GGUF_F32 (1e-3) for
-llama.cpp F32; 1e-3 for MLX and the Swift port (other summation orders; see test_mlx). No
-wall-clock time is checked anywhere.
+Tolerances (max |logit difference|): 1e-4 for torch, its static-shape step and ONNX Runtime
+(same float32 arithmetic, other kernels); 1e-3 for MLX and llama.cpp F32 (other summation
+orders; llama.cpp's API returns log-probabilities, compared with the reference's log-softmax).
+No wall-clock time is checked anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from labkit import runtimes
 from labkit.core import tolerances as tol
-from labkit.runtimes.base import GenerationRun, MeanSd, parity
+from labkit.runtimes.base import GenerationRun, MeanSd, log_softmax, parity
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"
 N_NEW = 6
@@ -63,7 +63,11 @@ def reference(folder) -> np.ndarray:
 
 
 def _check(rt, folder, reference, atol):
+    """``rt`` gives the reference's greedy tokens and logits (log-probabilities where the runtime
+    returns those, ``returns_logprobs``: llama.cpp's API) within ``atol``."""
     ids, want = reference
+    if rt.returns_logprobs:
+        want = log_softmax(want)
     rt.load(folder)
     run = rt.timed_generate(PROMPT, N_NEW, keep_logits=True)
     got = np.stack(run.logits)
@@ -78,7 +82,7 @@ def _check(rt, folder, reference, atol):
 
 def test_registry_and_availability_reasons():
     assert {"torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "llama.cpp-f32",
-            "llama.cpp-q4_0", "swift", "coreml"} <= set(runtimes.RUNTIMES)
+            "llama.cpp-q4_0", "llama.cpp-server", "swift", "coreml"} <= set(runtimes.RUNTIMES)
     for name in runtimes.RUNTIMES:
         reason = runtimes.runtime_class(name).available()
         assert reason is None or (isinstance(reason, str) and reason), name
@@ -169,8 +173,29 @@ def test_mlx(folder, reference):
 
 
 def test_llamacpp_f32(folder, reference):
-    pytest.importorskip("llama_cpp")
-    _check(runtimes.get("llama.cpp-f32", threads=1), folder, reference, tol.GGUF_F32.at("cpu"))
+    """In process (xllamacpp): greedy tokens equal, log-probabilities within 1e-3, and the
+    prefill/decode_step path (the server's prompt cache reused) equals the streamed run."""
+    with runtimes.get("llama.cpp-f32", threads=1) as rt:
+        _check(rt, folder, reference, tol.GGUF_F32.at("cpu"))
+        ids, want = reference
+        rt.prefill(PROMPT)
+        step = rt.decode_step(int(ids[len(PROMPT)]))
+        np.testing.assert_allclose(step, log_softmax(want[1]), atol=tol.GGUF_F32.at("cpu"))
+
+
+def test_llamacpp_server(folder, reference):
+    """Over HTTP (llama.cpp's server in its own process): the same function as in process."""
+    with runtimes.get("llama.cpp-server", threads=1) as rt:
+        _check(rt, folder, reference, tol.GGUF_F32.at("cpu"))
+
+
+def test_parity_compares_logprob_runtimes_as_logprobs():
+    """A runtime that returns log-probabilities matches a reference that returns logits."""
+    ref_logits = np.array([2.0, 1.0, -3.0], np.float32)
+    ref = GenerationRun(0, [], [0], [ref_logits])
+    run = GenerationRun(0, [], [0], [log_softmax(ref_logits + 7.0).astype(np.float32)])
+    assert parity(run, ref)["max_abs_logit_err"] > 1  # as raw logits: off by the log-sum-exp
+    assert parity(run, ref, logprobs=True)["max_abs_logit_err"] < 1e-6
 
 
 def test_swift(folder, reference):

@@ -77,3 +77,21 @@ def test_matrix_records_every_metric(folder, tmp_path, monkeypatch):
     table = rb.table(res, spec)
     assert "| torch-eager | 1 |" in table
     assert list(rb.matrix_frame(res, spec).index) == [("torch-eager", 1)]
+
+
+def test_matrix_compares_llamacpp_as_logprobs(folder, tmp_path, monkeypatch):
+    """Through the matrix (each runtime in its own process, parity from the saved files): the
+    llama.cpp rows' log-probabilities are compared as log-probabilities, within 1e-3."""
+    from labkit.core import tolerances as tol
+
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path / "out"))
+    monkeypatch.setenv("LABKIT_RUNTIME_CACHE", str(tmp_path / "cache"))
+    spec = rb.Spec(model=str(folder), prompt_len=8, gen_len=3, repeats=1, ttft_lens=[4],
+                   parity_prompt=4, parity_gen=4, rounds=1)
+    res = rb.run_matrix(spec, ["llama.cpp-f32", "llama.cpp-server"], thread_counts=[1],
+                        record=False, progress=False)
+    for name in ("llama.cpp-f32", "llama.cpp-server"):
+        r = res[(name, 1)]
+        assert "pp" in r, r.get("failed") or r.get("skipped")
+        assert r["parity"]["greedy_agreement_pct"] == 100.0
+        assert r["parity"]["max_abs_logit_err"] <= tol.GGUF_F32.at("cpu")

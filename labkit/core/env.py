@@ -6,7 +6,7 @@ buffer sizes shows the cache staircase (notebook 00); the roofline's denominator
 multi-threaded read bandwidth, is :mod:`labkit.core.bandwidth`'s.
 
 Heavy libraries (torch) are imported inside the functions that need them; optional ones
-(coremltools, mlx, llama_cpp, onnxruntime) are only looked up, never imported, here.
+(coremltools, mlx, xllamacpp, onnxruntime) are only looked up, never imported, here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ALLOWED_DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 # Distribution names whose versions the fingerprint reports (None where not installed).
-_VERSIONED = ("torch", "transformers", "numpy", "coremltools", "mlx")
+_VERSIONED = ("torch", "transformers", "numpy", "coremltools", "mlx", "xllamacpp")
 
 # The fingerprint fields that identify the hardware; library versions are left out on purpose so
 # that upgrading torch keeps the machine id.
@@ -192,6 +192,31 @@ def swift_version() -> str | None:
     return parse_swift_version(out) if out else None
 
 
+def llamacpp_build() -> dict[str, str | None] | None:
+    """The llama.cpp build labkit runs, or None when xllamacpp is not installed.
+
+    Keys: package ("xllamacpp"), version (the wheel's), llama.cpp (the release it embeds:
+    xllamacpp numbers its releases YEAR.MONTH.<llama.cpp build number>, so 2026.10.11549 embeds
+    b11549), commit (12 hex digits of xllamacpp's source revision, from its ``_version.py``; None
+    where unreadable). Read from metadata and that file, without importing the package: its
+    extension module is 100 MB and loads llama.cpp.
+    """
+    version = _dist_version("xllamacpp")
+    if version is None:
+        return None
+    build = version.rsplit(".", 1)[-1]
+    commit = None
+    try:
+        spec = importlib.util.find_spec("xllamacpp")
+        folder = Path(next(iter(spec.submodule_search_locations or [])))  # type: ignore[union-attr]
+        match = re.search(r'"full-revisionid":\s*"([0-9a-f]{12})', (folder / "_version.py").read_text())
+        commit = match.group(1) if match else None
+    except (AttributeError, ImportError, OSError, StopIteration, ValueError):
+        pass
+    return {"package": "xllamacpp", "version": version,
+            "llama.cpp": f"b{build}" if build.isdigit() else None, "commit": commit}
+
+
 @functools.cache
 def _fingerprint() -> dict[str, Any]:
     physical, logical = _cores()
@@ -210,6 +235,7 @@ def _fingerprint() -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             **{name: _dist_version(name) for name in _VERSIONED},
+            "llama.cpp": (llamacpp_build() or {}).get("llama.cpp"),
             "swift": swift_version(),
         },
     }
@@ -231,8 +257,9 @@ def fingerprint() -> dict[str, Any]:
 
     Keys: cpu, cores_physical, cores_logical, ram_gb (GiB), os (platform string), system
     (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (None without CUDA/MPS), caches
-    (:func:`cpu_cache_sizes`, bytes), versions
-    {python, torch, transformers, numpy, coremltools, mlx, swift} (None where absent), machine_id.
+    (:func:`cpu_cache_sizes`, bytes), versions {python, torch, transformers, numpy, coremltools,
+    mlx, xllamacpp, llama.cpp (the release tag it embeds, :func:`llamacpp_build`), swift} (None
+    where absent), machine_id.
 
     The machine id hashes the hardware fields only, so two identical machines share an id (their
     results are comparable) and a library upgrade keeps it. Computed once per process; a copy
@@ -467,8 +494,8 @@ def optional_runtimes() -> dict[str, str | None]:
     )
     reasons["swift"] = None if shutil.which("swift") else "swift not on PATH"
     reasons["llama.cpp"] = (
-        None if _installed("llama_cpp")
-        else "llama-cpp-python not installed: pip install 'labkit[llamacpp]'"
+        None if _installed("xllamacpp")
+        else "xllamacpp (the prebuilt llama.cpp, a labkit dependency) not installed: pip install xllamacpp"
     )
     reasons["onnxruntime"] = (
         None if _installed("onnxruntime")

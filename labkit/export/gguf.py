@@ -2,9 +2,12 @@
 
 Why our own writer instead of llama.cpp's ``convert_hf_to_gguf.py``: the converter identifies a
 BPE tokenizer by hashing its pre-tokenizer's output and rejects ours (trained here, so unknown to
-its table). Our tokenizer is the GPT-2 byte-level split exactly (``ByteLevel(use_regex=True)``,
-see the model card), so we tag it ``gpt-2`` and llama.cpp tokenizes with the GPT-2 regex: ids
-then equal ``tokenizers``' (tests/test_export_gguf.py checks that through llama-cpp-python).
+its table). We read the pre-tokenizer's structure from tokenizer.json instead and tag the
+llama.cpp pre-tokenizer that splits text the same way (:func:`pre_tokenizer_name`): a bare
+``ByteLevel(use_regex=True)`` is GPT-2's regex (``gpt-2``: tiny-llama, and the converted
+SmolLM2 folder); ``Digits(individual_digits=True)`` then ``ByteLevel`` is llama.cpp's ``smollm``
+(every digit alone, then GPT-2's regex). Ids then equal ``tokenizers``' (tests/test_export_gguf.py
+checks that through llama.cpp itself).
 
 What the converter does and we repeat:
 
@@ -14,7 +17,12 @@ What the converter does and we repeat:
   head ("rotate_half"), llama.cpp's ``LLAMA_ROPE_TYPE_NORM`` rotates adjacent *pairs*; permuting
   the rows of W_q and W_k turns one layout into the other, and q.k is unchanged because both sides
   move the same way;
-* 1-D tensors (the RMSNorm weights) stay F32 in every file type, as llama.cpp expects.
+* 1-D tensors (the RMSNorm weights) stay F32 in every file type, as llama.cpp expects; a matrix
+  whose rows do not split into 32-value blocks (an MLP of 172) is stored F16 in a Q8_0/Q4_0 file,
+  as ``llama-quantize`` falls back;
+* the tokenizer's special tokens (CONTROL), BOS/EOS/UNK/PAD ids, whether the tokenizer adds BOS
+  (read from its post-processor, not assumed), and the chat template when there is one;
+* ``head_dim`` when it is not ``hidden_size / num_attention_heads`` (key and value lengths).
 
 The block quantizers are labkit.quant's (byte-exact against gguf-py), not a second copy.
 """
@@ -32,6 +40,8 @@ from labkit.core.files import atomic_path
 
 #: file types we write -> ggml type of the 2-D weights
 FILE_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
+#: values per quantized block of the block types we write (a row must split into whole blocks)
+_BLOCK = {"Q8_0": 32, "Q4_0": 32}
 
 #: HF parameter name (after ``model.``) -> GGUF tensor name; ``{i}`` is the layer index
 _LAYER_NAMES = {
@@ -87,11 +97,7 @@ def _llama_config(folder: Path) -> tuple[dict[str, Any], Any]:
     if family != "llama":
         raise ModelLoadError(folder / "config.json",
                              f"architecture {arch!r}: the GGUF writer handles Llama only")
-    cfg = parse_config(raw, folder / "config.json")
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        raise ModelLoadError(folder / "config.json",
-                             "head_dim * num_attention_heads != hidden_size: not supported")
-    return raw, cfg
+    return raw, parse_config(raw, folder / "config.json")
 
 
 def _read_weights(files: list[Path]) -> dict[str, np.ndarray]:
@@ -107,33 +113,88 @@ def _read_weights(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-def _tokenizer_fields(folder: Path) -> dict[str, Any]:
-    """Tokens (by id), their types, merges and special ids from tokenizer.json, for a byte-level BPE."""
+def pre_tokenizer_name(pre: dict[str, Any] | None, where: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer ``pre`` (tokenizer.json's "pre_tokenizer").
+
+    ``ByteLevel(use_regex=True, add_prefix_space=False)`` splits with GPT-2's regex: ``gpt-2``.
+    ``Sequence[Digits(individual_digits=True), ByteLevel(...)]`` first isolates every digit, as
+    llama.cpp's ``smollm`` does (its regexes: ``\\p{N}``, then GPT-2's). Anything else would be
+    split differently by llama.cpp, so it is refused rather than tagged wrong.
+    """
+    def byte_level(p: dict[str, Any]) -> bool:
+        return (p.get("type") == "ByteLevel" and p.get("use_regex", True)
+                and not p.get("add_prefix_space", False))
+
+    pre = pre or {}
+    if byte_level(pre):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Digits"
+            and steps[0].get("individual_digits") and byte_level(steps[1])):
+        return "smollm"
+    raise ValueError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent "
+                     "here (known: ByteLevel -> gpt-2; Digits + ByteLevel -> smollm)")
+
+
+def _tokenizer_fields(folder: Path, vocab_size: int) -> dict[str, Any]:
+    """Tokens (by id, padded to ``vocab_size``), their types, merges, the pre-tokenizer's
+    llama.cpp name and the ids the tokenizer adds around a text, from tokenizer.json."""
+    from gguf import TokenType
+
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the GGUF file needs the tokenizer")
     tok = json.loads(path.read_text())
     model = tok.get("model", {})
-    if model.get("type") != "BPE" or (tok.get("pre_tokenizer") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"{path}: expected a byte-level BPE tokenizer (model BPE, ByteLevel pre-tokenizer)")
+    if model.get("type") != "BPE":
+        raise ValueError(f"{path}: expected a byte-level BPE tokenizer (model {model.get('type')!r})")
+    pre = pre_tokenizer_name(tok.get("pre_tokenizer"), path)
     vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    vocab.update(special)
-    n = max(vocab.values()) + 1
+    added = {t["content"]: t for t in tok.get("added_tokens", [])}
+    vocab.update({text: t["id"] for text, t in added.items()})
+    n = max(max(vocab.values()) + 1, vocab_size)
     tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [TokenType.UNUSED] * n
     for text, idx in vocab.items():
         tokens[idx] = text
-    special_ids = {t["id"] for t in tok.get("added_tokens", []) if t.get("special")}
+        if text not in added:
+            types[idx] = TokenType.NORMAL
+        else:
+            types[idx] = TokenType.CONTROL if added[text].get("special") else TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "special_ids": special_ids, "merges": merges}
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
+            **_added_around(path)}
+
+
+def _added_around(path: Path) -> dict[str, int | None]:
+    """The ids the tokenizer's post-processor puts before and after a text (None: nothing).
+
+    Asked of ``tokenizers`` itself: whether BOS is added is the post-processor's doing (SmolLM2's
+    adds nothing, tiny-llama's prepends ``<|bos|>``), not a flag to guess from.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a").ids
+    start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    end = start + len(bare)
+    return {"added_before": full[start - 1] if start else None,
+            "added_after": full[end] if end < len(full) else None}
 
 
 def _quantize_2d(w: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
-    """(data, raw_dtype) for GGUFWriter.add_tensor: float arrays as is, blocks as uint8 rows."""
+    """(data, raw_dtype) for GGUFWriter.add_tensor: float arrays as is, blocks as uint8 rows.
+
+    A row that does not split into whole blocks (``w.shape[1] % 32``) cannot be Q8_0/Q4_0; it is
+    stored F16, as ``llama-quantize`` falls back for such tensors.
+    """
     from gguf import GGMLQuantizationType
 
     from labkit.quant.gguf_blocks import quantize
 
+    if file_type in _BLOCK and w.shape[1] % _BLOCK[file_type]:
+        file_type = "F16"
     if file_type == "F32":
         return w.astype(np.float32), None
     if file_type == "F16":
@@ -142,10 +203,8 @@ def _quantize_2d(w: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
     return blocks, GGMLQuantizationType[file_type]
 
 
-def _write_metadata(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path, name: str) -> None:
-    """Architecture, shapes, RoPE, norm epsilon and the tokenizer, as llama.cpp's loader reads them."""
-    import gguf
-
+def _write_metadata(writer: Any, cfg: Any, name: str) -> None:
+    """Architecture, shapes, RoPE and norm epsilon, as llama.cpp's loader reads them."""
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -153,27 +212,39 @@ def _write_metadata(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path, na
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # else llama.cpp derives it
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
+
+
+def _write_tokenizer(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path) -> None:
+    """The vocabulary, merges, pre-tokenizer, special ids and the chat template."""
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
-    writer.add_token_types([
-        gguf.TokenType.CONTROL if i in tok["special_ids"] else gguf.TokenType.NORMAL
-        for i in range(len(tok["tokens"]))
-    ])
+    writer.add_token_types(tok["types"])
     writer.add_token_merges(tok["merges"])
-    for token_id, adder in ((cfg.bos_token_id, writer.add_bos_token_id),
-                            (cfg.eos_token_id, writer.add_eos_token_id)):
+    # BOS: the id the tokenizer puts before a text, when it puts one (llama.cpp then adds it
+    # where tokenizers does); else config.json's. EOS: config.json's (where generation stops).
+    bos = tok["added_before"] if tok["added_before"] is not None else cfg.bos_token_id
+    for token_id, adder in ((bos, writer.add_bos_token_id), (cfg.eos_token_id, writer.add_eos_token_id)):
         if isinstance(token_id, int):
             adder(token_id)
     tcfg = _tokenizer_config(folder)
-    if tcfg.get("pad_token") in tok["tokens"]:
-        writer.add_pad_token_id(tok["tokens"].index(tcfg["pad_token"]))
-    writer.add_add_bos_token(bool(tcfg.get("add_bos_token", True)))
-    writer.add_add_eos_token(bool(tcfg.get("add_eos_token", False)))
+    for key, adder in (("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
+        if tcfg.get(key) in tok["tokens"]:
+            adder(tok["tokens"].index(tcfg[key]))
+    writer.add_add_bos_token(tok["added_before"] is not None)
+    writer.add_add_eos_token(tok["added_after"] is not None and tok["added_after"] == cfg.eos_token_id)
+    template = tcfg.get("chat_template")
+    if not template and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str) and template:
+        writer.add_chat_template(template)
 
 
 def _tokenizer_config(folder: Path) -> dict[str, Any]:
@@ -224,14 +295,15 @@ def export_gguf(
     folder = Path(model_dir)
     raw, cfg = _llama_config(folder)
     files = check_weights(folder, raw)
-    tok = _tokenizer_fields(folder)
+    tok = _tokenizer_fields(folder, cfg.vocab_size)
     weights = _read_weights(files)
     file_code = f"MOSTLY_{file_type}" if file_type != "F32" else "ALL_F32"
     out = Path(out_path)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_file_type(int(gguf.LlamaFileType[file_code]))
-        _write_metadata(writer, cfg, tok, folder, name or folder.name)
+        _write_metadata(writer, cfg, name or folder.name)
+        _write_tokenizer(writer, cfg, tok, folder)
         _write_tensors(writer, weights, cfg, file_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -27,6 +27,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for name, reason in env.optional_runtimes().items():
         rt.add_row(name, "yes" if reason is None else "no", reason or "")
     console.print(rt)
+    build = env.llamacpp_build()
+    console.print("llama.cpp build: " + (
+        f"{build['package']} {build['version']} (llama.cpp {build['llama.cpp'] or 'release unknown'}, "
+        f"{build['package']} commit {build['commit'] or 'unknown'})" if build
+        else "none (pip install xllamacpp)"))
     return 0
 
 

@@ -24,6 +24,7 @@ RUNTIMES: dict[str, str] = {
     "llama.cpp-f16": "labkit.runtimes.llamacpp_rt:LlamaCppF16",
     "llama.cpp-q8_0": "labkit.runtimes.llamacpp_rt:LlamaCppQ8_0",
     "llama.cpp-q4_0": "labkit.runtimes.llamacpp_rt:LlamaCppQ4_0",
+    "llama.cpp-server": "labkit.runtimes.llamacpp_server_rt:LlamaCppServer",
     "swift": "labkit.runtimes.swift_rt:SwiftPort",
     "coreml": "labkit.runtimes.coreml_rt:CoreML",
     "openvino": "labkit.runtimes.openvino_rt:OpenVINO",

@@ -57,6 +57,10 @@ class Runtime(ABC):
     dtype: str = "float32"
     #: False where the runtime gives only tokens (then max_abs_logit_err is not recorded)
     exposes_logits: ClassVar[bool] = True
+    #: True where prefill/decode_step return log-probabilities (the logits' log-softmax) because
+    #: the runtime's API gives no raw logits (llama.cpp's server API); parity then compares both
+    #: sides as log-probabilities (a per-position shift of the logits changes no probability)
+    returns_logprobs: ClassVar[bool] = False
     #: a note shown beside the numbers (e.g. "reference BLAS, one thread")
     note: str = ""
 
@@ -191,15 +195,25 @@ def children_peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale)
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log(softmax(x)) over the last axis, in float64 (max subtracted first: no overflow)."""
+    x = np.asarray(x, dtype=np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
 def parity(
-    run: GenerationRun, reference: GenerationRun, exposes_logits: bool = True
+    run: GenerationRun, reference: GenerationRun, exposes_logits: bool = True,
+    logprobs: bool = False,
 ) -> dict[str, Any]:
     """Greedy agreement (%) and max |logit difference| against the reference run.
 
     agreement: share of positions where both runs chose the same token (free-running, so after
     a first divergence the histories differ and later positions usually disagree too).
     max_abs_logit_err: over the positions up to and including the first divergence, where both
-    runtimes had seen the same tokens, so the logits are comparable.
+    runtimes had seen the same tokens, so the logits are comparable. ``logprobs``: ``run`` gave
+    log-probabilities (``Runtime.returns_logprobs``), so both sides are compared after
+    :func:`log_softmax` (idempotent on log-probabilities).
     """
     n = min(len(run.tokens), len(reference.tokens))
     same = [a == b for a, b in zip(run.tokens[:n], reference.tokens[:n], strict=True)]
@@ -211,8 +225,9 @@ def parity(
     }
     if exposes_logits and run.logits and reference.logits:
         upto = min(first_diff + 1, n, len(run.logits), len(reference.logits))
+        space = log_softmax if logprobs else np.asarray
         out["max_abs_logit_err"] = float(max(
-            np.abs(run.logits[i] - reference.logits[i]).max() for i in range(upto)
+            np.abs(space(run.logits[i]) - space(reference.logits[i])).max() for i in range(upto)
         ))
     return out
 

@@ -122,7 +122,8 @@ def measure_one(name: str, spec: Spec, parity_file: Path | None) -> dict[str, An
     run = rt.timed_generate(prompt, spec.parity_gen, keep_logits=rt.exposes_logits)
     if parity_file is not None:
         logits = np.stack(run.logits) if run.logits else np.zeros((0,), np.float32)
-        np.savez(parity_file, tokens=np.asarray(run.tokens), logits=logits)
+        np.savez(parity_file, tokens=np.asarray(run.tokens), logits=logits,
+                 logprobs=np.bool_(rt.returns_logprobs))
     pp, pp_s = time_pp(rt, prompt_ids(folder, spec.prompt_len), spec.repeats)
     tg = time_tg(rt, spec.gen_len, spec.repeats, start=prompt_ids(folder, 1))
     ttft = {}
@@ -211,7 +212,9 @@ def _parity_of(path: Path, ref_path: Path) -> dict[str, Any]:
         logits = list(z["logits"]) if z["logits"].ndim == 2 else []
         return GenerationRun(0.0, [], [int(t) for t in z["tokens"]], logits)
 
-    return parity(read(path), read(ref_path), exposes_logits=True)
+    with np.load(path) as z:  # did the runtime give log-probabilities (Runtime.returns_logprobs)?
+        logprobs = bool(z["logprobs"]) if "logprobs" in z.files else False
+    return parity(read(path), read(ref_path), exposes_logits=True, logprobs=logprobs)
 
 
 def _one_round(spec: Spec, order: list[str], tmp: Path, ref_file: Path) -> dict[str, dict]:
