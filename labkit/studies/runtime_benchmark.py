@@ -37,6 +37,11 @@ import numpy as np
 
 STUDY = "08_runtime_benchmark"
 REFERENCE = "torch-eager"
+#: Runtimes that run the float32 weights in float32 and expose logits: held to FLOAT32_PARITY.
+FLOAT32 = ("torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "swift", "llama.cpp-f32")
+#: Max |dlogit| against torch float32 over the positions where both saw the same tokens: the
+#: reordered sums of another runtime, accumulated over the parity run's greedy steps.
+FLOAT32_PARITY = 2e-3
 
 
 @dataclass
@@ -244,28 +249,42 @@ def _status(res: dict[str, Any]) -> str:
     return f"pp {res['pp']['mean']:.1f} tok/s, tg {res['tg']['mean']:.1f} tok/s"
 
 
-def table(results_by_runtime: dict[str, dict[str, Any]], spec: Spec) -> str:
-    """A llama-bench-like table: runtime | dtype | size | test | t/s (mean ± sd), plus parity."""
-    lines = [
-        "| runtime | dtype | device | size | test | t/s | agree % | max |dlogit| |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+def bench_frame(results_by_runtime: dict[str, dict[str, Any]], spec: Spec) -> Any:
+    """llama-bench's table, one row per (runtime, test): dtype, size, t/s (mean ± sd) and parity;
+    a runtime that did not run gets one row that says why."""
+    import pandas as pd
+
+    rows = []
     for name, r in results_by_runtime.items():
         if "pp" not in r:
             why = r.get("skipped") or ("failed: " + r.get("failed", "").strip().splitlines()[-1:][0]
                                        if r.get("failed") else "?")
-            lines.append(f"| {name} | - | - | - | - | {why} | - | - |")
+            rows.append({"runtime": name, "test": "-", "t/s": why})
             continue
-        size = f"{r['model_bytes'] / 2**20:.1f} MiB" if r.get("model_bytes") else "-"
         par = r.get("parity") or {}
-        agree = f"{par['greedy_agreement_pct']:.0f}" if par else "-"
         err = par.get("max_abs_logit_err")
-        err_s = f"{err:.2e}" if err is not None else "-"
         for test, key in ((f"pp{spec.prompt_len}", "pp"), (f"tg{spec.gen_len}", "tg")):
-            st = r[key]
-            lines.append(f"| {name} | {r['dtype']} | {r['device']} | {size} | {test} | "
-                         f"{st['mean']:.2f} ± {st['sd']:.2f} | {agree} | {err_s} |")
-    return "\n".join(lines)
+            rows.append({
+                "runtime": name, "dtype": r["dtype"], "device": r["device"],
+                "size": f"{r['model_bytes'] / 2**20:.1f} MiB" if r.get("model_bytes") else "-",
+                "test": test, "t/s": f"{r[key]['mean']:.2f} ± {r[key]['sd']:.2f}",
+                "agree %": f"{par['greedy_agreement_pct']:.0f}" if par else "-",
+                "max |dlogit|": f"{err:.2e}" if err is not None else "-",
+            })
+    columns = ["runtime", "dtype", "device", "size", "test", "t/s", "agree %", "max |dlogit|"]
+    return pd.DataFrame(rows, columns=columns).fillna("-")
+
+
+def table(results_by_runtime: dict[str, dict[str, Any]], spec: Spec) -> str:
+    """:func:`bench_frame` as a Markdown table, for a terminal (a cell's "|" escaped)."""
+    frame = bench_frame(results_by_runtime, spec)
+
+    def line(cells: Any) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    rule = "| " + " | ".join("---:" if c in ("size", "t/s", "agree %", "max |dlogit|") else "---"
+                             for c in frame.columns) + " |"
+    return "\n".join([line(frame.columns), rule, *(line(row) for row in frame.itertuples(index=False))])
 
 
 def bench(quick: bool = False, model: str = "tiny-llama", runtimes: list[str] | None = None,
@@ -362,7 +381,6 @@ def plot_matrix(measured: dict[str, dict[str, Any]], spec: Spec, title: str):
         ax.set(ylabel="tokens per second", xlabel="runtime",
                title=f"{test} (mean ± sd, {spec.repeats} repeats)")
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -401,8 +419,26 @@ def plot_machines(latest: Any):
         ax.set(ylabel="tokens per second (log)", xlabel="runtime",
                title=metric.replace("_tok_s", "") + " across machines (latest record each)")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
     return fig
+
+
+def parity_claims(measured: dict[str, dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """(claim, verdict, value) for "What the numbers say": the reference agrees with itself, each
+    float32 runtime computes its logits (``FLOAT32_PARITY``), llama.cpp's F32 GGUF closer still."""
+    from labkit.core import tolerances
+
+    rows = []
+    for n, r in measured.items():
+        par = r["parity"]
+        err, agree = par["max_abs_logit_err"], par["greedy_agreement_pct"]
+        value = f"max |dlogit| {err:.1e}, greedy tokens {agree:.0f} % equal" if err is not None \
+            else f"greedy tokens {agree:.0f} % equal"
+        if n == REFERENCE:
+            rows.append((f"{n}, the reference, agrees with itself on every greedy token", agree == 100.0, value))
+        bound = tolerances.GGUF_F32.at("cpu") if n == "llama.cpp-f32" else FLOAT32_PARITY
+        if n in FLOAT32 and r["dtype"] == "float32" and err is not None:
+            rows.append((f"{n} computes torch float32's logits within {bound:g}", err <= bound, value))
+    return rows
 
 
 def ratios(measured: dict[str, dict[str, Any]]) -> Any:
