@@ -42,9 +42,23 @@ RAW_MARKDOWN = [
     re.compile(r"^\s*\* \S", re.M),  # a "* " bullet
 ]
 PROGRESS_BAR = re.compile(r"\d+%\|[^|\n]{0,40}\||\b\d+/\d+ \[\d\d:\d\d<|it/s\]")
-# A table printed as text: three or more consecutive lines of three or more columns, the columns
-# separated by two or more spaces (pandas' to_string, a printed DataFrame or Series).
-TEXT_TABLE = re.compile(r"(?:^[ \t]*\S+(?: {2,}\S+){2,}[ \t]*\n){3,}", re.M)
+# A column gap: two or more spaces between two words.
+_GAP = re.compile(r"\S {2,}\S")
+
+
+def text_tables(text: str) -> list[str]:
+    """Tables printed as text (pandas' to_string, a printed DataFrame or Series): three or more
+    consecutive lines of one length (to_string pads every row to the table's width), each with
+    a column gap."""
+    found, run = [], []
+    for line in [*text.splitlines(), ""]:
+        if _GAP.search(line) and (not run or len(line) == len(run[-1])):
+            run.append(line)
+            continue
+        if len(run) >= 3:
+            found.append("\n".join(run))
+        run = [line] if _GAP.search(line) else []
+    return found
 
 # JavaScript: the text a reader sees, code inputs left out; and each output <pre>'s text.
 _READER_TEXT = """
@@ -72,9 +86,14 @@ def test_reader_checks_catch_what_they_should_and_only_that():
     assert not any(p.search("2 * 3 * 4 = 24; x*y; max |dlogit| 1e-5") for p in RAW_MARKDOWN)
     assert PROGRESS_BAR.search("prompt lengths:  50%|█████     | 1/2 [00:00<00:00,  2.34it/s]")
     assert not PROGRESS_BAR.search("decode at 0.42 of the bandwidth limit (100% of tokens equal)")
-    printed = "   runtime  dtype  device\n0  torch  float32  cpu\n1  onnx  float32  cpu\n"
-    assert TEXT_TABLE.search(printed)
-    assert not TEXT_TABLE.search("1. decoder: 0 weight on later tokens\n2. encoder: all of them\n")
+    import pandas as pd
+
+    frame = pd.DataFrame({"runtime": ["torch-eager", "onnx"], "tok/s": [1.5, 22.25]})
+    assert text_tables("before\n" + frame.to_string() + "\nafter") == [frame.to_string()]
+    series = pd.Series({"Llama-2-7b": 3.55, "phi-2": 3.56, "tiny-llama": 3.5})
+    assert text_tables(series.to_string()) == [series.to_string()]
+    assert not text_tables("1. decoder: 0 weight on later tokens\n2. encoder: all of them\n")
+    assert not text_tables("skipped: vllm  - WARNING: one\n  - WARNING: a longer line\n  -> no network\n")
 
 
 @pytest.fixture(scope="module")
@@ -189,17 +208,23 @@ def _broken_links(driver, served: str, folder) -> list[str]:
         if not target.exists():
             broken.append(link)
         elif parsed.fragment and target.suffix == ".html":
-            anchor = f'id="{html.escape(urllib.parse.unquote(parsed.fragment))}"'
-            if anchor not in target.read_text(encoding="utf-8"):
+            if not {parsed.fragment, urllib.parse.unquote(parsed.fragment)} & _ids(target):
                 broken.append(link)
     return broken
+
+
+@functools.cache
+def _ids(page) -> set[str]:
+    """The element ids of a page (nbconvert writes heading ids percent-encoded, as their links)."""
+    found = re.findall(r"""\bid\s*=\s*(?:"([^"]*)"|'([^']*)')""", page.read_text(encoding="utf-8"))
+    return {html.unescape(a or b) for a, b in found}
 
 
 def _reader_problems(driver) -> list[str]:
     text, pres = driver.execute_script(_READER_TEXT)
     found = [f"raw Markdown {m.group(0)!r}" for p in RAW_MARKDOWN for m in p.finditer(text)]
     found += [f"progress bar {m.group(0)!r}" for m in PROGRESS_BAR.finditer(text)]
-    found += [f"table printed as text:\n{m.group(0)}" for pre in pres for m in TEXT_TABLE.finditer(pre + "\n")]
+    found += [f"table printed as text:\n{t}" for pre in pres for t in text_tables(pre)]
     return found
 
 

@@ -110,7 +110,8 @@ def sheet_body(found: list[Found], machines: dict[str, str], runs_without: list[
     if runs_without:
         parts.append("<p class='meta'>Checked no claims in this run: "
                      f"{html.escape(', '.join(runs_without))}.</p>")
-    head = "<tr><th></th><th>claim</th><th>measured here</th><th>checked in</th><th>machine</th></tr>"
+    head = ("<colgroup><col class='verdict'><col class='claim'><col class='value'><col class='where'><col></colgroup>"
+            "<tr><th></th><th>claim</th><th>measured here</th><th>checked in</th><th>machine</th></tr>")
     for key, items in groups.items():
         title = TOPICS.get(key, "Unfiled (no topic: give the claim topic= or its notebook a default)")
         rows = "".join(_row(f, machines, "notebooks/") for f in items)
@@ -126,7 +127,8 @@ def answers_html(found: list[Found]) -> str:
                 "claims: the prose below is not backed by an assertion here.</p></div>")
     held = sum(f.claim.ok for f in found)
     items = "".join(
-        f"<li class='{'ok' if f.claim.ok else 'fail'}'>{'OK' if f.claim.ok else 'FAIL'} "
+        f"<li class='{'ok' if f.claim.ok else 'fail'}'><span class='verdict {'ok' if f.claim.ok else 'fail'}'>"
+        f"{'OK' if f.claim.ok else 'FAIL'}</span> "
         f"{html.escape(f.claim.claim)}: <strong>{html.escape(f.claim.value)}</strong> "
         f"<a href='#cell-id={html.escape(f.cell_id)}'>(cell)</a></li>"
         for f in found

@@ -21,6 +21,7 @@ Layout of ``build/site/`` (``docs/`` when published, see :func:`publish`)::
     notebooks/NN_slug@model.html    the same study run again on a model of notebooks/models.yml
     results/<study>/<machine>.html  every recorded measurement of a study on one machine
     figures/<name>.png              the key figures shown on the landing page
+    static/<hash>.css               nbconvert's stylesheets, shared by the notebook pages
     site-sources.json               the sha256 of every file the site was built from (labkit.lab.sources)
 """
 
@@ -53,6 +54,11 @@ _CDN_TAGS = re.compile(
     re.IGNORECASE,
 )
 
+# nbconvert's stylesheets (JupyterLab's theme, about 260 KB) are the same on every page: each is
+# written once into static/ and linked, which keeps the committed docs/ small.
+_STYLE_BLOCK = re.compile(r"<style[^>]*>(.*?)</style>", re.DOTALL)
+_SHARED_MIN = 2000  # characters: nbconvert's sheets; a page's own small styles stay inline
+
 # No favicon request (a 404 would be a console error): an empty inline icon on every page.
 _ICON = '<link rel="icon" href="data:,">'
 
@@ -69,9 +75,14 @@ main.lab{max-width:1100px;margin:24px auto;padding:0 24px}
 .meta{color:#555;font-size:.85em}
 table.rec{border-collapse:collapse;font-size:.85em;margin-bottom:18px}
 table.rec td,table.rec th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-table.claims td.value{white-space:nowrap}
-td.ok,li.ok::marker{color:#1a7f37;font-weight:600}
-td.fail,li.fail{color:#b42318;font-weight:600}
+table.claims{width:100%;table-layout:fixed}
+table.claims col.verdict{width:3.5em}
+table.claims col.claim{width:40%}
+table.claims col.value{width:27%}
+table.claims col.where{width:18%}
+table.claims td{overflow-wrap:anywhere}
+td.ok,.verdict.ok{color:#1a7f37;font-weight:600}
+td.fail,.verdict.fail,li.fail{color:#b42318;font-weight:600}
 .lab-answers{background:#eef4fb;border:1px solid #c9d8ec;border-radius:8px;padding:4px 18px 10px;margin:12px 0}
 .lab-answers h2{font-size:1.15em}
 .lab-answers li{margin:3px 0}
@@ -358,8 +369,25 @@ def _study(main: Run, variants: list[Run], machine: dict, figures_dir: Path, sit
     return study
 
 
+def shared_styles(page: str, site: Path, depth: int) -> str:
+    """``page`` with each large inline stylesheet moved to static/<sha256 prefix>.css."""
+    import hashlib
+
+    def link(m: re.Match) -> str:
+        css = m.group(1)
+        if len(css) < _SHARED_MIN:
+            return m.group(0)
+        name = f"static/{hashlib.sha256(css.encode()).hexdigest()[:16]}.css"
+        if not (site / name).exists():
+            atomic_write_text(site / name, css)
+        return f'<link rel="stylesheet" href="{"../" * depth}{name}">'
+
+    return _STYLE_BLOCK.sub(link, page)
+
+
 def _write_run(site: Path, run: Run, label: str, used: list[sources.Source]) -> None:
-    atomic_write_text(site / "notebooks" / f"{run.name}.html", _convert(run, label))
+    page = shared_styles(_convert(run, label), site, 1)
+    atomic_write_text(site / "notebooks" / f"{run.name}.html", page)
     if run.executed:
         shutil.copyfile(run.executed, site / "notebooks" / f"{run.name}.ipynb")
         used.append(sources.source("executed", run.executed, copy=f"notebooks/{run.name}.ipynb",
