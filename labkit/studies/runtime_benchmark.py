@@ -433,10 +433,10 @@ def parity_claims(measured: dict[str, dict[str, Any]]) -> list[tuple[str, bool, 
         err, agree = par["max_abs_logit_err"], par["greedy_agreement_pct"]
         value = f"max |dlogit| {err:.1e}, greedy tokens {agree:.0f} % equal" if err is not None \
             else f"greedy tokens {agree:.0f} % equal"
+        bound = tolerances.GGUF_F32.at("cpu") if n == "llama.cpp-f32" else FLOAT32_PARITY
         if n == REFERENCE:
             rows.append((f"{n}, the reference, agrees with itself on every greedy token", agree == 100.0, value))
-        bound = tolerances.GGUF_F32.at("cpu") if n == "llama.cpp-f32" else FLOAT32_PARITY
-        if n in FLOAT32 and r["dtype"] == "float32" and err is not None:
+        elif n in FLOAT32 and r["dtype"] == "float32" and err is not None:
             rows.append((f"{n} computes torch float32's logits within {bound:g}", err <= bound, value))
     return rows
 
