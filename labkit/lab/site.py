@@ -321,13 +321,13 @@ def collect_runs(notebooks_dir: Path | None = None) -> list[tuple[Run, list[Run]
     """Each notebook's own run and its runs on other models (executed copies in build/notebooks)."""
     import nbformat
 
-    from labkit.lab.reproduce import Job, discover, model_runs
+    from labkit.lab.reproduce import discover, jobs_for
 
     executed_dir = paths.build_dir() / "notebooks"
     out = []
     for src in discover(notebooks_dir=notebooks_dir):
         runs = []
-        for job in [Job(src), *(Job(src, m) for m in model_runs(src.stem, src.parent / "models.yml"))]:
+        for job in jobs_for([src]):  # its own run, then one per model of notebooks/models.yml
             executed = executed_dir / f"{job.name}.ipynb"
             if not executed.is_file():
                 if job.model is not None:
@@ -479,8 +479,10 @@ def _index(studies: list[Study], summary: dict) -> str:
 def publish(target: Path | None = None, notebooks_dir: Path | None = None) -> Path:
     """Build the site of the last run into ``docs/`` (what GitHub Pages serves), after checking
     that the run may be published (:func:`labkit.lab.sources.publish_problems`)."""
-    runs = [(run.name, run.source, paths.build_dir() / "notebooks" / f"{run.name}.ipynb")
-            for main, variants in collect_runs(notebooks_dir) for run in (main, *variants)]
+    from labkit.lab.reproduce import discover, jobs_for
+
+    runs = [(job.name, job.path, paths.build_dir() / "notebooks" / f"{job.name}.ipynb")
+            for job in jobs_for(discover(notebooks_dir=notebooks_dir))]  # model runs included
     problems = sources.publish_problems(_summary(), runs)
     if problems:
         raise RuntimeError("not publishing:\n  " + "\n  ".join(problems))
