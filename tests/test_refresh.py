@@ -239,3 +239,21 @@ def test_every_asserted_claim_goes_through_claims(path):
     bare, checks = _asserts(path)
     assert bare == 0, f"{path.name}: {bare} bare assert(s); use claims.check so the refresh sheet lists them"
     assert checks, f"{path.name}: checks no claim (labkit.core.claims)"
+
+
+@pytest.mark.slow
+def test_a_run_on_another_model_gets_its_page_card_link_and_claims(lab, tmp_path):
+    root, _, run = lab
+    models = root / "notebooks" / "models.yml"
+    variant = root / "build" / "notebooks" / "00_demo@other-model.ipynb"
+    models.write_text("00_demo: [other-model]\n")
+    variant.write_bytes(run.output.read_bytes())
+    try:
+        built = site.build_site(tmp_path / "site")
+    finally:
+        models.unlink()
+        variant.unlink()
+    assert (built / "notebooks" / "00_demo@other-model.html").is_file()
+    assert 'href="notebooks/00_demo@other-model.html">other-model</a>' in (built / "index.html").read_text()
+    sheet = (built / "refresh.html").read_text()
+    assert "4 claims from 2 runs" in sheet and "notebooks/00_demo@other-model.html#cell-id=demo-4" in sheet
