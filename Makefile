@@ -10,16 +10,17 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 JOBS ?= 1
 
-.PHONY: system-deps setup reproduce quick html test lint lab clean model-quick swift-test help
+.PHONY: system-deps setup reproduce quick html publish test lint lab clean model-quick swift-test help
 
 help:
 	@echo "make setup       create .venv and install labkit with its dev tools"
 	@echo "make reproduce   run every notebook with full parameters (figures/, data/results/)"
 	@echo "make quick       run every notebook with quick parameters"
 	@echo "make html        the static site of the executed notebooks (build/site)"
+	@echo "make publish     the same site into docs/ (a clean, complete, full run only), to commit"
 	@echo "make test        unit tests, notebook smoke runs, Swift parity tests"
 	@echo "make lint        ruff"
-	@echo "make lab         JupyterLab on notebooks/"
+	@echo "make lab         JupyterLab on notebooks/ (root too); prints the URL to open"
 	@echo "make model-quick train a small decoder on this CPU in minutes (not the shipped one)"
 	@echo "make clean       remove build/ and caches (keeps .venv, figures/, data/)"
 
@@ -52,9 +53,15 @@ reproduce: $(STAMP)
 quick: $(STAMP)
 	$(PY) -m labkit reproduce --quick --jobs $(JOBS); rc=$$?; $(PY) -m labkit site; exit $$rc
 
-# The static site of the executed notebooks in build/notebooks (build/site/index.html).
+# The static site of the executed notebooks in build/notebooks (build/site/index.html, the
+# refresh sheet build/site/refresh.html).
 html: $(STAMP)
 	$(PY) -m labkit site
+
+# The same site into docs/, what GitHub Pages serves; refused unless the last run was a full,
+# complete, successful run of the committed notebooks. Commit docs/ with the results it shows.
+publish: $(STAMP)
+	$(PY) -m labkit site --publish
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -63,9 +70,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# JupyterLab on notebooks/ with the labkit kernel, as root too (containers): it prints the URL.
+# LAB_IP=0.0.0.0 to reach it from outside a container; LAB_PORT to choose the port.
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?=
 lab: $(STAMP)
-	$(PY) -m pip install -q -e ".[lab]"
-	$(VENV)/bin/jupyter lab notebooks/
+	@$(PY) -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q -e ".[lab]"
+	$(PY) -m labkit lab --ip $(LAB_IP) $(if $(LAB_PORT),--port $(LAB_PORT))
 
 # The Swift port's own tests against reference dumps written by labkit (make test runs them too).
 swift-test: $(STAMP)

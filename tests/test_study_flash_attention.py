@@ -178,3 +178,12 @@ def test_records_are_accepted_by_results(tmp_path, monkeypatch):
     assert len(written) == len(exact)
     back = results.load_results(fa.STUDY)
     assert sorted(back.value) == sorted(exact.max_abs_err)
+
+
+def test_memory_claims_tell_quadratic_from_linear():
+    at_max = pd.Series({"naive": 3.0 * 2**20, "tiled": 0.5 * 2**20})
+    rows = fa.memory_claims({"naive": 1.9, "tiled": 0.4}, at_max, 2**20, 512)
+    assert [ok for _, ok, _ in rows] == [True, True, True, True]
+    assert rows[2][2] == "3.0 MiB, 3.00 score matrices" and rows[3][2].endswith("6x less than naive for the same output")
+    rows = fa.memory_claims({"naive": 1.5, "tiled": 1.4}, pd.Series({"naive": 1.0, "tiled": 2.0**21}), 2**20, 512)
+    assert [ok for _, ok, _ in rows] == [False, False, False, False]

@@ -127,3 +127,38 @@ def test_pick_threads_sets_the_fastest_candidate():
         torch.set_num_threads(before)
     load = ks.load_average()
     assert load is None or load >= 0
+
+
+def _claims_inputs(model, window=4, **over):
+    """What ks.claims reads, from a real model's configs and caches and made-up timings."""
+    import pandas as pd
+
+    from labkit.inference.kv_cache import SlidingWindowKVCache
+
+    cfg = model.config
+    _, published, variants = ks.memory_table(cfg, "m", [256], 4)
+    timings = pd.DataFrame({"cache": ["on", "off", "on", "off"], "prompt_len": [8, 8, 16, 16],
+                            "total_s": [1.0, 2.0, 1.0, 3.0], "tpot_ms": [1.0, 2.0, 1.0, 4.0]})
+    ring = SlidingWindowKVCache.for_model(model, window=window)
+    v = {"update": pd.DataFrame({"length": [64, 1024], "concat_us": [1.0, 9.0], "inplace_us": [1.0, 2.0]}),
+         "window_cache": ring, "window_bytes": [kv_cache_bytes_for_config(cfg, window, 4)],
+         "same_tokens": True, "e2e": {"concat": (None, torch.zeros(1, 12))}}
+    apple = kv_cache_bytes_for_config(published["Llama 3.1 8B"], ks.APPLE_CONTEXT, 2)
+    kw = dict(equality={"tokens_identical": True, "logit_gap": 1e-6}, dynamic={"gap": 0.0, "steps": 5},
+              bytes_check={"formula": 10, "real": 10, "shape": (1,), "expected_shape": (1,)},
+              timings=timings, apple_bytes=apple, variants_cfg=variants, variants=v,
+              versus={"same_tokens": True, "table": pd.DataFrame({"loop": ["a", "b"]})},
+              model_cfg=cfg, window=window)
+    return {**kw, **over}
+
+
+def test_claims_carry_a_verdict_and_the_value_behind_it():
+    model = _model()
+    rows = ks.claims(**_claims_inputs(model))
+    assert all(isinstance(c, str) and ok is True and isinstance(v, str) and v for c, ok, v in rows)
+    by_claim = {c: v for c, _, v in rows}
+    assert by_claim["the cache makes the whole generation faster at every prompt length"] == "x2.0 to x3.0"
+    assert by_claim["without the cache a decode step at prompt 16 is slower than with it"] == \
+        "4.00 vs 1.00 ms per token"
+    failing = ks.claims(**_claims_inputs(model, dynamic={"gap": 1e-3, "steps": 5}))
+    assert [c for c, ok, _ in failing if not ok] == ["ours matches transformers' DynamicCache within 1e-5"]

@@ -229,3 +229,19 @@ def test_published_references_carry_sources() -> None:
     assert apple["source"].startswith("https://machinelearning.apple.com/")
     assert [apple["steps"][s]["tok_s"] for s in "abcd"] == [0.19, 1.25, 16.26, 33.67]
     assert pub["llamacpp_4167"]["source"].endswith("/discussions/4167")
+
+
+def test_expected_failures_silence_a_probe_and_restore_the_log_level():
+    import logging
+    import warnings
+
+    log = logging.getLogger("coremltools")
+    before = log.level
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with study._expected_failures():
+            assert log.level == logging.CRITICAL
+            warnings.warn("tracer noise", UserWarning, stacklevel=1)
+        warnings.warn("a real warning after the probe", UserWarning, stacklevel=1)
+    assert log.level == before
+    assert [str(w.message) for w in seen] == ["a real warning after the probe"]

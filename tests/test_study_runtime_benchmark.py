@@ -95,3 +95,44 @@ def test_matrix_compares_llamacpp_as_logprobs(folder, tmp_path, monkeypatch):
         assert "pp" in r, r.get("failed") or r.get("skipped")
         assert r["parity"]["greedy_agreement_pct"] == 100.0
         assert r["parity"]["max_abs_logit_err"] <= tol.GGUF_F32.at("cpu")
+
+
+def _measured(err=1e-5, dtype="float32", agree=100.0):
+    return {"pp": {"mean": 100.0, "sd": 2.0, "min": 95.0, "max": 104.0},
+            "tg": {"mean": 20.0, "sd": 0.5, "min": 19.0, "max": 21.0}, "dtype": dtype,
+            "device": "cpu", "model_bytes": 2**21, "parity": {"greedy_agreement_pct": agree,
+                                                              "max_abs_logit_err": err}}
+
+
+SPEC = rb.Spec(model="m", prompt_len=8, gen_len=4)
+
+
+def test_bench_frame_has_a_row_per_test_and_says_why_a_runtime_did_not_run():
+    res = {("torch-eager", 1): _measured(0.0), ("coreml", 1): {"skipped": "needs macOS"},
+           ("mlx", 1): {"failed": "Traceback\nRuntimeError: boom"}}
+    frame = rb.bench_frame(res, SPEC)
+    assert list(frame.test) == ["pp8", "tg4", "-", "-"]
+    assert list(frame["t/s"]) == ["100.00 (95.00-104.00)", "20.00 (19.00-21.00)", "needs macOS",
+                                  "failed: RuntimeError: boom"]
+    assert frame.loc[0, "size"] == "2.0 MiB" and frame.loc[0, "max |dlogit|"] == "0.00e+00"
+    assert frame.loc[2, "dtype"] == "-" and list(frame.threads) == [1, 1, 1, 1]
+
+
+def test_markdown_table_escapes_pipes_so_it_stays_a_table():
+    text = rb.table({("torch-eager", 2): _measured(0.0)}, SPEC)
+    header, rule, *rows = text.splitlines()
+    assert header == ("| runtime | threads | dtype | device | size | test | t/s | agree % | "
+                      "max \\|dlogit\\| |")
+    assert rule.count("|") == header.count("|") - header.count("\\|") and len(rows) == 2
+
+
+def test_parity_claims_bound_float32_runtimes_and_report_quantized_ones():
+    measured = {("torch-eager", 1): _measured(0.0), ("onnxruntime", 1): _measured(1e-3),
+                ("llama.cpp-f32", 1): _measured(2e-3),
+                ("llama.cpp-q4_0", 1): _measured(0.5, dtype="q4_0")}
+    rows = rb.parity_claims(measured)
+    verdicts = {claim.split(" ")[0].rstrip(","): ok for claim, ok, _ in rows}
+    assert verdicts == {"torch-eager": True, "onnxruntime": True, "llama.cpp-f32": False}
+    assert len(rows) == 3  # the reference agrees with itself; no row for the quantized file
+    assert any("within 0.001" in claim for claim, _, _ in rows)  # llama.cpp's F32 bound
+    assert all("(1 thread)" in claim for claim, _, _ in rows)

@@ -251,8 +251,21 @@ def test_float16_findings_tell_shipped_float16_from_float32_models():
     a, b = study.float16_findings(summary, models, 8)
     assert not a.ships_float16 and a.err > a.err_float32 and "100x the float32 port's" in a.text
     assert b.ships_float16 and b.err == b.err_float32 and "ship as float16" in b.text
-    (line,) = study.float32_lines(summary[(summary.model == "a") & (summary.dtype == "float32")]
-                                  .assign(max_abs_logit_err_all=2e-5, greedy_agreement_pct=100.0),
-                                  3, 8)
-    assert line == ("a (float32): max |dlogit| 1.0e-05 over 3 steps (2.0e-05 over 8); "
-                    "greedy agreement 100 % over 8")
+    assert [ok for _, ok, _ in a.claims(1e-4)] == [True, True]
+    assert [ok for _, ok, _ in a.claims(1e-6)] == [True, False]  # the port alone misses 1e-6
+    ((claim, ok, value),) = b.claims(1e-4)
+    assert ok and "ship as float16" in claim and value == "max |dlogit| 2.0e-05 both ways"
+    f32 = summary[summary.dtype == "float32"].assign(max_abs_logit_err_all=2e-5, greedy_agreement_pct=100.0,
+                                                     arch=["llama", "phi"])
+    rows = study.float32_claims(f32, 3, 8, 1e-4)
+    assert rows[0] == ("a: the Swift port computes PyTorch's float32 logits within 0.0001 over the "
+                       "first 3 steps", True, "max |dlogit| 1.0e-05 (2.0e-05 over 8)")
+    assert all(ok for _, ok, _ in rows) and rows[-1][2] == "llama, phi"
+    assert not study.float32_claims(f32.assign(arch="llama"), 3, 8, 1e-4)[-1][1]
+
+
+def test_speed_claims_need_every_thread_count():
+    ratio = pd.DataFrame({"swift / torch": [1.5, 2.0]}, index=[1, 2])
+    assert all(ok for _, ok, _ in study.speed_claims(ratio, [1, 2]))
+    assert not study.speed_claims(ratio, [1, 2, 4])[0][1]
+    assert not study.speed_claims(ratio.assign(**{"swift / torch": [1.5, float("nan")]}), [1, 2])[1][1]

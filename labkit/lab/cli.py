@@ -1,4 +1,4 @@
-"""The `labkit` command: info, reproduce, bench, chat, site, train."""
+"""The `labkit` command: info, reproduce, bench, chat, site, lab, train."""
 
 from __future__ import annotations
 
@@ -103,7 +103,13 @@ def _positive(text: str) -> int:
 def _cmd_site(args: argparse.Namespace) -> int:
     from labkit.lab.site import main as site_main
 
-    return site_main([])
+    return site_main(["--publish"] if args.publish else [])
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    from labkit.lab.notebook_server import main as lab_main
+
+    return lab_main(["--ip", args.ip, *(["--port", str(args.port)] if args.port else [])])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("site", help="build the static site of the executed notebooks (build/site)")
+    p.add_argument("--publish", action="store_true",
+                   help="build it into docs/ instead (a clean, complete, full run only)")
     p.set_defaults(func=_cmd_site)
+
+    p = sub.add_parser("lab", help="JupyterLab on notebooks/ (as root too); prints the URL to open")
+    p.add_argument("--ip", default="127.0.0.1", help="interface (0.0.0.0: reachable from outside)")
+    p.add_argument("--port", type=_positive, help="port (default: the first free one from 8888)")
+    p.set_defaults(func=_cmd_lab)
 
     sub.add_parser("train", help="train the embedded decoder: labkit train --help")
     return parser

@@ -35,6 +35,9 @@ from labkit.core.files import atomic_write_json
 from labkit.core.skips import clear_skips, read_skips
 
 KERNEL_NAME = "labkit"
+#: tqdm.auto's notice, on import in a kernel without ipywidgets, that it falls back to text bars
+#: (transformers imports it): noise in every executed notebook, filtered by its message.
+IPROGRESS_NOTICE = "ignore:IProgress not found"
 
 
 @dataclass
@@ -257,6 +260,8 @@ def run_notebook(
         LABKIT_QUICK="1" if quick else "0",
         MPLBACKEND="Agg",
         PYTHONHASHSEED="0",
+        TQDM_DISABLE="1",  # no progress bars in executed notebooks (tqdm and every library on it)
+        PYTHONWARNINGS=",".join(w for w in (env.get("PYTHONWARNINGS"), IPROGRESS_NOTICE) if w),
     )
     env.pop("LABKIT_VARIANT", None)
     if model is not None:

@@ -335,6 +335,28 @@ def peaks_at_largest(mem: pd.DataFrame, setup: Setup) -> tuple[int, pd.Series, i
 # --- 3. time -----------------------------------------------------------------------------------
 
 
+#: Fitted peak-memory exponents that tell N² from N, with room for the terms that grow like N
+#: (the output, one block's rows), which still weigh at these sizes.
+QUADRATIC_ABOVE, LINEAR_BELOW = 1.7, 1.3
+
+
+def memory_claims(exponents: dict[str, float], at_max: pd.Series, score_bytes: int,
+                  n_max: int) -> list[tuple[str, bool, str]]:
+    """(claim, verdict, value): naive attention's peak grows like N² and holds a whole score
+    matrix; the tiled forward's grows at most like N and never holds one."""
+    naive, tiled = at_max["naive"], at_max["tiled"]
+    return [
+        (f"naive attention's peak memory grows like N² (fitted exponent above {QUADRATIC_ABOVE})",
+         exponents["naive"] > QUADRATIC_ABOVE, f"exponent {exponents['naive']:.2f}"),
+        (f"the tiled forward's peak memory grows at most like N (exponent below {LINEAR_BELOW})",
+         exponents["tiled"] < LINEAR_BELOW, f"exponent {exponents['tiled']:.2f}"),
+        (f"at N={n_max} naive attention holds at least one full N x N score matrix",
+         bool(naive >= score_bytes), f"{naive / 2**20:.1f} MiB, {naive / score_bytes:.2f} score matrices"),
+        (f"at N={n_max} the tiled forward never holds one", bool(tiled < score_bytes),
+         f"{tiled / 2**20:.2f} MiB, {naive / tiled:.0f}x less than naive for the same output"),
+    ]
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none): printed and recorded beside the
     timings, because other programs on the same cores inflate and scatter them."""

@@ -775,33 +775,48 @@ def plot_versus_transformers(levers: pd.DataFrame, limit_tok_s: float, title: st
 
 
 def claims(*, equality: dict, dynamic: dict, bytes_check: dict, timings: pd.DataFrame,
-           apple_bytes: int, variants_cfg: dict, variants: dict, model_cfg: Any,
-           window: int) -> dict[str, bool]:
-    """The study's claims, each computed from this run's measurements (the notebook asserts them)."""
+           apple_bytes: int, variants_cfg: dict, variants: dict, versus: dict, model_cfg: Any,
+           window: int) -> list[tuple[str, bool, str]]:
+    """The study's claims as (claim, verdict, the value it rests on), each computed from this
+    run's measurements (the notebook checks them with ``labkit.core.claims``)."""
+    from labkit.core.plotting import format_bytes
+
     on = timings[timings.cache == "on"].set_index("prompt_len")
     off = timings[timings.cache == "off"].set_index("prompt_len")
     longest = int(on.index.max())
     speedups = off.total_s / on.total_s
     size = {k: kv_cache_bytes_for_config(c, 4096, 2) for k, c in variants_cfg.items()}
-    update = variants["update"]
-    return {
-        "the cache changes no token (greedy, every prompt length)": equality["tokens_identical"],
-        "ours matches transformers' DynamicCache within 1e-5": dynamic["gap"] <= 1e-5,
-        "the byte formula equals the real tensors' bytes": bytes_check["formula"] == bytes_check["real"],
-        f"the cache makes the whole generation faster at every prompt length "
-        f"(x{speedups.min():.1f} to x{speedups.max():.1f})": bool((speedups > 1).all()),
-        f"without the cache a decode step at prompt {longest} is slower than with it":
-            bool(off.loc[longest, "tpot_ms"] > on.loc[longest, "tpot_ms"]),
-        f"Llama 3.1 8B at {APPLE_CONTEXT} tokens in fp16 needs {apple_bytes / 1e9:.2f} GB "
-        "(Apple: about 1 GB)": abs(apple_bytes / 1e9 - APPLE_LLAMA31_8B_CACHE_GB) <= 0.1,
-        "at equal width, MHA's cache is 4x GQA(4)'s and 32x MQA's":
-            size["MHA"] == 4 * size["GQA"] == 32 * size["MQA"],
-        f"growing by torch.cat costs more per update than writing in place at "
-        f"{int(update.length.iloc[-1])} positions":
-            bool(update.concat_us.iloc[-1] > update.inplace_us.iloc[-1]),
-        "the sliding window's memory stays fixed":
-            tensor_bytes(variants["window_cache"]) == kv_cache_bytes_for_config(model_cfg, window, 4),
-    }
+    last = variants["update"].iloc[-1]
+    window_bytes = tensor_bytes(variants["window_cache"])
+    return [
+        ("the cache changes no token (greedy decoding)", bool(equality["tokens_identical"]),
+         f"max |logit difference| {equality['logit_gap']:.1e}"),
+        ("ours matches transformers' DynamicCache within 1e-5", bool(dynamic["gap"] <= 1e-5),
+         f"max |logit difference| {dynamic['gap']:.1e} over {dynamic['steps']} steps"),
+        ("the byte formula equals the real tensors' bytes",
+         bytes_check["formula"] == bytes_check["real"] and bytes_check["shape"] == bytes_check["expected_shape"],
+         f"{bytes_check['formula']:,} = {bytes_check['real']:,} bytes"),
+        ("the cache makes the whole generation faster at every prompt length",
+         bool((speedups > 1).all()), f"x{speedups.min():.1f} to x{speedups.max():.1f}"),
+        (f"without the cache a decode step at prompt {longest} is slower than with it",
+         bool(off.loc[longest, "tpot_ms"] > on.loc[longest, "tpot_ms"]),
+         f"{off.loc[longest, 'tpot_ms']:.2f} vs {on.loc[longest, 'tpot_ms']:.2f} ms per token"),
+        (f"Llama 3.1 8B's cache at {APPLE_CONTEXT} tokens in fp16 is Apple's 'about 1 GB'",
+         abs(apple_bytes / 1e9 - APPLE_LLAMA31_8B_CACHE_GB) <= 0.1, f"{apple_bytes / 1e9:.2f} GB"),
+        ("at equal width, MHA's cache is 4x GQA(4)'s and 32x MQA's",
+         size["MHA"] == 4 * size["GQA"] == 32 * size["MQA"],
+         " / ".join(format_bytes(size[k]) for k in ("MHA", "GQA", "MQA")) + " at 4096 tokens"),
+        ("growing the cache by torch.cat changes no token", bool(variants["same_tokens"]),
+         f"{variants['e2e']['concat'][1].numel()} tokens, in place against concatenated"),
+        (f"growing by torch.cat costs more per update than writing in place at "
+         f"{int(last.length)} positions", bool(last.concat_us > last.inplace_us),
+         f"{last.concat_us:.1f} vs {last.inplace_us:.1f} µs"),
+        ("the sliding window's memory stays fixed",
+         window_bytes == kv_cache_bytes_for_config(model_cfg, window, 4) == variants["window_bytes"][-1],
+         f"{format_bytes(window_bytes)} for {window} positions"),
+        ("labkit's decode loops and transformers.generate choose identical tokens",
+         bool(versus["same_tokens"]), f"{len(versus['table'])} loops compared"),
+    ]
 
 
 # --------------------------------------------------------------------------- bench

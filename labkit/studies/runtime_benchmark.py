@@ -47,6 +47,12 @@ import numpy as np
 
 STUDY = "08_runtime_benchmark"
 REFERENCE = "torch-eager"
+#: Runtimes that run the float32 weights in float32 and expose logits: held to FLOAT32_PARITY.
+FLOAT32 = ("torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "swift", "llama.cpp-f32",
+           "llama.cpp-server")
+#: Max |dlogit| against torch float32 over the positions where both saw the same tokens: the
+#: reordered sums of another runtime, accumulated over the parity run's greedy steps.
+FLOAT32_PARITY = 2e-3
 
 
 @dataclass
@@ -330,30 +336,46 @@ def _status(res: dict[str, Any]) -> str:
     return f"pp {res['pp']['mean']:.1f} tok/s, tg {res['tg']['mean']:.1f} tok/s"
 
 
-def table(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec) -> str:
-    """A llama-bench-like table: runtime | threads | dtype | size | test | t/s (median over
-    processes, min-max), plus parity."""
-    lines = [
-        "| runtime | threads | dtype | device | size | test | t/s (median, min-max) | agree % | max |dlogit| |",
-        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+def bench_frame(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec) -> Any:
+    """llama-bench's table, one row per (runtime, threads, test): dtype, size, t/s (median over
+    processes, min-max) and parity; a runtime that did not run gets one row that says why."""
+    import pandas as pd
+
+    rows = []
     for (name, threads), r in results.items():
         if "pp" not in r:
             why = r.get("skipped") or ("failed: " + r.get("failed", "").strip().splitlines()[-1:][0]
                                        if r.get("failed") else "?")
-            lines.append(f"| {name} | {threads} | - | - | - | - | {why} | - | - |")
+            rows.append({"runtime": name, "threads": threads, "test": "-", "t/s": why})
             continue
-        size = f"{r['model_bytes'] / 2**20:.1f} MiB" if r.get("model_bytes") else "-"
         par = r.get("parity") or {}
-        agree = f"{par['greedy_agreement_pct']:.0f}" if par else "-"
         err = par.get("max_abs_logit_err")
-        err_s = f"{err:.2e}" if err is not None else "-"
         for test, key in ((f"pp{spec.prompt_len}", "pp"), (f"tg{spec.gen_len}", "tg")):
             st = r[key]
-            lines.append(f"| {name} | {threads} | {r['dtype']} | {r['device']} | {size} | {test} | "
-                         f"{st['mean']:.2f} ({st.get('min', st['mean']):.2f}-"
-                         f"{st.get('max', st['mean']):.2f}) | {agree} | {err_s} |")
-    return "\n".join(lines)
+            rows.append({
+                "runtime": name, "threads": threads, "dtype": r["dtype"], "device": r["device"],
+                "size": f"{r['model_bytes'] / 2**20:.1f} MiB" if r.get("model_bytes") else "-",
+                "test": test, "t/s": f"{st['mean']:.2f} ({st.get('min', st['mean']):.2f}-"
+                                     f"{st.get('max', st['mean']):.2f})",
+                "agree %": f"{par['greedy_agreement_pct']:.0f}" if par else "-",
+                "max |dlogit|": f"{err:.2e}" if err is not None else "-",
+            })
+    columns = ["runtime", "threads", "dtype", "device", "size", "test", "t/s", "agree %",
+               "max |dlogit|"]
+    return pd.DataFrame(rows, columns=columns).fillna("-")
+
+
+def table(results: dict[tuple[str, int | None], dict[str, Any]], spec: Spec) -> str:
+    """:func:`bench_frame` as a Markdown table, for a terminal (a cell's "|" escaped); t/s is
+    the median over processes with their min-max."""
+    frame = bench_frame(results, spec)
+
+    def line(cells: Any) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    right = ("threads", "size", "t/s", "agree %", "max |dlogit|")
+    rule = "| " + " | ".join("---:" if c in right else "---" for c in frame.columns) + " |"
+    return "\n".join([line(frame.columns), rule, *(line(row) for row in frame.itertuples(index=False))])
 
 
 def measured(results: dict[tuple[str, int | None], dict[str, Any]]) -> dict:
@@ -542,8 +564,30 @@ def plot_machines(latest: Any):
         ax.set(ylabel="tokens per second (log)", xlabel="runtime",
                title=metric.replace("_tok_s", "") + " across machines (latest record each)")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
     return fig
+
+
+def parity_claims(results: dict[tuple[str, int | None], dict[str, Any]]) -> list[tuple[str, bool, str]]:
+    """(claim, verdict, value) for "What the numbers say": the reference agrees with itself, each
+    float32 runtime computes its logits (``FLOAT32_PARITY``), llama.cpp's F32 GGUF closer still;
+    at every thread count measured."""
+    from labkit.core import tolerances
+
+    rows = []
+    for (n, threads), r in measured(results).items():
+        par = r["parity"]
+        err, agree = par["max_abs_logit_err"], par["greedy_agreement_pct"]
+        value = f"max |dlogit| {err:.1e}, greedy tokens {agree:.0f} % equal" if err is not None \
+            else f"greedy tokens {agree:.0f} % equal"
+        bound = tolerances.GGUF_F32.at("cpu") if n.startswith("llama.cpp") else FLOAT32_PARITY
+        at = f" ({threads} thread{'s' if threads != 1 else ''})"
+        if n == REFERENCE:
+            rows.append((f"{n}, the reference, agrees with itself on every greedy token{at}",
+                         agree == 100.0, value))
+        elif n in FLOAT32 and r["dtype"] == "float32" and err is not None:
+            rows.append((f"{n} computes torch float32's logits within {bound:g}{at}", err <= bound,
+                         value))
+    return rows
 
 
 def ratios(results: dict[tuple[str, int | None], dict[str, Any]]) -> Any:

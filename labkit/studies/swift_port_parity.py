@@ -475,14 +475,23 @@ def plot_decode_speed(speed: pd.DataFrame, threads: list[int], model: str) -> An
 # --- what the numbers say -----------------------------------------------------------------------
 
 
-def float32_lines(f32: pd.DataFrame, logit_n: int, steps: int) -> list[str]:
-    """One sentence per model on its float32 parity."""
-    return [
-        f"{r.model} (float32): max |dlogit| {r.max_abs_logit_err:.1e} over {logit_n} steps "
-        f"({r.max_abs_logit_err_all:.1e} over {steps}); greedy agreement "
-        f"{r.greedy_agreement_pct:.0f} % over {steps}"
-        for r in f32.itertuples()
-    ]
+Claims = list[tuple[str, bool, str]]  # (claim, verdict, the value it rests on): labkit.core.claims
+
+
+def float32_claims(f32: pd.DataFrame, logit_n: int, steps: int, tol: float) -> Claims:
+    """Per model: the port's float32 logits within ``tol`` and its greedy tokens PyTorch's; and
+    that both architectures were checked."""
+    rows: Claims = []
+    for r in f32.itertuples():
+        rows.append((f"{r.model}: the Swift port computes PyTorch's float32 logits within {tol:g} "
+                     f"over the first {logit_n} steps", bool(r.max_abs_logit_err <= tol),
+                     f"max |dlogit| {r.max_abs_logit_err:.1e} ({r.max_abs_logit_err_all:.1e} over {steps})"))
+        rows.append((f"{r.model}: the Swift port chooses PyTorch's greedy token at each of {steps} steps",
+                     bool(r.greedy_agreement_pct == 100.0), f"{r.greedy_agreement_pct:.0f} % agreement"))
+    archs = sorted(set(f32.arch))
+    rows.append(("both architectures, Llama and Phi, are checked", set(archs) >= {"llama", "phi"},
+                 ", ".join(archs)))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -495,6 +504,18 @@ class Float16Finding:
     err_float32: float  # the same for the float32 copy
     port_only: float  # the port against PyTorch on the same float16 weights
     text: str
+
+    def claims(self, tol: float) -> Claims:
+        """A model that ships float16 loses nothing; otherwise float16 storage costs more than
+        the port's own rounding, which stays within ``tol`` on the float16 weights."""
+        if self.ships_float16:  # its float32 copy is an exact upcast: both rows run the same numbers
+            return [(f"{self.model}: float16 storage changes nothing (the weights ship as float16)",
+                     self.err == self.err_float32 and self.port_only <= tol,
+                     f"max |dlogit| {self.err:.1e} both ways")]
+        return [(f"{self.model}: float16 storage moves the logits more than the float32 port's rounding",
+                 self.err > self.err_float32, f"max |dlogit| {self.err:.1e} vs {self.err_float32:.1e}"),
+                (f"{self.model}: the port itself stays within {tol:g} on float16 weights",
+                 self.port_only <= tol, f"max |dlogit| {self.port_only:.1e}")]
 
 
 def float16_findings(
@@ -534,6 +555,17 @@ def growth_lines(growth: pd.DataFrame) -> list[str]:
             f"decode steps (last/first quarter {r.step_growth:.1f}x)"
         )
     return lines
+
+
+def speed_claims(ratio: pd.DataFrame, threads: list[int]) -> Claims:
+    """Both runtimes timed at every thread count, each ratio a measured number."""
+    return [
+        ("Swift and PyTorch eager are both timed at every thread count",
+         set(ratio.index) == set(threads), f"threads {', '.join(str(t) for t in sorted(ratio.index))}"),
+        ("every Swift / PyTorch eager speed ratio is measured (finite)",
+         bool(np.isfinite(ratio["swift / torch"]).all()),
+         ", ".join(f"{v:.2f}x" for v in ratio["swift / torch"])),
+    ]
 
 
 def speed_lines(
