@@ -508,11 +508,15 @@ def random_model(out: str | os.PathLike[str], config: Any, dtype: str = "float32
 
 
 def model_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
-    """A model folder (config.json and safetensors weights) given by path or by its name in
-    data/models; None when there is none."""
-    p = Path(name_or_path).expanduser()
-    if not p.is_dir():
-        p = paths.repo_models_dir() / name_or_path
+    """A model folder (config.json and safetensors weights) given by path or by a name the
+    loader knows (tiny-llama, the embedded smollm2-135m, a cached hub id); None when none."""
+    from labkit.models.errors import ModelLoadError
+    from labkit.models.loader import resolve
+
+    try:
+        p = Path(resolve(name_or_path)[1])
+    except ModelLoadError:
+        return None
     has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
     return p if (p / "config.json").is_file() and has_weights else None
 

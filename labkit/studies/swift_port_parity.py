@@ -13,7 +13,7 @@ the same context even after a float16 model picks a different token.
 
 Speed: the Swift CLI and labkit's own eager PyTorch model (:func:`torch_model`) decode the same
 prompt at the same thread counts, alternating so that a change in the machine's load hits both;
-llama.cpp's F32 path on the same weights joins where llama-cpp-python is installed.
+llama.cpp's F32 path on the same weights (the prebuilt xllamacpp wheel) joins the comparison.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ RUNTIME_LABELS = {
 RUNTIME_IMPL = {
     "torch": "labkit eager",
     "swift": "lmport (OpenBLAS/Accelerate)",
-    "llama.cpp": "llama-cpp-python, GGUF F32",
+    "llama.cpp": "xllamacpp (prebuilt llama.cpp) in process, GGUF F32",
 }
 LLAMA_CPP_TARGET = 1.3  # Swift's decode within this factor of llama.cpp F32's
 
@@ -404,11 +404,16 @@ def time_swift_and_torch(
     return rows
 
 
-def llama_cpp_missing(swift_missing: str | None) -> str | None:
-    """Why llama.cpp is not compared here (no Swift to compare with, or no llama-cpp-python)."""
+def llama_cpp_missing(swift_missing: str | None, folder: Path | None = None) -> str | None:
+    """Why llama.cpp is not compared here: no Swift to compare with, llama.cpp not installed,
+    or a model folder without tokenizer.json (a GGUF file carries its tokenizer)."""
     from labkit.runtimes.llamacpp_rt import LlamaCppF32
 
-    return LlamaCppF32.available() if swift_missing is None else swift_missing
+    if swift_missing is not None:
+        return swift_missing
+    if folder is not None and not (Path(folder) / "tokenizer.json").is_file():
+        return f"{folder.name} has no tokenizer.json, which a GGUF file needs"
+    return LlamaCppF32.available()
 
 
 def time_llama_cpp(
