@@ -119,6 +119,11 @@ def test_torch_eager(folder, reference):
     _check(runtimes.get("torch-eager"), folder, reference, tol.OTHER_RUNTIME.at("cpu"))
 
 
+def test_torch_fast(folder, reference):
+    """Every lever on ([in, out] weights, matmul attention): the same function."""
+    _check(runtimes.get("torch-fast"), folder, reference, tol.OTHER_RUNTIME.at("cpu"))
+
+
 def test_static_step_of_torch_compile_equals_eager(folder, reference):
     """The static-shape decode step torch.compile runs, checked uncompiled (compiling takes
     minutes on a small CPU; the function is the same)."""

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 #: runtime name -> "module:Class"; the order is the order of the matrix's rows
 RUNTIMES: dict[str, str] = {
     "torch-eager": "labkit.runtimes.torch_rt:TorchEager",
+    "torch-fast": "labkit.runtimes.torch_rt:TorchFast",
     "torch-compile": "labkit.runtimes.torch_rt:TorchCompile",
     "torch-cuda": "labkit.runtimes.torch_rt:TorchCuda",
     "onnxruntime": "labkit.runtimes.onnx_rt:OnnxRuntime",

@@ -8,6 +8,8 @@
   preallocated cache with a mask, the position is a tensor, so one graph serves every position
   (a Python-int position would recompile per token). Prefill is compiled with dynamic shapes,
   one graph for every prompt length; warm-up runs pay for compilation, never the timed ones.
+* ``torch-fast``: the eager adapter with every lever of the fast decode loop (``[in, out]``
+  weights, matrix-product attention for the one new query): the top of study 12's ladder.
 * ``torch-cuda``: the eager adapter on ``cuda`` (available() says why not when there is none).
 
 The reference of the parity column is ``torch-eager`` in float32 on the CPU.
@@ -27,6 +29,8 @@ class TorchEager(Runtime):
     """labkit's Llama in eager PyTorch (float32 unless ``dtype`` says otherwise)."""
 
     name: ClassVar[str] = "torch-eager"
+    #: FastDecoder options of the decode step (a subclass turns levers on)
+    levers: ClassVar[dict] = {}
 
     def __init__(self, device: str = "cpu", dtype: str = "float32", threads: int | None = None) -> None:
         self.device = device
@@ -53,7 +57,7 @@ class TorchEager(Runtime):
         loaded = load(Path(model_dir), device=self.device, dtype=self.dtype)
         self.model = loaded.model
         self.cache = KVCache.for_model(self.model, max_len=self.model.config.max_position_embeddings)
-        self.decoder = FastDecoder(self.model)
+        self.decoder = FastDecoder(self.model, **self.levers)
         self._prefill = self.model  # TorchCompile swaps in the compiled forward
         self._sync = _sync_for(self.device)
 
@@ -104,6 +108,14 @@ class TorchCuda(TorchEager):
         if not torch.cuda.is_available():
             return f"no CUDA device (torch {torch.__version__}; run on a GPU machine)"
         return None
+
+
+class TorchFast(TorchEager):
+    """torch-eager with every lever of the fast decode loop on (study 12's top rung)."""
+
+    name: ClassVar[str] = "torch-fast"
+    levers: ClassVar[dict] = {"fuse": True, "transpose": True, "attention": "matmul"}
+    note = "FastDecoder with [in, out] weights and matmul attention"
 
 
 class StaticStep:

@@ -48,7 +48,7 @@ import numpy as np
 STUDY = "08_runtime_benchmark"
 REFERENCE = "torch-eager"
 #: Runtimes that run the float32 weights in float32 and expose logits: held to FLOAT32_PARITY.
-FLOAT32 = ("torch-eager", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "swift", "llama.cpp-f32",
+FLOAT32 = ("torch-eager", "torch-fast", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "swift", "llama.cpp-f32",
            "llama.cpp-server")
 #: Max |dlogit| against torch float32 over the positions where both saw the same tokens: the
 #: reordered sums of another runtime, accumulated over the parity run's greedy steps.
@@ -103,7 +103,7 @@ def prompt_ids(folder: Path, length: int, window: int = 0) -> list[int]:
 def runtime_kwargs(name: str, spec: Spec) -> dict[str, Any]:
     """Constructor arguments of runtime ``name`` for this spec (threads; the device for torch)."""
     kw: dict[str, Any] = {"threads": spec.threads}
-    if name in ("torch-eager", "torch-compile") and spec.device != "cpu":
+    if name in ("torch-eager", "torch-fast", "torch-compile") and spec.device != "cpu":
         kw["device"] = spec.device
     return kw
 

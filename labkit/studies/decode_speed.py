@@ -1,0 +1,323 @@
+"""Study 12, decode speed: where a token's time goes in the lab's own decoders, and how close
+each rung of the ladder of levers gets to the memory-bandwidth limit.
+
+Why: a decode step reads every weight once and does about two flops per weight, so on a model
+whose weights dwarf the caches (SmolLM2-135M in float32: 540 MB) memory bandwidth sets the limit,
+and a Python loop can reach it if its per-token overhead is small. This module measures:
+
+* the ladder (``RUNGS``): the readable loop, then the FastDecoder with one lever added per rung
+  (a plain step function, fused projections, ``[in, out]`` weights, matrix-product attention),
+  every rung in each of ``rounds`` fresh processes, interleaved, so a gain is a within-process
+  ratio and the spread between processes is shown;
+* the breakdown of one token (``breakdown``): torch.profiler's self CPU time per operator
+  family (matrix products, attention, norms, RoPE, ...) and the rest of the wall time (Python
+  dispatch and the interpreter), against the time the bytes need at the read bandwidth;
+* on a GPU (``gpu_ladder``, ``python -m labkit.studies.decode_speed --device cuda``): the same
+  loops in float32, float16 and bfloat16, and the static-shape step captured as a CUDA graph
+  (``torch.compile(mode="reduce-overhead")``), against transformers' own static cache + compile.
+
+The llama.cpp and Swift rows of the comparison come from the runtime matrix
+(``labkit.studies.runtime_benchmark``), which runs every runtime the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STUDY = "12_decode_speed"
+
+#: The ladder, one lever more per rung: (name, FastDecoder options, or None for the readable loop)
+RUNGS: tuple[tuple[str, dict | None], ...] = (
+    ("readable loop (generate.greedy)", None),
+    ("step function, unfused", {"fuse": False}),
+    ("+ fused q/k/v and gate/up", {"fuse": True}),
+    ("+ [in, out] weights", {"fuse": True, "transpose": True}),
+    ("+ matmul attention", {"fuse": True, "transpose": True, "attention": "matmul"}),
+)
+
+#: Operator families of the breakdown: a profiler op name -> the first family whose key it has
+FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matrix products", ("addmm", "aten::mm", "aten::matmul", "linear", "aten::bmm", "gemv")),
+    ("attention", ("scaled_dot_product", "flash", "softmax", "masked_fill")),
+    ("norms", ("rsqrt", "aten::pow", "aten::mean")),
+    ("RoPE", ("aten::cat", "aten::neg", "index_select")),
+    ("embedding and argmax", ("embedding", "argmax")),
+    ("copies and casts", ("copy_", "aten::to", "contiguous", "clone", "slice", "select")),
+)
+
+
+@dataclass
+class Spec:
+    """What the ladder measures; the same for every rung."""
+
+    model: str = "smollm2-135m"
+    prompt_len: int = 16
+    gen_len: int = 64
+    threads: list[int] = field(default_factory=lambda: [1, 2])
+    rounds: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def _decoders(model: Any) -> dict[str, Callable[[Any, int], Any]]:
+    """rung name -> f(prompt, n) generating n tokens greedily."""
+    from labkit.inference.fast_decode import FastDecoder
+    from labkit.inference.generate import greedy
+
+    out: dict[str, Callable[[Any, int], Any]] = {}
+    for name, options in RUNGS:
+        if options is None:
+            out[name] = lambda p, n: greedy(model, p, n).tokens
+        else:
+            dec = FastDecoder(model, **options)
+            out[name] = lambda p, n, dec=dec: dec.greedy(p, n)[0]
+    return out
+
+
+def _decode_rate(run: Callable[[Any, int], Any], prompt: Any, n: int, sync: Callable) -> float:
+    """Decode tokens/s: a generation of n + 1 tokens minus one of 1 (prefill and first token)."""
+    def timed(k: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        run(prompt, k)
+        sync()
+        return time.perf_counter() - t0
+
+    return n / max(timed(n + 1) - timed(1), 1e-9)
+
+
+def measure_round(spec: Spec, threads: int) -> dict[str, Any]:
+    """One process's round: every rung's decode tokens/s at ``threads``, interleaved, and its
+    greedy tokens (every rung must give the readable loop's). Runs in the child process."""
+    import torch
+
+    from labkit.core.timing import device_sync
+    from labkit.models import load
+
+    torch.set_num_threads(threads)
+    model = load(spec.model, device=spec.device, dtype=spec.dtype).model
+    prompt = _prompt(model, spec.prompt_len, spec.device)
+    sync = device_sync(spec.device)
+    runs = _decoders(model)
+    tokens = {name: run(prompt, 16).cpu().tolist() for name, run in runs.items()}  # warm-up too
+    rates = {name: _decode_rate(run, prompt, spec.gen_len, sync) for name, run in runs.items()}
+    return {"threads": threads, "rates": rates, "tokens": tokens,
+            "load_avg_1m": os.getloadavg()[0]}
+
+
+def _prompt(model: Any, length: int, device: str) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(12)
+    return torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(device)
+
+
+def run_ladder(spec: Spec, progress: bool = True) -> list[dict[str, Any]]:
+    """``spec.rounds`` rounds, each thread count in a fresh process per round, interleaved."""
+    rounds = []
+    for r in range(spec.rounds):
+        for threads in spec.threads:
+            with tempfile.TemporaryDirectory(prefix="labkit-ladder-") as tmp:
+                out = Path(tmp) / "round.json"
+                cmd = [sys.executable, "-m", "labkit.studies.decode_speed", "--round",
+                       json.dumps(asdict(spec)), "--threads", str(threads), "--result", str(out)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+                if proc.returncode != 0 or not out.is_file():
+                    raise RuntimeError(f"ladder round failed: {(proc.stderr or proc.stdout)[-1500:]}")
+                rounds.append(json.loads(out.read_text()))
+            if progress:
+                best = max(rounds[-1]["rates"].values())
+                print(f"[ladder] round {r + 1}/{spec.rounds}, {threads} thread(s): best "
+                      f"{best:.1f} tok/s", flush=True)
+    return rounds
+
+
+def ladder_table(rounds: list[dict[str, Any]], bytes_per_token: float,
+                 read_gbs: dict[int, float]) -> Any:
+    """One row per (rung, threads): median tok/s over processes with min-max, the gain over the
+    previous rung and over the readable loop (medians of within-process ratios), and the
+    fraction of the read-bandwidth limit at that thread count."""
+    import pandas as pd
+
+    rows = []
+    names = [n for n, _ in RUNGS]
+    for threads in sorted({r["threads"] for r in rounds}):
+        mine = [r for r in rounds if r["threads"] == threads]
+        for i, name in enumerate(names):
+            rates = [r["rates"][name] for r in mine]
+            step = [r["rates"][name] / r["rates"][names[max(i - 1, 0)]] for r in mine]
+            total = [r["rates"][name] / r["rates"][names[0]] for r in mine]
+            limit = read_gbs[threads] * 1e9 / bytes_per_token
+            rows.append({"rung": name, "threads": threads, "tok_s": float(np.median(rates)),
+                         "min": float(min(rates)), "max": float(max(rates)),
+                         "gain_vs_previous": float(np.median(step)),
+                         "gain_vs_readable": float(np.median(total)),
+                         "bandwidth_fraction": float(np.median(rates)) / limit,
+                         "processes": len(mine),
+                         "load_max": max(r["load_avg_1m"] for r in mine)})
+    return pd.DataFrame(rows)
+
+
+def same_tokens(rounds: list[dict[str, Any]]) -> bool:
+    """Every rung gave the readable loop's greedy tokens, in every process."""
+    first = RUNGS[0][0]
+    return all(toks == r["tokens"][first] for r in rounds for toks in r["tokens"].values())
+
+
+def record_ladder(table: Any, spec: Spec, bytes_per_token: float) -> list[dict]:
+    """The ladder's records (tok/s per rung and thread count, its gains and bandwidth share)."""
+    from labkit.core import results
+
+    recs = []
+    for row in table.itertuples():
+        params = {"rung": row.rung, "threads": row.threads, "prompt_len": spec.prompt_len,
+                  "gen_len": spec.gen_len, "processes": row.processes, "min": row.min,
+                  "max": row.max, "dtype": spec.dtype, "bytes_per_token": bytes_per_token}
+        for metric, value, unit in (("decode_tok_s", row.tok_s, "tok/s"),
+                                    ("gain_vs_readable", row.gain_vs_readable, "1"),
+                                    ("decode_bandwidth_fraction", row.bandwidth_fraction, "1")):
+            recs.append(results.record(STUDY, metric, value, unit, runtime="labkit",
+                                       device=spec.device, model=spec.model, params=params,
+                                       threads=row.threads))
+    return recs
+
+
+# --------------------------------------------------------------------------- the breakdown
+
+
+def _family(op: str) -> str:
+    for family, keys in FAMILIES:
+        if any(k in op for k in keys):
+            return family
+    return "other operators"
+
+
+def breakdown(model: Any, options: dict | None, prompt: Any, steps: int = 16) -> dict[str, float]:
+    """Milliseconds per decoded token by operator family (torch.profiler's self CPU time), plus
+    "Python and dispatch" = the wall time the operators do not account for."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from labkit.inference.fast_decode import FastDecoder
+    from labkit.inference.generate import greedy
+
+    def run(n: int) -> Any:
+        return greedy(model, prompt, n) if options is None else FastDecoder(model, **options).greedy(prompt, n)
+
+    run(4)  # warm-up
+    t0 = time.perf_counter()
+    run(1)
+    prefill = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run(steps + 1)
+        wall = time.perf_counter() - t0 - prefill
+    per_op: dict[str, float] = {}
+    for ev in prof.key_averages():
+        per_op[_family(ev.key)] = per_op.get(_family(ev.key), 0.0) + ev.self_cpu_time_total / 1e3
+    # the profiled run includes one prefill: subtract its share from the operators pro rata
+    total_ops = sum(per_op.values())
+    scale = max(wall, 1e-9) / max(wall + prefill, 1e-9)
+    out = {k: v * scale / steps for k, v in per_op.items()}
+    out["Python and dispatch"] = max(wall * 1e3 / steps - total_ops * scale / steps, 0.0)
+    return out
+
+
+def plot_breakdown(parts: dict[str, dict[str, float]], limit_ms: float, title: str):
+    """One stacked bar per rung: ms per token by operator family, and the bandwidth floor."""
+    from labkit.core import plotting
+
+    families = [f for f, _ in FAMILIES] + ["other operators", "Python and dispatch"]
+    colours = plotting.COLORS + ["tab:gray", "tab:olive"]
+    fig, ax = plotting.new_figure(figsize=(10, 4.8))
+    names = list(parts)
+    left = np.zeros(len(names))
+    for i, fam in enumerate(families):
+        vals = np.array([parts[n].get(fam, 0.0) for n in names])
+        ax.barh(names, vals, left=left, color=colours[i % len(colours)], label=fam)
+        left += vals
+    ax.axvline(limit_ms, color="black", ls="--", label=f"bandwidth floor {limit_ms:.1f} ms")
+    ax.set(xlabel="milliseconds per decoded token", ylabel="decoder", title=title)
+    ax.invert_yaxis()
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_ladder(table: Any, title: str):
+    """tok/s per rung (median of processes, min-max), one bar per thread count."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure(figsize=(10, 4.8))
+    rungs = list(dict.fromkeys(table.rung))
+    counts = sorted(set(table.threads))
+    width = 0.8 / len(counts)
+    for j, threads in enumerate(counts):
+        sel = table[table.threads == threads].set_index("rung").loc[rungs]
+        y = np.arange(len(rungs)) + (j - (len(counts) - 1) / 2) * width
+        ax.barh(y, sel.tok_s, width * 0.95, color=plotting.COLORS[j],
+                xerr=[sel.tok_s - sel["min"], sel["max"] - sel.tok_s], capsize=2,
+                label=f"{threads} thread(s)")
+        for yy, (v, f) in zip(y, zip(sel.tok_s, sel.bandwidth_fraction, strict=True), strict=True):
+            ax.text(v * 0.98, yy, f"{f:.0%}", va="center", ha="right", fontsize=7, color="white")
+    ax.set_yticks(range(len(rungs)), rungs)
+    ax.invert_yaxis()
+    ax.set(xlabel="decode tokens/s (median of processes, min-max; % of the bandwidth limit)",
+           ylabel="rung of the ladder", title=title)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+# --------------------------------------------------------------------------- the GPU
+
+
+def gpu_ladder(model: Any, prompt_len: int = 16, gen_len: int = 128) -> list[dict[str, Any]]:
+    """On a CUDA device: the readable loop, the FastDecoder, its static step compiled with
+    mode="reduce-overhead" (a CUDA graph per step: no Python and no launches per token), and
+    transformers' generate with its static cache and compile, at batch 1; tok/s each."""
+    import torch
+
+    from labkit.core.timing import device_sync
+    from labkit.inference.fast_decode import FastDecoder
+
+    sync = device_sync("cuda")
+    prompt = _prompt(model, prompt_len, "cuda")
+    fast = FastDecoder(model, transpose=False)
+    compiled = torch.compile(fast.static_step, mode="reduce-overhead", fullgraph=True)
+    runs = dict(_decoders(model))
+    runs["FastDecoder, CUDA graph (static step, compile reduce-overhead)"] = \
+        lambda p, n: fast.greedy(p, n, static=True, step_fn=compiled)[0]
+    rows = []
+    for name, run in runs.items():
+        run(prompt, 8)  # warm-up / capture
+        rows.append({"decoder": name, "tok_s": _decode_rate(run, prompt, gen_len, sync)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labkit.studies.decode_speed",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--round", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.round:  # a child process of run_ladder
+        res = measure_round(Spec(**json.loads(args.round)), args.threads)
+        Path(args.result).write_text(json.dumps(res))
+        return 0
+    ap.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Study 12 (labkit.studies.decode_speed): the ladder's arithmetic, its tokens, the breakdown."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import decisive_llama, token_prompt
+
+from labkit.studies import decode_speed as ds
+
+NAMES = [n for n, _ in ds.RUNGS]
+
+
+def _round(threads: int, scale: float, load: float = 0.5) -> dict:
+    rates = {n: scale * (10.0 + 5 * i) for i, n in enumerate(NAMES)}
+    return {"threads": threads, "rates": rates, "tokens": {n: [1, 2, 3] for n in NAMES},
+            "load_avg_1m": load}
+
+
+def test_ladder_table_takes_gains_within_a_process() -> None:
+    rounds = [_round(1, 1.0), _round(1, 0.5, load=3.0), _round(1, 1.0)]
+    table = ds.ladder_table(rounds, bytes_per_token=1e8, read_gbs={1: 10.0})
+    first, last = table.iloc[0], table.iloc[-1]
+    assert first.gain_vs_readable == 1.0 and first.gain_vs_previous == 1.0
+    assert last.gain_vs_readable == pytest.approx(30.0 / 10.0)  # the same in every process
+    assert last.tok_s == 30.0 and (last["min"], last["max"]) == (15.0, 30.0)
+    assert last.bandwidth_fraction == pytest.approx(30.0 / 100.0)  # limit 10 GB/s / 100 MB
+    assert last.load_max == 3.0 and last.processes == 3
+    assert ds.same_tokens(rounds)
+    rounds[1]["tokens"][NAMES[2]] = [1, 2, 4]
+    assert not ds.same_tokens(rounds)
+
+
+def test_every_rung_decodes_the_readable_tokens() -> None:
+    model = decisive_llama()
+    prompt = token_prompt(5)
+    outs = {name: run(prompt, 24).tolist() for name, run in ds._decoders(model).items()}
+    assert all(o == outs[NAMES[0]] for o in outs.values())
+
+
+def test_breakdown_accounts_for_the_wall_time_and_names_families() -> None:
+    model = decisive_llama()
+    parts = ds.breakdown(model, {"fuse": True}, token_prompt(5), steps=4)
+    assert parts["matrix products"] > 0 and parts["Python and dispatch"] >= 0
+    assert ds._family("aten::addmm") == "matrix products"
+    assert ds._family("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert ds._family("aten::whatever") == "other operators"
