@@ -80,26 +80,27 @@ MAC_BUDGET_SOURCE = (
     "mtldevice/recommendedmaxworkingsetsize), which llama.cpp, MLX and Ollama use as the GPU "
     "memory limit, measured with the default sysctl iogpu.wired_limit_mb = 0 on current macOS: "
     "12,713,115,648 bytes of 16 GB (0.74; llama.cpp's Metal log on M1 and M4 Macs) and 107.52 "
-    "GiB of 128 GiB (0.84; M5 Max, macOS 26, antirez/ds4 issue #890 and PR #893). Between the "
-    "two the share is interpolated linearly in log2(RAM), outside it is held at the nearer one: "
-    "an approximation. Older macOS releases gave less (2/3 of RAM up to 36 GB, 3/4 above: "
-    "21845.34 MB of 32 GB in ollama/ollama issue #434, 49152 MiB of 64 GB in ggml-org/llama.cpp "
-    "issue #1870), and `sudo sysctl iogpu.wired_limit_mb=N` raises the limit until reboot."
+    "GiB of 128 GiB (0.84; M5 Max, macOS 26, antirez/ds4 issue #890 and PR #893). The share is "
+    "taken linear in log2(RAM) through those two points, extended below 16 GB and held at 0.84 "
+    "above 128 GB: an approximation that errs towards 'does not fit'. Older macOS releases gave "
+    "less (2/3 of RAM up to 36 GB, 3/4 above: 21845.34 MB of 32 GB in ollama/ollama issue #434, "
+    "49152 MiB of 64 GB in ggml-org/llama.cpp issue #1870), and `sudo sysctl iogpu.wired_limit_mb=N` raises the limit until reboot."
 )
 
 
 def mac_gpu_share(memory_gb: float) -> float:
     """The default share of unified memory Metal lets the GPU use (see MAC_BUDGET_SOURCE).
 
-    Linear in log2(memory) between the measured points of :data:`MAC_WORKING_SET_SHARE`, and
-    constant beyond them: a larger Mac never gets a smaller share.
+    Linear in log2(memory) through the measured points of :data:`MAC_WORKING_SET_SHARE`; below
+    the smallest the same line goes on down (smaller Macs have kept smaller shares), above the
+    largest the share stays put. Both ends err towards "does not fit".
     """
     import math
 
     memory_gb = finite_float(memory_gb, "memory_gb", positive=True)
     (lo, s_lo), (hi, s_hi) = sorted(MAC_WORKING_SET_SHARE.items())
     t = (math.log2(memory_gb) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
-    return s_lo + min(max(t, 0.0), 1.0) * (s_hi - s_lo)
+    return s_lo + min(t, 1.0) * (s_hi - s_lo)
 
 
 def mac_gpu_budget_bytes(memory_gb: float) -> int:

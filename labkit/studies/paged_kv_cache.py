@@ -499,9 +499,10 @@ def plot_memory_timeline(
         name = f"contiguous, max-length ({max_len})" if policy != "paged" else f"paged, block {block_size}"
         ax.set_title(f"{name}: {w:.1f} % wasted")
         ax.set_xlabel("decode step (one token per live request)")
-        top = float(t.reserved.max()) * bytes_per_token  # ticks at multiples of a power of two
-        ax.yaxis.set_major_locator(MultipleLocator(2.0 ** math.ceil(math.log2(max(top, 1) / 6))))
         ax.yaxis.set_major_formatter(plotting.bytes_formatter())
+    top = float(timeline.reserved.max()) * bytes_per_token  # the shared y axis: ticks at
+    step = 2.0 ** math.ceil(math.log2(max(top, 1.0) / 6))  # multiples of a power of two
+    axes[0].yaxis.set_major_locator(MultipleLocator(step))
     axes[0].set_ylabel("KV cache of live requests (bytes)")
     axes[1].legend(loc="upper right")
     fig.suptitle(f"KV memory while serving {requests} requests, {concurrency} at a time ({model_name})")

@@ -259,7 +259,7 @@ def plan_table(
 
 #: the budget a "fits" record was judged against (its params say so)
 BUDGET_NOTE = ("Metal's default recommended working set (0.74 of 16 GB, 0.84 of 128 GB, "
-               "log-interpolated between)")
+               "linear in log2 RAM through them, held above 128 GB)")
 
 
 def _planner_record(metric: str, value: int, unit: str, model: str, params: dict) -> dict:
