@@ -94,7 +94,7 @@ class _LiveRows(PaddedBatch):
     rows are gathered (a copy), which happens only while the last requests drain.
     """
 
-    def __init__(self, base: PaddedBatch, rows: Sequence[int]) -> None:  # noqa: D107
+    def __init__(self, base: PaddedBatch, rows: Sequence[int]) -> None:
         import torch
 
         self.base, self.kv, self.rows = base, base.kv, list(rows)

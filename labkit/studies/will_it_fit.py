@@ -594,17 +594,10 @@ def offload_files(offload_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in Path(offload_dir).rglob("*") if p.is_file())
 
 
-def offloaded_file_bytes(folder: Path, modules: list[str]) -> int:
-    """Bytes the checkpoint stores for the tensors of ``modules`` (what a forward reads from the
-    disk for them, at the file's precision)."""
-    from labkit.models.loader import read_safetensors_header, weight_files
-
-    total = 0
-    for path in weight_files(folder):
-        for name, info in read_safetensors_header(path).items():
-            if name != "__metadata__" and any(name.startswith(m + ".") for m in modules):
-                total += info["data_offsets"][1] - info["data_offsets"][0]
-    return total
+def offloaded_bytes(offload_dir: str | os.PathLike[str]) -> int:
+    """Bytes of the offloaded weights as accelerate stored them (its tensor files, at the model's
+    dtype, not its JSON index): what every forward pass must read back."""
+    return sum(p.stat().st_size for p in offload_files(offload_dir) if p.suffix != ".json")
 
 
 def _timed_generate(model: Any, prompt: Any, new_tokens: int, warmup: int, repeats: int,
@@ -644,7 +637,7 @@ class Offload:
     table: pd.DataFrame  # index placement; median_s, p10_s, p90_s, tok_s, n, disk_bytes_per_pass
     same_tokens: bool  # every split run generated exactly the unsplit one's tokens
     prompt: Any  # the random prompt both generated from, [1, prompt_tokens]
-    offloaded_bytes: int  # what the checkpoint stores for the disk modules
+    offloaded_bytes: int  # the disk modules' weights as accelerate wrote them (:func:`offloaded_bytes`)
     disk_skipped: str | None = None  # why there is no disk-speed row, where there is none
 
     @property
@@ -703,9 +696,8 @@ def offload_benchmark(
                          p90_s=stats.p90, tok_s=new_tokens / stats.median, n=stats.n,
                          disk_bytes_per_pass=per_pass))
     same = all(torch.equal(outputs[UNSPLIT], out) for out in outputs.values())
-    disk = sorted(k for k, v in device_map.items() if v == "disk")
     return Offload(budget, device_map, pd.DataFrame(rows).set_index("placement"), same, prompt,
-                   offloaded_file_bytes(folder, disk), skipped)
+                   offloaded_bytes(offload_dir), skipped)
 
 
 def _int_or_none(x: Any) -> int | None:
@@ -804,7 +796,7 @@ def describe_offload(off: Offload) -> str:
 
     t = off.table
     lines = [f"{len(off.disk_modules)} of {len(off.device_map)} modules on disk "
-             f"({plotting.format_bytes(off.offloaded_bytes)} of weights in the checkpoint); "
+             f"({plotting.format_bytes(off.offloaded_bytes)} of offloaded weights); "
              f"same greedy tokens in every placement: {off.same_tokens}",
              f"unsplit {t.loc[UNSPLIT, 'tok_s']:.2f} tok/s; split, page cache "
              f"{t.loc[PAGE_CACHE, 'tok_s']:.2f} tok/s ({off.slowdown():.2f}x slower)"]
