@@ -168,3 +168,15 @@ def test_vllm_stage_links_only_the_model_files_and_replaces_stale_links(tmp_path
     other.mkdir(parents=True)
     (other / "config.json").write_text("{}")
     assert vllm_rt.stage_model(other) != stage
+
+
+def test_vllm_engine_args_set_the_kv_pool_in_bytes(tmp_path) -> None:
+    kw = dict(max_model_len=256, max_num_seqs=4, block_size=32, dtype="float32", max_logprobs=20,
+              seed=0)
+    args = vllm_rt.engine_args(tmp_path, **kw)
+    assert args == dict(model=str(tmp_path), **kw)  # no pool option: VLLM_CPU_KVCACHE_SPACE rules
+    args = vllm_rt.engine_args(tmp_path, **kw, kv_cache_bytes=3 * 2**20, prefix_caching=False)
+    assert args["kv_cache_memory_bytes"] == 3 * 2**20 and args["enable_prefix_caching"] is False
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="kv_cache_bytes must be a positive integer"):
+            vllm_rt.engine_args(tmp_path, **kw, kv_cache_bytes=bad)

@@ -18,7 +18,14 @@ import torch
 from conftest import build_hf_checkpoint, decisive_llama
 
 from labkit.inference import generate
-from labkit.inference.serve import serve_paged
+from labkit.inference.serve import (
+    ContiguousStore,
+    PagedStore,
+    kv_bytes_per_token,
+    serve,
+    serve_contiguous,
+    serve_paged,
+)
 from labkit.runtimes import vllm_rt
 from labkit.studies import paged_kv_cache as pagedstudy
 from labkit.studies.paged_kv_cache import Request
@@ -245,7 +252,7 @@ def test_serve_paged_equals_greedy_alone(tiny) -> None:
 def test_serve_paged_refuses_bad_arguments(model) -> None:
     with pytest.raises(ValueError, match="differ in length"):
         serve_paged(model, [[1, 2]], [1, 2], concurrency=1)
-    with pytest.raises(ValueError, match="serve_paged: concurrency must be a positive integer"):
+    with pytest.raises(ValueError, match="serve: concurrency must be a positive integer"):
         serve_paged(model, [[1, 2]], [1], concurrency=0)
 
 
@@ -265,9 +272,13 @@ def test_mix_prompts_are_seeded_ids_of_the_prompt_lengths() -> None:
 def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
     monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
-    df = pagedstudy.vllm_side_by_side([Request(4, 3), Request(9, 2)], model=str(tiny), concurrency=2)
+    df = pagedstudy.vllm_side_by_side([Request(4, 3), Request(9, 2)], model=str(tiny), concurrency=2,
+                                      budget_seqs=1, block_size=4)
     ours, theirs = df.set_index("engine").loc["labkit-paged"], df.set_index("engine").loc["vllm-cpu"]
     assert ours.status == "ok" and ours.tok_s > 0
+    # ours serves from a pool of the budget: one max-length sequence (256 positions) of blocks
+    assert ours.kv_budget_bytes == ours.kv_reserved_bytes == 256 * ours.kv_block_bytes // 4
+    assert ours.peak_live == 2
     assert theirs.status.startswith("not run: no vLLM venv")
     assert "tok_s" not in df or np.isnan(theirs.tok_s)
     assert pagedstudy.describe_vllm(df) == f"vLLM side-by-side {theirs.status}"
@@ -276,9 +287,9 @@ def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) 
 def test_serve_records_and_install_note() -> None:
     side = pd.DataFrame([
         dict(engine="labkit-paged", status="ok", tok_s=10.0, kv_reserved_bytes=100,
-             kv_peak_in_use_bytes=60, greedy_agreement_pct=100.0),
-        dict(engine="vllm-cpu", status="ok", tok_s=30.0, kv_reserved_bytes=1000,
-             kv_peak_in_use_bytes=None, greedy_agreement_pct=100.0),
+             kv_budget_bytes=128, kv_peak_in_use_bytes=60, greedy_agreement_pct=100.0),
+        dict(engine="vllm-cpu", status="ok", tok_s=30.0, kv_reserved_bytes=100,
+             kv_budget_bytes=128, kv_peak_in_use_bytes=None, greedy_agreement_pct=100.0),
     ])
     recs = pagedstudy.serve_records(side, model="m", params={"seed": 0})
     assert [(r["metric"], r["runtime"]) for r in recs] == [
@@ -288,7 +299,8 @@ def test_serve_records_and_install_note() -> None:
     assert "3.00x tok/s" in pagedstudy.describe_vllm(side)
     attempt = dict(date="d", summary="s", errors_on_the_way=[dict(error="E", fix="F")])
     assert pagedstudy.vllm_install_note(attempt) == "vLLM install (d): s\n  - E  -> F"
-    assert "no attempt recorded" in pagedstudy.vllm_install_note(None)
+    assert "no attempt recorded" in pagedstudy.vllm_install_note({})
+    assert pagedstudy.vllm_install_note().startswith("vLLM install")  # the checkout's own record
 
 
 @pytest.mark.slow
@@ -302,8 +314,141 @@ def test_vllm_greedy_parity_with_ours(tmp_path) -> None:
     folder = build_hf_checkpoint(tmp_path / "llama-hd64", "llama", hidden_size=128,
                                  num_attention_heads=2, num_key_value_heads=1)
     df = pagedstudy.vllm_side_by_side([Request(6, 5), Request(13, 8), Request(2, 4)],
-                                      model=str(folder), concurrency=2)
+                                      model=str(folder), concurrency=2, budget_seqs=1)
     v = df.set_index("engine").loc["vllm-cpu"]
     assert v.status == "ok", v.status
     assert v.greedy_agreement_pct == 100.0
-    assert v.kv_reserved_bytes > 0
+    assert pagedstudy.same_pool(df), df[["engine", "kv_reserved_bytes", "kv_budget_bytes"]]
+
+
+# --- serving under a fixed KV budget ------------------------------------------------------------
+
+SERVE_LENGTHS = [(5, 7), (19, 3), (1, 12), (33, 1), (12, 9), (7, 20), (40, 15)]
+
+
+@pytest.fixture(scope="module")
+def serve_case(model):
+    """Prompts, output caps and each request's greedy tokens decoded alone (the reference)."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 96, n).tolist() for n, _ in SERVE_LENGTHS]
+    max_tokens = [n for _, n in SERVE_LENGTHS]
+    refs = [generate.greedy(model, torch.tensor([p]), n).new_tokens[0].tolist()
+            for p, n in zip(prompts, max_tokens, strict=True)]
+    return prompts, max_tokens, refs
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_serve_contiguous_rows_equal_greedy_alone(model, serve_case, rows) -> None:
+    prompts, max_tokens, refs = serve_case
+    budget = rows * 64 * kv_bytes_per_token(model)
+    got = serve_contiguous(model, prompts, max_tokens, max_len=64, kv_budget_bytes=budget)
+    assert got["tokens"] == refs and max(got["live"]) == rows and got["preemptions"] == 0
+    assert got["kv_pool_bytes"] == budget and got["capacity_positions"] == rows * 64
+    # every live request reserves a whole row
+    assert all(r == n * 64 for r, n in zip(got["reserved_positions"], got["live"], strict=True))
+    assert all(u <= r for u, r in zip(got["used_positions"], got["reserved_positions"], strict=True))
+
+
+def test_serve_paged_in_a_small_budget_preempts_and_still_equals_greedy(model, serve_case) -> None:
+    prompts, max_tokens, refs = serve_case
+    budget = 16 * 4 * kv_bytes_per_token(model)  # 16 blocks of 4: the longest request just fits
+    got = serve_paged(model, prompts, max_tokens, concurrency=99, block_size=4,
+                      kv_budget_bytes=budget)
+    assert got["preemptions"] > 0 and got["tokens"] == refs  # recomputed caches, same argmax
+    assert got["kv_pool_bytes"] == budget and max(got["live"]) > 1
+    assert got["kv_peak_in_use_bytes"] <= budget and any(got["waiting"])
+    roomy = serve_paged(model, prompts, max_tokens, concurrency=99, block_size=4,
+                        kv_budget_bytes=4 * budget)
+    assert roomy["preemptions"] == 0 and max(roomy["live"]) > max(got["live"])
+
+
+def test_serve_refuses_what_cannot_fit(model) -> None:
+    bpt = kv_bytes_per_token(model)
+    with pytest.raises(ValueError, match="does not fit the KV store even alone"):
+        serve_paged(model, [[1] * 30], [10], concurrency=1, block_size=4, kv_budget_bytes=8 * 4 * bpt)
+    with pytest.raises(ValueError, match="does not fit the KV store even alone"):
+        serve_contiguous(model, [[1] * 60], [10], max_len=64, kv_budget_bytes=64 * bpt)
+    with pytest.raises(ValueError, match="max-length rows in kv_budget_bytes must be a positive"):
+        serve_contiguous(model, [[1]], [1], max_len=64, kv_budget_bytes=63 * bpt)
+    with pytest.raises(ValueError, match="blocks in kv_budget_bytes must be a positive"):
+        serve_paged(model, [[1]], [1], concurrency=1, block_size=4, kv_budget_bytes=3 * bpt)
+    with pytest.raises(ValueError, match="serve: prompts and max_tokens differ"):
+        serve(model, ContiguousStore(model, max_len=8, slots=1), [[1]], [1, 2], concurrency=1)
+
+
+def test_paged_store_admits_after_the_live_sequences_next_blocks(model) -> None:
+    store = PagedStore(model, num_blocks=4, block_size=4)
+    handles = []
+    for n in (4, 4):  # two sequences of one full block each: both need a new block next
+        handle, cache = store.admit()
+        store.pool.prepare_write(handle, n)
+        store.pool.tables.advance(handle, n)
+        handles.append(handle)
+    assert store.to_preempt(handles) == 0  # 2 free blocks for 2 next tokens
+    assert not store.can_admit(1, handles)  # the 2 free blocks are the live ones' next blocks
+    assert store.can_admit(1, handles[:1]) and not store.can_admit(4, handles[:1])
+    store.pool.tables.allocator.allocate()  # one free block left: the newest must go
+    assert store.to_preempt(handles) == 1
+    assert store.reserved_positions() == 12 and store.bytes_in_use() == 3 * store.pool.bytes_per_block()
+
+
+def test_serve_at_budgets_rows_records_and_figure(tiny, well_drawn) -> None:
+    from labkit.models import load
+
+    model = load(tiny, dtype="float32").model
+    mix = pagedstudy.request_mix(10, max_len=256, max_new_tokens=12, prompt_median=20,
+                                 output_median=6, seed=1)
+    budgets = pagedstudy.serve_at_budgets(model, mix, budget_seqs=[1, 2], max_len=256, block_size=16)
+    assert list(zip(budgets.budget_seqs, budgets.policy, strict=True)) == [
+        (1, "contiguous"), (1, "paged"), (2, "contiguous"), (2, "paged")]
+    assert list(budgets.budget_bytes) == [pagedstudy.budget_bytes(model, 256, k) for k in (1, 1, 2, 2)]
+    table = pagedstudy.budget_table(budgets)
+    assert list(table.peak_live.contiguous) == [1, 2] and (table.peak_live.paged > [1, 2]).all()
+    assert (table.waste_pct.paged < table.waste_pct.contiguous).all()
+    assert (budgets.generated_tokens == sum(r.output_len for r in mix)).all()
+    assert (budgets.greedy_agreement_pct == 100).all() and (budgets.kv_pool_bytes <= budgets.budget_bytes).all()
+    recs = pagedstudy.budget_records(budgets, model="m", device="cpu", block_size=16, max_len=256,
+                                     threads=1, seed=0)
+    assert len(recs) == 3 * len(budgets)
+    assert {r["metric"] for r in recs} == {"budget_admitted_requests", "budget_serve_tok_s",
+                                           "budget_waste_pct"}
+    assert {r["params"]["block_size"] for r in recs if r["params"]["cache"] == "contiguous"} == {None}
+    well_drawn(pagedstudy.plot_budget_serving(budgets, max_len=256, block_size=16, threads=1,
+                                              model_name="m"))
+    text = pagedstudy.describe_budgets(budgets)
+    assert "admitted 1 contiguous vs" in text and text.count("\n") == 1
+    with pytest.raises(ValueError, match="budget_bytes: seqs must be a positive integer"):
+        pagedstudy.budget_bytes(model, 256, 0)
+
+
+def _side(vllm_bytes: int, status: str = "ok") -> pd.DataFrame:
+    return pd.DataFrame([
+        dict(engine="labkit-paged", status="ok", tok_s=10.0, kv_reserved_bytes=1000,
+             kv_budget_bytes=1024, kv_block_bytes=100, greedy_agreement_pct=100.0),
+        dict(engine="vllm-cpu", status=status, tok_s=20.0, kv_reserved_bytes=vllm_bytes,
+             kv_budget_bytes=1024, kv_block_bytes=100, greedy_agreement_pct=100.0),
+    ])
+
+
+def test_same_pool_compares_like_with_like() -> None:
+    assert pagedstudy.same_pool(_side(1000)) and pagedstudy.same_pool(_side(920))
+    assert not pagedstudy.same_pool(_side(1100))  # over the budget
+    assert not pagedstudy.same_pool(_side(800))  # two blocks short of ours
+    assert "KV pool vLLM 920 B" in pagedstudy.describe_vllm(_side(920))
+
+
+def test_record_side_by_side_skips_or_records(tmp_path, monkeypatch, capsys) -> None:
+    from labkit.core.results import load_results
+
+    monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    assert not pagedstudy.record_side_by_side(_side(0, status="not run: no venv"), model="m",
+                                              params={})
+    assert "skipped: vLLM side-by-side: not run: no venv" in capsys.readouterr().out
+    assert pagedstudy.record_side_by_side(_side(1000), model="m", params={"seed": 0})
+    df = load_results(pagedstudy.STUDY)
+    assert len(df) == 5 and all("load_avg_1m" in p for p in df.params)
+
+
+def test_describe_load_names_the_cpus() -> None:
+    text = pagedstudy.describe_load(pd.DataFrame(dict(load_1min=[1.0, 2.5])))
+    assert text.startswith("1-minute load average of this machine while timing: 1.0-2.5 on ")

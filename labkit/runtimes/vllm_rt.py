@@ -27,7 +27,8 @@ Setup (what ran here, recorded with its errors in ``data/peers/vllm_attempt.json
 
 The CPU attention backend needs ``block_size`` a multiple of 32, has no kernel for small heads
 ("Unsupported CPU attention configuration: head_dim=16", tiny-llama's 64 is fine), and reads
-``VLLM_CPU_KVCACHE_SPACE`` in whole GiB; vLLM reads every ``*.safetensors`` of a folder as weights (:func:`stage_model`).
+``VLLM_CPU_KVCACHE_SPACE`` in whole GiB (``kv_cache_bytes`` passes vLLM's
+``kv_cache_memory_bytes`` instead, any number of bytes: :func:`engine_args`); vLLM reads every ``*.safetensors`` of a folder as weights (:func:`stage_model`).
 
 ``available()`` is honest: it says why vLLM cannot run (no venv, the import error, or the
 failure recorded in ``data/peers/vllm_attempt.json`` by the last install/run attempt).
@@ -123,6 +124,35 @@ def stage_model(model_dir: Path) -> Path:
     return stage
 
 
+def engine_args(
+    model_dir: Path,
+    *,
+    max_model_len: int,
+    max_num_seqs: int,
+    block_size: int,
+    dtype: str,
+    max_logprobs: int,
+    seed: int,
+    prefix_caching: bool | None = None,
+    kv_cache_bytes: int | None = None,
+) -> dict[str, Any]:
+    """The first JSON line the worker reads: ``vllm.LLM``'s arguments (``vllm_worker._build``).
+
+    ``kv_cache_bytes`` becomes ``kv_cache_memory_bytes`` (vLLM's engine argument: the KV pool in
+    bytes, skipping its memory profiling), so a comparison can give vLLM the KV memory ours has.
+    """
+    args: dict[str, Any] = dict(model=str(model_dir), max_model_len=int(max_model_len),
+                                max_num_seqs=int(max_num_seqs), block_size=int(block_size),
+                                dtype=dtype, max_logprobs=int(max_logprobs), seed=int(seed))
+    if prefix_caching is not None:
+        args["enable_prefix_caching"] = bool(prefix_caching)
+    if kv_cache_bytes is not None:
+        if isinstance(kv_cache_bytes, bool) or int(kv_cache_bytes) <= 0:
+            raise ValueError(f"engine_args: kv_cache_bytes must be a positive integer, got {kv_cache_bytes!r}")
+        args["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+    return args
+
+
 class VLLMWorker:
     """One vLLM ``LLM`` in a child process (its own venv), spoken to in JSON lines."""
 
@@ -134,6 +164,7 @@ class VLLMWorker:
         max_num_seqs: int = 8,
         block_size: int = 32,
         kv_cache_gib: int = 1,
+        kv_cache_bytes: int | None = None,
         threads: int | None = None,
         dtype: str = "float32",
         max_logprobs: int = 20,
@@ -141,7 +172,10 @@ class VLLMWorker:
         prefix_caching: bool | None = None,
     ) -> None:
         """``prefix_caching`` None keeps vLLM's default (automatic prefix caching on); a benchmark
-        that repeats one prompt passes False, or every repeat after the first skips its prefill."""
+        that repeats one prompt passes False, or every repeat after the first skips its prefill.
+        ``kv_cache_bytes`` sets vLLM's KV pool to exactly that many bytes (its
+        ``kv_cache_memory_bytes``, which the CPU worker honours over ``VLLM_CPU_KVCACHE_SPACE``);
+        without it the pool is ``kv_cache_gib`` whole GiB."""
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").exists():
             raise FileNotFoundError(f"VLLMWorker: {model_dir} has no config.json (a HF model folder)")
@@ -163,11 +197,10 @@ class VLLMWorker:
             [str(vllm_python()), str(WORKER)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
         )
-        args = dict(model=str(stage_model(model_dir)), max_model_len=max_model_len,
-                    max_num_seqs=max_num_seqs, block_size=block_size, dtype=dtype,
-                    max_logprobs=max_logprobs, seed=seed)
-        if prefix_caching is not None:
-            args["enable_prefix_caching"] = bool(prefix_caching)
+        args = engine_args(stage_model(model_dir), max_model_len=max_model_len,
+                           max_num_seqs=max_num_seqs, block_size=block_size, dtype=dtype,
+                           max_logprobs=max_logprobs, seed=seed, prefix_caching=prefix_caching,
+                           kv_cache_bytes=kv_cache_bytes)
         self.info = self._send(args)
 
     def _send(self, message: dict) -> dict:

@@ -34,6 +34,8 @@ def _build(args: dict):
     extra = {}
     if "enable_prefix_caching" in args:  # absent: vLLM's default (on)
         extra["enable_prefix_caching"] = bool(args["enable_prefix_caching"])
+    if "kv_cache_memory_bytes" in args:  # absent: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+        extra["kv_cache_memory_bytes"] = int(args["kv_cache_memory_bytes"])
     return LLM(
         model=args["model"],
         tokenizer=args["model"],
@@ -69,6 +71,7 @@ def _info(llm) -> dict:
         "kv_bytes_per_token": per_token,
         "kv_reserved_bytes": None if blocks is None else int(blocks) * cache.block_size * per_token,
         "cpu_kvcache_space_env": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+        "kv_cache_memory_bytes": getattr(cache, "kv_cache_memory_bytes", None),
         "dtype": str(model_cfg.dtype),
     }
 

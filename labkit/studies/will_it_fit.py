@@ -16,7 +16,8 @@ weights are read), so a 7B or 8B model can be planned on a laptop that could nev
 The notebook's sections, each a function here: the plan (:func:`plan_table`,
 :func:`record_plans`, :func:`plot_plan`, :func:`scheme_table`), the planner against the shipped
 model's real tensors (:func:`shipped_checks`), and accelerate's device map with disk offload
-(:func:`offload_benchmark`, :func:`mps_offload`).
+(:func:`offload_benchmark`, :func:`mps_offload`): served from the page cache and, where the
+platform can drop files from it (``posix_fadvise``), at disk speed.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def planned_configs(stems: list[str], model: str) -> tuple[dict[str, dict[str, A
     """
     from labkit.models.loader import resolve
 
-    _, folder, _ = resolve(model)
-    name = "tiny-llama" if model == "tiny-llama" else folder.name
+    name, folder, source = resolve(model)  # a registry name ("smollm2-135m") keeps its name
+    if source == "local folder" or "/" in name:
+        name = folder.name
     configs = {stem: load_config(stem) for stem in stems}
     configs[name] = load_config(folder)
     return configs, folder, name
@@ -256,7 +258,8 @@ def plan_table(
 
 
 #: the budget a "fits" record was judged against (its params say so)
-BUDGET_NOTE = "default GPU working set (approx. 2/3 <= 36 GB, 3/4 above)"
+BUDGET_NOTE = ("Metal's default recommended working set (0.74 of 16 GB, 0.84 of 128 GB, "
+               "linear in log2 RAM through them, held above 128 GB)")
 
 
 def _planner_record(metric: str, value: int, unit: str, model: str, params: dict) -> dict:
@@ -301,7 +304,7 @@ def figure_table(
     configs: Mapping[str, Mapping[str, Any]], precisions: list[str], context: int, batch: int,
     kv_precision: str,
 ) -> pd.DataFrame:
-    """GiB of weights, KV cache and activations per model and precision at ``context`` (or the
+    """Bytes of weights, KV cache and activations per model and precision at ``context`` (or the
     model's window, if shorter): the bars of :func:`plot_plan`."""
     import pandas as pd
 
@@ -310,35 +313,47 @@ def figure_table(
         ctx = min(context, window_of(cfg, context))
         for precision in precisions:
             p = plan(cfg, precision, ctx, batch, kv_precision=kv_precision, name=name)
-            rows.append(dict(label=f"{label(name)} {precision} @{ctx}", weights=p.weights_bytes / GiB,
-                             kv=p.kv_bytes / GiB, act=p.activation_bytes / GiB))
+            rows.append(dict(label=f"{label(name)} {precision} @{ctx}", weights=p.weights_bytes,
+                             kv=p.kv_bytes, act=p.activation_bytes))
     return pd.DataFrame(rows)
 
 
 def plot_plan(fig_df: pd.DataFrame, batch: int, kv_precision: str) -> Figure:
-    """Stacked bars (weights, KV cache, activations) against the GPU budget of each Mac in range."""
+    """Stacked bars (weights, KV cache, activations) against the GPU budget of each Mac in range.
+
+    The budgets are dotted lines named on a second axis above the plot, so no label sits on a
+    bar; the byte axis has its ticks at multiples of a power-of-two size.
+    """
+    import math
+
     import numpy as np
+    from matplotlib.ticker import MultipleLocator
 
     from labkit.core import plotting
 
-    fig, ax = plotting.new_figure(figsize=(10, 0.32 * len(fig_df) + 1.5))
+    fig, ax = plotting.new_figure(figsize=(10, 0.32 * len(fig_df) + 1.8))
     y = np.arange(len(fig_df))[::-1]
     left = np.zeros(len(fig_df))
     for col, name in (("weights", "weights"), ("kv", f"KV cache ({kv_precision})"),
                       ("act", "activations (estimate)")):
         ax.barh(y, fig_df[col], left=left, label=name)
-        left += fig_df[col].to_numpy()
-    for gb in chips.MAC_MEMORY_GB:
-        budget = chips.mac_gpu_budget_bytes(gb) / GiB
-        if budget <= left.max() * 1.15:
-            ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
-            ax.text(budget, y.max() + 1.7, f"{gb} GB Mac", rotation=90, fontsize=7, va="top",
-                    ha="right", color="dimgrey")
-    ax.set_ylim(y.min() - 0.7, y.max() + 1.8)
+        left += fig_df[col].to_numpy(dtype=float)
+    top = float(left.max()) * 1.15
+    macs = [(gb, chips.mac_gpu_budget_bytes(gb)) for gb in chips.MAC_MEMORY_GB
+            if chips.mac_gpu_budget_bytes(gb) <= top]
+    for _, budget in macs:
+        ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlim(0, top)
+    ax.xaxis.set_major_locator(MultipleLocator(2.0 ** math.ceil(math.log2(top / 8))))
+    ax.xaxis.set_major_formatter(plotting.bytes_formatter())
+    macs_axis = ax.secondary_xaxis("top")
+    macs_axis.set_xticks([b for _, b in macs], [f"{gb} GB Mac" for gb, _ in macs], fontsize=7)
+    macs_axis.tick_params(length=0, labelcolor="dimgrey")
+    ax.set_ylim(y.min() - 0.7, y.max() + 0.7)
     ax.set_yticks(y, fig_df.label, fontsize=8)
-    ax.set_xlabel("memory (GiB); dotted: default GPU budget of a Mac (approx.)")
+    ax.set_xlabel("memory (bytes); dotted: Metal's default GPU working set of a Mac")
     ax.set_ylabel("model, precision @ context (tokens)")
-    ax.set_title(f"Will it fit? Weights + KV cache + activations (batch {batch})")
+    ax.set_title(f"Will it fit? Weights + KV cache + activations (batch {batch})", pad=18)
     ax.legend(fontsize=8, loc="lower right")
     return fig
 
@@ -500,27 +515,36 @@ def load_with_device_map(
     offload_folder: str | os.PathLike[str],
     dtype: Any = None,
 ) -> Any:
-    """The transformers model of ``folder`` placed by ``device_map`` (accelerate hooks move each
-    offloaded block's weights in for its forward and out after). safetensors only."""
+    """The transformers model of ``folder`` placed by ``device_map``: loaded whole, then
+    dispatched by accelerate (``dispatch_model``), which writes the "disk" modules' weights to
+    ``offload_folder`` (a file per tensor) and hooks every offloaded module to read its weights
+    in for its forward and drop them after. safetensors only.
+
+    Why not ``from_pretrained(device_map=...)``: for a safetensors checkpoint it reads the
+    offloaded weights in place from the checkpoint, a file the in-memory modules keep mapped, so
+    their pages never leave the page cache and no pass can read them at disk speed. The whole
+    model is loaded first (this machine holds it; the budget that forces the split is simulated).
+    """
     import torch
     import transformers
+    from accelerate import dispatch_model
 
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         folder,
-        device_map=dict(device_map),
-        offload_folder=os.fspath(offload_folder),
         dtype=dtype or torch.float32,
         use_safetensors=True,
         local_files_only=True,
         trust_remote_code=False,
     )
+    return dispatch_model(model, device_map=dict(device_map), offload_dir=os.fspath(offload_folder))
 
 
-# --- section 3: a split model, timed -------------------------------------------------------------
+# --- section 3: a split model, timed: from the page cache and at disk speed ---------------------
 
 
 def generate_fixed(model: Any, prompt: Any, new_tokens: int) -> Any:
-    """Greedy ``generate`` of exactly ``new_tokens`` tokens (the same work for every placement)."""
+    """Greedy ``generate`` of exactly ``new_tokens`` tokens (the same work for every placement:
+    ``new_tokens`` forward passes, the prefill and one per further token)."""
     import torch
 
     with torch.inference_mode():
@@ -528,15 +552,80 @@ def generate_fixed(model: Any, prompt: Any, new_tokens: int) -> Any:
                               do_sample=False, pad_token_id=0)
 
 
+def page_cache_eviction_unavailable() -> str | None:
+    """None where files can be dropped from the page cache (``posix_fadvise``), else why not."""
+    if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_DONTNEED"):
+        return None
+    return ("this platform has no posix_fadvise (macOS: fcntl's F_NOCACHE only bypasses the cache "
+            "for reads through the descriptor that sets it, and accelerate opens the weight files "
+            "itself), so the weights cannot be made to come from the disk")
+
+
+def evict_from_page_cache(paths: list[Path]) -> None:
+    """Drop ``paths``' pages from the OS page cache (``POSIX_FADV_DONTNEED``, after writing back
+    any dirty page): their next read comes from the disk. Pages a live mapping holds may stay."""
+    reason = page_cache_eviction_unavailable()
+    if reason is not None:
+        raise OSError(reason)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # a page not yet written back (a fresh file) is not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (Linux ``/proc/self/io``
+    ``read_bytes``: page-cache hits do not count), or None where the kernel does not say."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def offload_files(offload_dir: str | os.PathLike[str]) -> list[Path]:
+    """The files an offloaded forward reads its weights from: what accelerate wrote to
+    ``offload_dir`` (:func:`load_with_device_map`)."""
+    return sorted(p for p in Path(offload_dir).rglob("*") if p.is_file())
+
+
+def offloaded_bytes(offload_dir: str | os.PathLike[str]) -> int:
+    """Bytes of the offloaded weights as accelerate stored them (its tensor files, at the model's
+    dtype, not its JSON index): what every forward pass must read back."""
+    return sum(p.stat().st_size for p in offload_files(offload_dir) if p.suffix != ".json")
+
+
 def _timed_generate(model: Any, prompt: Any, new_tokens: int, warmup: int, repeats: int,
-                    sync: Any = None) -> tuple[Any, Any]:
-    """(the tokens of a first, untimed run; timing.measure's stats of further runs)."""
+                    evict: list[Path] | None = None) -> tuple[Any, Any, int | None]:
+    """(the tokens of a first, untimed run; timing.measure's stats of further runs; bytes read
+    from the disk per forward pass during them). With ``evict``, those files leave the page
+    cache before every forward pass (a pre-hook on the model), so each pass reads them from disk."""
     from labkit.core import timing
 
-    tokens = generate_fixed(model, prompt, new_tokens)
-    stats = timing.measure(lambda: generate_fixed(model, prompt, new_tokens), warmup=warmup,
-                           repeats=repeats, sync=sync)
-    return tokens, stats
+    hook = None
+    if evict is not None:
+        hook = model.register_forward_pre_hook(lambda *_: evict_from_page_cache(evict))
+    try:
+        tokens = generate_fixed(model, prompt, new_tokens)
+        before = disk_read_bytes()
+        stats = timing.measure(lambda: generate_fixed(model, prompt, new_tokens), warmup=warmup,
+                               repeats=repeats)
+        after = disk_read_bytes()
+    finally:
+        if hook is not None:
+            hook.remove()
+    forwards = (warmup + repeats) * new_tokens
+    per_forward = None if before is None or after is None else (after - before) // forwards
+    return tokens, stats, per_forward
+
+
+#: the placements of section 3, in the order they run
+UNSPLIT, PAGE_CACHE, DISK_SPEED = "unsplit (cpu)", "cpu+disk, page cache", "cpu+disk, disk speed"
 
 
 @dataclass
@@ -545,18 +634,34 @@ class Offload:
 
     budget: dict[str, int]  # max_memory: bytes per device
     device_map: dict[str, str | int]
-    table: pd.DataFrame  # index placement; median_s, p10_s, p90_s, tok_s, n
-    same_tokens: bool  # the split model generated exactly the unsplit one's tokens
+    table: pd.DataFrame  # index placement; median_s, p10_s, p90_s, tok_s, n, disk_bytes_per_pass
+    same_tokens: bool  # every split run generated exactly the unsplit one's tokens
     prompt: Any  # the random prompt both generated from, [1, prompt_tokens]
+    offloaded_bytes: int  # the disk modules' weights as accelerate wrote them (:func:`offloaded_bytes`)
+    disk_skipped: str | None = None  # why there is no disk-speed row, where there is none
 
     @property
     def disk_modules(self) -> list[str]:
         return sorted(k for k, v in self.device_map.items() if v == "disk")
 
-    @property
-    def slowdown(self) -> float:
-        """Unsplit tok/s over split tok/s: what offloading to disk costs."""
-        return float(self.table.loc["unsplit (cpu)", "tok_s"] / self.table.loc["cpu+disk", "tok_s"])
+    def slowdown(self, placement: str = PAGE_CACHE) -> float:
+        """Unsplit tok/s over ``placement``'s tok/s: what offloading costs there."""
+        return float(self.table.loc[UNSPLIT, "tok_s"] / self.table.loc[placement, "tok_s"])
+
+
+def _split_and_whole(folder: Path, device_map: dict, offload_dir: Any) -> tuple[Any, Any]:
+    """The model placed by ``device_map`` and the same model whole on the CPU (fp32)."""
+    import warnings
+
+    import torch
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        split_model = load_with_device_map(folder, device_map, offload_dir)
+        whole_model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    return split_model, whole_model
 
 
 def offload_benchmark(
@@ -564,43 +669,55 @@ def offload_benchmark(
     new_tokens: int, warmup: int, repeats: int, offload_dir: str | os.PathLike[str],
 ) -> Offload:
     """Split ``folder``'s model over "cpu" (``cpu_share`` of its fp32 bytes) and "disk", and time
-    ``generate`` split and unsplit (transformers' implementation, fp32) on one random prompt."""
-    import warnings
-
+    ``generate`` unsplit, split with the offloaded weights in the page cache (as the OS leaves
+    them after the first pass), and split with them evicted before every forward pass (read at
+    disk speed; where the platform allows). transformers' implementation, fp32, one random prompt.
+    """
     import pandas as pd
     import torch
-    import transformers
 
     fp32_bytes = weights_bytes(config, "fp32")
     budget = {"cpu": int(cpu_share * fp32_bytes), "disk": 100 * fp32_bytes}
     device_map = auto_device_map(folder, budget)
     if not {"cpu", "disk"} <= set(device_map.values()):
         raise ValueError(f"budget {budget} did not force a split: {device_map}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        split_model = load_with_device_map(folder, device_map, offload_dir)
-        whole_model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    split_model, whole_model = _split_and_whole(folder, device_map, offload_dir)
     prompt = torch.randint(3, config["vocab_size"], (1, prompt_tokens),
                            generator=torch.Generator().manual_seed(0))
+    skipped = page_cache_eviction_unavailable()
+    runs = [(UNSPLIT, whole_model, None), (PAGE_CACHE, split_model, None)]
+    if skipped is None:
+        runs.append((DISK_SPEED, split_model, offload_files(offload_dir)))
     rows, outputs = [], {}
-    for placement, model in (("unsplit (cpu)", whole_model), ("cpu+disk", split_model)):
-        outputs[placement], stats = _timed_generate(model, prompt, new_tokens, warmup, repeats)
+    for placement, model, evict in runs:
+        outputs[placement], stats, per_pass = _timed_generate(model, prompt, new_tokens, warmup,
+                                                              repeats, evict)
         rows.append(dict(placement=placement, median_s=stats.median, p10_s=stats.p10,
-                         p90_s=stats.p90, tok_s=new_tokens / stats.median, n=stats.n))
-    same = torch.equal(outputs["unsplit (cpu)"], outputs["cpu+disk"])
-    return Offload(budget, device_map, pd.DataFrame(rows).set_index("placement"), same, prompt)
+                         p90_s=stats.p90, tok_s=new_tokens / stats.median, n=stats.n,
+                         disk_bytes_per_pass=per_pass))
+    same = all(torch.equal(outputs[UNSPLIT], out) for out in outputs.values())
+    return Offload(budget, device_map, pd.DataFrame(rows).set_index("placement"), same, prompt,
+                   offloaded_bytes(offload_dir), skipped)
+
+
+def _int_or_none(x: Any) -> int | None:
+    """An int, or None for a missing number (None or NaN in a table)."""
+    return None if x is None or x != x else int(x)
 
 
 def record_offload(off: Offload, model: str, cpu_share: float, new_tokens: int) -> None:
-    """Median generation tok/s of each placement, with the budget and the disk modules."""
+    """Median generation tok/s of each placement, with the budget, the disk modules and the
+    bytes each forward pass read from the disk."""
     import torch
 
     results.record_many([
         dict(study=STUDY, metric="offload_tok_s", value=r.tok_s, unit="tokens/s",
              runtime="transformers+accelerate", device="cpu", model=model,
              params=dict(placement=placement, max_memory_cpu=off.budget["cpu"], cpu_share=cpu_share,
-                         disk_modules=len(off.disk_modules) if placement != "unsplit (cpu)" else 0,
+                         disk_modules=len(off.disk_modules) if placement != UNSPLIT else 0,
+                         weights_read="disk" if placement == DISK_SPEED else "memory",
+                         disk_bytes_per_pass=_int_or_none(r.disk_bytes_per_pass),
+                         offloaded_bytes=off.offloaded_bytes,
                          prompt_tokens=off.prompt.shape[1], new_tokens=new_tokens, dtype="float32",
                          stat="median", threads=torch.get_num_threads(), repeats=int(r.n),
                          p10_s=r.p10_s, p90_s=r.p90_s))
@@ -609,13 +726,21 @@ def record_offload(off: Offload, model: str, cpu_share: float, new_tokens: int) 
 
 
 def plot_offload(table: pd.DataFrame, new_tokens: int, model: str) -> Figure:
-    """Median tok/s of each placement, whiskers from the p10 and p90 times."""
+    """Median tok/s of each placement, whiskers from the p10 and p90 times; each bar says where
+    its weights were read from."""
     from labkit.core import plotting
 
-    fig, ax = plotting.new_figure()
-    ax.bar(table.index, table.tok_s, yerr=[table.tok_s - new_tokens / table.p90_s,
-                                           new_tokens / table.p10_s - table.tok_s], capsize=4)
-    ax.set_xlabel("placement of the weights (device map)")
+    fig, ax = plotting.new_figure(figsize=(8, 4.5))
+    colors = [plotting.COLORS[i] for i in range(len(table))]
+    ax.bar(table.index, table.tok_s, color=colors, capsize=4,
+           yerr=[table.tok_s - new_tokens / table.p90_s, new_tokens / table.p10_s - table.tok_s])
+    for x, r in enumerate(table.itertuples()):
+        read = r.disk_bytes_per_pass
+        note = "" if read is None or read != read else f"\n{plotting.format_bytes(read)}/pass from disk"
+        ax.annotate(f"{r.tok_s:.1f} tok/s{note}", (x, r.tok_s), textcoords="offset points",
+                    xytext=(0, 4), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.3 * float(table.tok_s.max()))
+    ax.set_xlabel("placement of the weights (device map; where the offloaded weights are read from)")
     ax.set_ylabel("generation speed (new tokens/s, median)")
     ax.set_title(f"{model}: accelerate disk offload vs unsplit, {new_tokens} new tokens")
     return fig
@@ -651,6 +776,42 @@ def mps_offload(
 
 
 # --- what the numbers say ------------------------------------------------------------------------
+
+
+def read_from_disk(off: Offload) -> bool:
+    """Did each disk-speed forward pass read at least the offloaded weights' bytes from storage?
+
+    The kernel counts whole pages fetched, so a pass that read every offloaded tensor from the
+    disk counts at least their bytes; a page-cache hit counts nothing.
+    """
+    if DISK_SPEED not in off.table.index:
+        return False
+    read = off.table.loc[DISK_SPEED, "disk_bytes_per_pass"]
+    return read is not None and read == read and read >= off.offloaded_bytes
+
+
+def describe_offload(off: Offload) -> str:
+    """The placements' speeds, the slowdowns, and what the disk-speed passes read from storage."""
+    from labkit.core import plotting
+
+    t = off.table
+    lines = [f"{len(off.disk_modules)} of {len(off.device_map)} modules on disk "
+             f"({plotting.format_bytes(off.offloaded_bytes)} of offloaded weights); "
+             f"same greedy tokens in every placement: {off.same_tokens}",
+             f"unsplit {t.loc[UNSPLIT, 'tok_s']:.2f} tok/s; split, page cache "
+             f"{t.loc[PAGE_CACHE, 'tok_s']:.2f} tok/s ({off.slowdown():.2f}x slower)"]
+    if off.disk_skipped:
+        lines.append(f"offload at disk speed not measured: {off.disk_skipped}")
+    else:
+        d, c = t.loc[DISK_SPEED], t.loc[PAGE_CACHE]
+        passes = d.tok_s * d.median_s  # new tokens = forward passes per generate
+        extra = (d.median_s - c.median_s) / passes
+        rate = f"{d.disk_bytes_per_pass / extra / 1e9:.2f} GB/s" if extra > 0 else "n/a"
+        lines.append(f"split, disk speed {d.tok_s:.2f} tok/s ({off.slowdown(DISK_SPEED):.2f}x "
+                     f"slower than unsplit), reading {plotting.format_bytes(d.disk_bytes_per_pass)} "
+                     f"from the disk per forward pass (implied read rate over the page-cache run: "
+                     f"{rate})")
+    return "\n".join(lines)
 
 
 def weights_by_precision(plans: pd.DataFrame) -> pd.DataFrame:
