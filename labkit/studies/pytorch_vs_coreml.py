@@ -229,7 +229,7 @@ def plot_package_sizes(conv: pd.DataFrame, fp16_param_bytes: int, model_name: st
     ax.bar([f"({s}) {cx.STEPS[s]}" for s in conv.index], conv.package_MB * 1e6,
            color=[COMPRESSION_COLORS[c] for c in conv.compression])
     ax.axhline(fp16_param_bytes, ls="--", color="k", lw=1, label="fp16 parameters")
-    ax.yaxis.set_major_formatter(plotting.bytes_formatter())
+    plotting.set_bytes_axis(ax.yaxis)
     ax.set_ylabel("package size on disk (bytes)")
     ax.set_xlabel("ladder step")
     ax.set_title(f"Core ML package size by step and compression ({model_name})")
@@ -522,7 +522,7 @@ def plot_ladder(lad: pd.DataFrame, model_name: str) -> Figure:
     axes[0].bar(x, lad.tok_s, color="#1f77b4")
     axes[0].set_title(f"Measured here: PyTorch eager, CPU ({model_name})")
     axes[1].bar(x, lad[APPLE], color="#aaaaaa", hatch="//")
-    axes[1].set_title("Published (Apple): Core ML, M1 Max, Llama 3.1 8B")
+    axes[1].set_title("Published (Apple): Core ML,\nM1 Max, Llama 3.1 8B")
     for ax in axes:
         ax.set_yscale("log")
         ax.set_xticks(x, labels, rotation=25, ha="right")
