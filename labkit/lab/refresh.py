@@ -33,6 +33,8 @@ NOTEBOOK_TOPICS = {
     "08": "runtimes",
     "09": "fit",
     "10": "kv-cache",
+    "11": "prompt",
+    "12": "runtimes",
 }
 
 

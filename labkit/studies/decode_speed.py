@@ -16,8 +16,8 @@ and a Python loop can reach it if its per-token overhead is small. This module m
   loops in float32, float16 and bfloat16, and the static-shape step captured as a CUDA graph
   (``torch.compile(mode="reduce-overhead")``), against transformers' own static cache + compile.
 
-The llama.cpp and Swift rows of the comparison come from the runtime matrix
-(``labkit.studies.runtime_benchmark``), which runs every runtime the same way.
+The llama.cpp and Swift rows of the comparison come from the runtime matrix of study 08, which
+runs every runtime the same way; the notebook runs it and ``goals_table`` reads its results.
 """
 
 from __future__ import annotations
@@ -207,13 +207,16 @@ def _family(op: str) -> str:
 def breakdown(model: Any, options: dict | None, prompt: Any, steps: int = 16) -> dict[str, float]:
     """Milliseconds per decoded token by operator family (torch.profiler's self CPU time), plus
     "Python and dispatch" = the wall time the operators do not account for."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines are noise
     from torch.profiler import ProfilerActivity, profile
 
     from labkit.inference.fast_decode import FastDecoder
     from labkit.inference.generate import greedy
 
+    dec = None if options is None else FastDecoder(model, **options)  # built once, not timed
+
     def run(n: int) -> Any:
-        return greedy(model, prompt, n) if options is None else FastDecoder(model, **options).greedy(prompt, n)
+        return greedy(model, prompt, n) if dec is None else dec.greedy(prompt, n)
 
     run(4)  # warm-up
     t0 = time.perf_counter()
@@ -276,6 +279,68 @@ def plot_ladder(table: Any, title: str):
            ylabel="rung of the ladder", title=title)
     ax.legend(fontsize=8, loc="lower right")
     return fig
+
+
+# --------------------------------------------------------------------------- limits and goals
+
+
+def limits(model_name: str, threads: list[int], position: int) -> dict[str, Any]:
+    """Bytes one decode step reads (float32 weights, the KV cache at ``position``) and the
+    tokens/s that the read bandwidth at each thread count allows (``core.bandwidth``)."""
+    from labkit.core.bandwidth import read_bandwidth_gbs
+    from labkit.models.config import load_config
+    from labkit.models.loader import resolve
+    from labkit.models.sizes import decode_bytes_per_token
+
+    cfg = load_config(resolve(model_name)[1])
+    nbytes = decode_bytes_per_token(cfg, position, 4)["total"]
+    gbs = {t: read_bandwidth_gbs(t) for t in threads}
+    return {"bytes_per_token": nbytes, "read_gbs": gbs,
+            "limit_tok_s": {t: g * 1e9 / nbytes for t, g in gbs.items()}}
+
+
+#: The study's targets: (what, the ratio's numerator, its denominator, the test, the target)
+GOALS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("labkit decode vs llama.cpp F32", "torch-fast", "llama.cpp-f32", "tg", 0.95),
+    ("labkit prefill vs llama.cpp F32", "torch-fast", "llama.cpp-f32", "pp", 1.0),
+    ("Swift port decode vs llama.cpp F32", "swift", "llama.cpp-f32", "tg", 1.0),
+)
+
+
+def goals_table(matrix: dict, lim: dict[str, Any]) -> Any:
+    """Each goal at each thread count: the ratio of medians (within-round ratios where both are
+    measured against the same reference), met or not; plus labkit's and llama.cpp's decode as a
+    fraction of the bandwidth limit."""
+    import pandas as pd
+
+    done = {k: r for k, r in matrix.items() if "pp" in r}  # the (runtime, threads) that ran
+    rows = []
+    for threads in sorted({t for _, t in done}):
+        for what, num, den, test, target in GOALS:
+            a, b = done.get((num, threads)), done.get((den, threads))
+            if a is None or b is None:
+                rows.append({"goal": what, "threads": threads, "value": None, "target": target,
+                             "met": None, "why": f"{num if a is None else den} did not run"})
+                continue
+            ratio = _within_round_ratio(a, b, test)
+            rows.append({"goal": what, "threads": threads, "value": ratio, "target": target,
+                         "met": ratio >= target, "why": ""})
+        for name in ("torch-fast", "llama.cpp-f32", "swift"):
+            r = done.get((name, threads))
+            if r is not None:
+                frac = r["tg"]["mean"] / lim["limit_tok_s"][threads]
+                rows.append({"goal": f"{name} decode / bandwidth limit", "threads": threads,
+                             "value": frac, "target": 0.75 if name == "torch-fast" else None,
+                             "met": (frac >= 0.75) if name == "torch-fast" else None, "why": ""})
+    return pd.DataFrame(rows)
+
+
+def _within_round_ratio(a: dict, b: dict, test: str) -> float:
+    """a/b from the per-round ratios each has to the same reference, else of the medians."""
+    ra, rb_ = a.get(f"{test}_vs_reference"), b.get(f"{test}_vs_reference")
+    if ra and rb_ and len(ra["processes"]) == len(rb_["processes"]):
+        return float(np.median([x / y for x, y in zip(ra["processes"], rb_["processes"], strict=True)]))
+    return a[test]["mean"] / b[test]["mean"]
 
 
 # --------------------------------------------------------------------------- the GPU
