@@ -346,32 +346,165 @@ def _within_round_ratio(a: dict, b: dict, test: str) -> float:
 # --------------------------------------------------------------------------- the GPU
 
 
-def gpu_ladder(model: Any, prompt_len: int = 16, gen_len: int = 128) -> list[dict[str, Any]]:
-    """On a CUDA device: the readable loop, the FastDecoder, its static step compiled with
-    mode="reduce-overhead" (a CUDA graph per step: no Python and no launches per token), and
-    transformers' generate with its static cache and compile, at batch 1; tok/s each."""
+#: SmolLM2-135M's shapes, for GPU runs with seeded random weights (no conversion needed there)
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                     max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=True)
+
+
+def random_model(shape: dict, dtype: str, device: str, seed: int = 0) -> Any:
+    """labkit's Llama of ``shape`` with seeded random weights, in ``dtype`` on ``device``."""
     import torch
 
+    from labkit.models.config import LlamaConfig
+    from labkit.models.llama import Llama
+
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**shape)).eval()
+    return model.to(device=device, dtype=getattr(torch, dtype))
+
+
+def _cuda_graph_step(fast: Any, kv: Any) -> Callable:
+    """The static step compiled with mode="reduce-overhead": torch.compile captures it as a CUDA
+    graph and replays it each token; the KV buffers are marked static so the in-place writes stay
+    inside the graph."""
+    import torch
+
+    for t in kv.k + kv.v:
+        torch._dynamo.mark_static_address(t)
+    return torch.compile(fast.static_step, mode="reduce-overhead", fullgraph=True)
+
+
+def gpu_ladder(model: Any, prompt_len: int = 16, gen_len: int = 128,
+               compile_graph: bool = True) -> list[dict[str, Any]]:
+    """On a CUDA device: the readable loop and every rung of the ladder, and the static-shape
+    step replayed as a CUDA graph, at batch 1; decode tok/s each."""
     from labkit.core.timing import device_sync
     from labkit.inference.fast_decode import FastDecoder
+    from labkit.inference.kv_cache import KVCache
 
     sync = device_sync("cuda")
     prompt = _prompt(model, prompt_len, "cuda")
-    fast = FastDecoder(model, transpose=False)
-    compiled = torch.compile(fast.static_step, mode="reduce-overhead", fullgraph=True)
     runs = dict(_decoders(model))
-    runs["FastDecoder, CUDA graph (static step, compile reduce-overhead)"] = \
-        lambda p, n: fast.greedy(p, n, static=True, step_fn=compiled)[0]
+    if compile_graph:
+        fast = FastDecoder(model)
+        kv = KVCache.for_model(model, max_len=prompt_len + gen_len + 2)
+        step = _cuda_graph_step(fast, kv)
+        runs["FastDecoder static step as a CUDA graph"] = \
+            lambda p, n: fast.greedy(p, n, cache=kv, static=True, step_fn=step)[0]
     rows = []
     for name, run in runs.items():
-        run(prompt, 8)  # warm-up / capture
-        rows.append({"decoder": name, "tok_s": _decode_rate(run, prompt, gen_len, sync)})
+        ref = run(prompt, 8).tolist()  # warm-up / capture
+        rows.append({"decoder": name, "tok_s": _decode_rate(run, prompt, gen_len, sync),
+                     "first_tokens": ref[0][prompt_len:]})
     return rows
+
+
+def hf_static_compiled(model: Any, prompt_len: int = 16, gen_len: int = 128) -> float:
+    """transformers' own fast path as the peer: generate with a static cache and the forward
+    compiled with mode="reduce-overhead", on the same weights; decode tok/s."""
+    import torch
+    import transformers
+
+    from labkit.core.timing import device_sync
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in model.config.to_hf_dict().items()
+                                      if k not in ("architectures", "model_type")})
+    hf = transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=model.output_weight.dtype)
+    hf.load_state_dict(model.state_dict(), strict=False)
+    hf.eval()
+    hf.generation_config.cache_implementation = "static"
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    prompt = _prompt(model, prompt_len, "cuda")
+
+    def run(p: Any, n: int) -> Any:
+        with torch.inference_mode():
+            return hf.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n,
+                               min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+
+    run(prompt, 8)
+    run(prompt, gen_len + 1)  # the static cache is sized by the longest run: warm that too
+    return _decode_rate(run, prompt, gen_len, device_sync("cuda"))
+
+
+def gpu_main(dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16"),
+             gen_len: int = 128) -> list[dict]:
+    """Every GPU row on SmolLM2's shapes (random weights): the ladder per dtype, the CUDA graph
+    in the half precisions, transformers' static+compile peer; recorded under this study."""
+    import torch
+
+    from labkit.core import results
+
+    recs = []
+    for dtype in dtypes:
+        model = random_model(SMOLLM2_SHAPE, dtype, "cuda")
+        rows = gpu_ladder(model, gen_len=gen_len, compile_graph=dtype != "float32")
+        rows.append({"decoder": "transformers.generate, static cache + compile",
+                     "tok_s": hf_static_compiled(model, gen_len=gen_len)})
+        for row in rows:
+            print(f"[gpu] {dtype} {row['decoder']}: {row['tok_s']:.1f} tok/s", flush=True)
+            recs.append(results.record(
+                STUDY, "decode_tok_s", row["tok_s"], "tok/s", runtime="labkit"
+                if "transformers" not in row["decoder"] else "transformers", device="cuda",
+                model="smollm2-135m-shape-random", params={"decoder": row["decoder"],
+                "dtype": dtype, "batch": 1, "prompt_len": 16, "gen_len": gen_len,
+                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
+        del model
+        torch.cuda.empty_cache()
+    return recs
+
+
+def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
+    """Llama-2-7B's shapes (data/configs, seeded random weights) decoded on this host's CPU by
+    labkit's readable loop and its fast one, against the host's read bandwidth at ``threads``;
+    recorded as study 08's rows for this machine (tg_tok_s, runtime torch-eager / torch-fast)."""
+    import torch
+
+    from labkit.core import results
+    from labkit.core.bandwidth import read_bandwidth_gbs
+    from labkit.core.timing import device_sync
+    from labkit.models.config import read_config
+    from labkit.models.sizes import decode_bytes_per_token
+
+    torch.set_num_threads(threads)
+    from labkit.core import paths
+
+    raw = read_config(paths.configs_dir() / "meta-llama__Llama-2-7b-hf.json")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta")
+    shape = {k: raw[k] for k in keys if raw.get(k) is not None} | {"max_position_embeddings": 256}
+    gbs = read_bandwidth_gbs(threads)
+    recs = []
+    for dtype in dtypes:
+        model = random_model(shape, dtype, "cpu")
+        nbytes = decode_bytes_per_token(model.config, 16 + gen_len // 2, model.output_weight.element_size())["total"]
+        prompt = _prompt(model, 16, "cpu")
+        for runtime, run in (("torch-eager", _decoders(model)[RUNGS[2][0]]),
+                             ("torch-fast", _decoders(model)[RUNGS[-1][0]])):
+            run(prompt, 2)
+            rate = _decode_rate(run, prompt, gen_len, device_sync("cpu"))
+            frac = rate * nbytes / (gbs * 1e9)
+            print(f"[7b] {dtype} {runtime} {threads} threads: {rate:.2f} tok/s, {frac:.2f} of "
+                  f"{gbs:.0f} GB/s", flush=True)
+            recs.append(results.record(
+                "08_runtime_benchmark", "tg_tok_s", rate, "tok/s", runtime=runtime, device="cpu",
+                model="llama-2-7b-shape-random", threads=threads,
+                params={"runtime": runtime, "dtype": dtype, "prompt_len": 16, "gen_len": gen_len,
+                        "threads": threads, "read_bandwidth_gbs": round(gbs, 1),
+                        "bandwidth_fraction": round(frac, 3), "weights": "seeded random"}))
+        del model
+    return recs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m labkit.studies.decode_speed",
                                  description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="the GPU rows (SmolLM2's shapes, random weights)")
+    ap.add_argument("--out", default=None, help="write records under OUT/data/results/")
+    ap.add_argument("--cpu-7b", type=int, default=None, metavar="THREADS",
+                    help="Llama-2-7B's shapes on this CPU at THREADS threads (random weights)")
     ap.add_argument("--round", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -379,6 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.round:  # a child process of run_ladder
         res = measure_round(Spec(**json.loads(args.round)), args.threads)
         Path(args.result).write_text(json.dumps(res))
+        return 0
+    if args.out:
+        os.environ["LABKIT_OUTPUT_ROOT"] = str(Path(args.out).resolve())
+    if args.gpu:
+        gpu_main()
+    if args.cpu_7b:
+        cpu_7b_main(args.cpu_7b)
+    if args.gpu or args.cpu_7b:
         return 0
     ap.print_help()
     return 2
