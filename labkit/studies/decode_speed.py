@@ -377,15 +377,15 @@ def _cuda_graph_step(fast: Any, kv: Any) -> Callable:
 
 
 def gpu_ladder(model: Any, prompt_len: int = 16, gen_len: int = 128,
-               compile_graph: bool = True) -> list[dict[str, Any]]:
+               compile_graph: bool = True, device: str = "cuda") -> list[dict[str, Any]]:
     """On a CUDA device: the readable loop and every rung of the ladder, and the static-shape
     step replayed as a CUDA graph, at batch 1; decode tok/s each."""
     from labkit.core.timing import device_sync
     from labkit.inference.fast_decode import FastDecoder
     from labkit.inference.kv_cache import KVCache
 
-    sync = device_sync("cuda")
-    prompt = _prompt(model, prompt_len, "cuda")
+    sync = device_sync(device)
+    prompt = _prompt(model, prompt_len, device)
     runs = dict(_decoders(model))
     if compile_graph:
         fast = FastDecoder(model)
@@ -401,7 +401,8 @@ def gpu_ladder(model: Any, prompt_len: int = 16, gen_len: int = 128,
     return rows
 
 
-def hf_static_compiled(model: Any, prompt_len: int = 16, gen_len: int = 128) -> float:
+def hf_static_compiled(model: Any, prompt_len: int = 16, gen_len: int = 128,
+                       device: str = "cuda", compile_forward: bool = True) -> float:
     """transformers' own fast path as the peer: generate with a static cache and the forward
     compiled with mode="reduce-overhead", on the same weights; decode tok/s."""
     import torch
@@ -411,12 +412,13 @@ def hf_static_compiled(model: Any, prompt_len: int = 16, gen_len: int = 128) -> 
 
     cfg = transformers.LlamaConfig(**{k: v for k, v in model.config.to_hf_dict().items()
                                       if k not in ("architectures", "model_type")})
-    hf = transformers.LlamaForCausalLM(cfg).to(device="cuda", dtype=model.output_weight.dtype)
+    hf = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=model.output_weight.dtype)
     hf.load_state_dict(model.state_dict(), strict=False)
     hf.eval()
     hf.generation_config.cache_implementation = "static"
-    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-    prompt = _prompt(model, prompt_len, "cuda")
+    if compile_forward:
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    prompt = _prompt(model, prompt_len, device)
 
     def run(p: Any, n: int) -> Any:
         with torch.inference_mode():
@@ -426,7 +428,7 @@ def hf_static_compiled(model: Any, prompt_len: int = 16, gen_len: int = 128) -> 
 
     run(prompt, 8)
     run(prompt, gen_len + 1)  # the static cache is sized by the longest run: warm that too
-    return _decode_rate(run, prompt, gen_len, device_sync("cuda"))
+    return _decode_rate(run, prompt, gen_len, device_sync(device))
 
 
 def gpu_main(dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16"),
