@@ -191,10 +191,14 @@ class FastDecoder:
                                       dtype=self.embed.dtype) if return_logits else None)
             logits = self.model(input_ids, cache=kv)[:, -1]
             run = step_fn or self.static_step
+            # static: the step's inputs are the same tensors every token (a compiled graph
+            # guards on them; a view into ``out`` would move its offset each step)
             pos = torch.tensor(t, device=device) if static else None
+            token = torch.empty(b, dtype=torch.long, device=device) if static else None
             for step in range(max_new_tokens):
                 if step and static:
-                    logits = run(out[:, t + step - 1], pos, kv)
+                    token.copy_(out[:, t + step - 1])
+                    logits = run(token, pos, kv)
                     pos += 1
                 elif step:
                     logits = self.step(out[:, t + step - 1], kv)
