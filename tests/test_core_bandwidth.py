@@ -44,27 +44,27 @@ class FakeClock:
 def test_time_kernels_counts_bytes_the_stream_way() -> None:
     clock, mib = FakeClock(), 2**20
     kernels = {  # first call of each is the warm-up round: huge, and must not count
-        "read": clock.kernel([100.0, 0.004, 0.002, 0.003]),
+        "sum": clock.kernel([100.0, 0.004, 0.002, 0.003]),
         "copy": clock.kernel([100.0, 0.010, 0.008, 0.009]),
         "triad": clock.kernel([100.0, 0.012, 0.012, 0.015]),
     }
     timed = bandwidth.time_kernels(kernels, 64 * mib, repeats=3, warmup=1, clock=clock)
-    assert timed["read"].bytes_per_pass == 64 * mib
+    assert timed["sum"].bytes_per_pass == 64 * mib
     assert timed["copy"].bytes_per_pass == 2 * 64 * mib
     assert timed["triad"].bytes_per_pass == 3 * 64 * mib
-    assert timed["read"].seconds == pytest.approx((0.004, 0.002, 0.003))
-    assert timed["read"].best_gbs == pytest.approx(64 * mib / 0.002 / 1e9)
-    assert timed["read"].median_gbs == pytest.approx(64 * mib / 0.003 / 1e9)
+    assert timed["sum"].seconds == pytest.approx((0.004, 0.002, 0.003))
+    assert timed["sum"].best_gbs == pytest.approx(64 * mib / 0.002 / 1e9)
+    assert timed["sum"].median_gbs == pytest.approx(64 * mib / 0.003 / 1e9)
     assert timed["copy"].best_gbs == pytest.approx(2 * 64 * mib / 0.008 / 1e9)
     assert timed["triad"].best_gbs == pytest.approx(3 * 64 * mib / 0.012 / 1e9)
 
 
 def test_time_kernels_interleaves_rounds_and_syncs() -> None:
     order: list[str] = []
-    kernels = {name: (lambda name=name: order.append(name)) for name in ("read", "copy")}
+    kernels = {name: (lambda name=name: order.append(name)) for name in ("sum", "copy")}
     syncs = []
     bandwidth.time_kernels(kernels, 1024, repeats=2, warmup=1, sync=lambda: syncs.append(1))
-    assert order == ["read", "copy"] * 3
+    assert order == ["sum", "copy"] * 3
     assert len(syncs) == 2 * len(order)  # before and after every pass
     with pytest.raises(ValueError, match="repeats"):
         bandwidth.time_kernels(kernels, 1024, repeats=0)
@@ -156,3 +156,20 @@ def test_the_kv_cache_study_uses_the_core_roofline() -> None:
 
     assert kv_cache.roofline_fraction is bandwidth.roofline_fraction
     assert kv_cache.roofline_seconds is bandwidth.roofline_seconds
+
+
+def test_read_bandwidth_is_the_better_reader() -> None:
+    entry = bandwidth.measure(1, array_bytes=2**20, repeats=2)
+    assert entry["reader"] in bandwidth.READERS
+    assert entry["read_gbs"] == max(entry["sum_gbs"], entry["gemv_gbs"])
+    assert entry["read_median_gbs"] == entry[f"{entry['reader']}_median_gbs"]
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        bandwidth.stream_kernels(4096 + 4)
+
+
+def test_a_probe_of_an_older_version_is_measured_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bandwidth, "measure", lambda threads, device="cpu", **kw: fake_entry(threads, 50.0)
+                        | {"probe": bandwidth._PROBE_VERSION})
+    results.record("s1", "m", 1.0, "ms")
+    bandwidth.store(fake_entry(1, 10.0) | {"probe": bandwidth._PROBE_VERSION - 1})
+    assert bandwidth.read_bandwidth_gbs(1) == 50.0

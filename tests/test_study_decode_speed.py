@@ -44,3 +44,20 @@ def test_breakdown_accounts_for_the_wall_time_and_names_families() -> None:
     assert ds._family("aten::addmm") == "matrix products"
     assert ds._family("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert ds._family("aten::whatever") == "other operators"
+
+
+def test_gpu_table_keeps_each_machines_latest_run_and_the_ladder_order() -> None:
+    import pandas as pd
+
+    def row(run: str, decoder: str, dtype: str, value: float, device: str = "cuda") -> dict:
+        return {"device": device, "machine": "m", "run_id": run, "value": value,
+                "params": {"gpu": "G", "decoder": decoder, "dtype": dtype}}
+
+    df = pd.DataFrame([row("r1", "b", "float16", 1.0), row("r2", "b", "float16", 2.0),
+                       row("r2", "a", "float16", 3.0), row("r2", "a", "bfloat16", 4.0),
+                       row("r3", "a", "float16", 9.0, device="cpu")])
+    table = ds.gpu_table(df)
+    assert list(table.index.get_level_values("decoder")) == ["b", "a"]
+    assert table.loc[("G", "r2", "b"), "float16"] == 2.0  # r1 is an older run: left out
+    assert table.loc[("G", "r2", "a"), "bfloat16"] == 4.0
+    assert ds.gpu_table(df[df.device == "cpu"]).empty and ds.host_7b_table(pd.DataFrame()).empty

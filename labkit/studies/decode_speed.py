@@ -462,6 +462,40 @@ def gpu_main(dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16"),
     return recs
 
 
+def gpu_table(df: Any) -> Any:
+    """The GPU records of this study (``load_results`` frame) as decoder x dtype in tok/s, one
+    table per GPU and run: the latest run of each machine, so reruns do not mix."""
+    import pandas as pd
+
+    gpu = df[df["device"].astype(str).str.startswith("cuda")] if not df.empty else df
+    if gpu.empty:
+        return pd.DataFrame()
+    gpu = gpu[gpu["run_id"] == gpu.groupby("machine")["run_id"].transform("max")]
+    rows = [{"gpu": r.params.get("gpu"), "run_id": r.run_id, "decoder": r.params["decoder"],
+             "dtype": r.params["dtype"], "tok_s": round(float(r.value), 1)}
+            for r in gpu.itertuples()]
+    order = list(dict.fromkeys(row["decoder"] for row in rows))
+    table = pd.DataFrame(rows).pivot_table(index=["gpu", "run_id", "decoder"], columns="dtype",
+                                           values="tok_s", sort=False)
+    return table.reindex(order, level="decoder")
+
+
+def host_7b_table(df: Any) -> Any:
+    """Study 08's Llama-2-7B-shape rows (:func:`cpu_7b_main`, ``load_results`` frame): tok/s
+    and the fraction of that host's read bandwidth, latest run of each machine."""
+    import pandas as pd
+
+    rows = df[df["model"] == "llama-2-7b-shape-random"] if not df.empty else df
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows[rows["run_id"] == rows.groupby("machine")["run_id"].transform("max")]
+    return pd.DataFrame([{"machine": r.machine, "run_id": r.run_id, "runtime": r.runtime,
+                          "threads": r.threads, "tok_s": round(float(r.value), 2),
+                          "read_gbs": r.params["read_bandwidth_gbs"],
+                          "bandwidth_fraction": r.params["bandwidth_fraction"]}
+                         for r in rows.itertuples()])
+
+
 def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
     """Llama-2-7B's shapes (data/configs, seeded random weights) decoded on this host's CPU by
     labkit's readable loop and its fast one, against the host's read bandwidth at ``threads``;
@@ -469,7 +503,7 @@ def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("floa
     import torch
 
     from labkit.core import results
-    from labkit.core.bandwidth import read_bandwidth_gbs
+    from labkit.core.bandwidth import NOISE_MARGIN, read_bandwidth_gbs, roofline_fraction
     from labkit.core.timing import device_sync
     from labkit.models.config import read_config
     from labkit.models.sizes import decode_bytes_per_token
@@ -491,7 +525,7 @@ def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("floa
                              ("torch-fast", _decoders(model)[RUNGS[-1][0]])):
             run(prompt, 2)
             rate = _decode_rate(run, prompt, gen_len, device_sync("cpu"))
-            frac = rate * nbytes / (gbs * 1e9)
+            frac = roofline_fraction(nbytes, 1 / rate, gbs, margin=NOISE_MARGIN)
             print(f"[7b] {dtype} {runtime} {threads} threads: {rate:.2f} tok/s, {frac:.2f} of "
                   f"{gbs:.0f} GB/s", flush=True)
             recs.append(results.record(
