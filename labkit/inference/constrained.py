@@ -109,10 +109,12 @@ def stream_constrained(model: torch.nn.Module, input_ids: torch.Tensor, max_new_
         out[:, :t] = input_ids
         steps = _decode(model, input_ids, max_new_tokens, pick, cache=True,
                         eos_token_id=eos_token_id, out=out, logits_out=None)
-    while True:  # inference mode per step, never held across a yield (as generate.stream)
-        with torch.inference_mode():
-            try:
-                token = next(steps)
-            except StopIteration:
-                return
+    while (token := _next_step(steps)) is not None:
         yield token
+
+
+def _next_step(steps: Iterator[torch.Tensor]) -> torch.Tensor | None:
+    """One step in inference mode, never held across a yield (as in generate.stream): the
+    caller's code between tokens must not run in inference mode."""
+    with torch.inference_mode():
+        return next(steps, None)

@@ -201,7 +201,9 @@ def call_schema(function: dict[str, Any]) -> dict[str, Any]:
 
 
 def calls_schema(functions: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """An answer: a list (possibly empty) of calls, each to one of ``functions``."""
+    """An answer: a list (possibly empty) of calls, each to one of ``functions``. llguidance
+    writes an object's properties in the schema's order (the tool's documented order); BFCL's
+    check does not depend on that order."""
     return {"type": "array", "items": {"anyOf": [call_schema(f) for f in functions]}}
 
 
@@ -704,6 +706,8 @@ def result_records(summary: pd.DataFrame, cost: pd.DataFrame, *, device: str, mo
 def error_counts(df: pd.DataFrame) -> pd.DataFrame:
     """How the wrong answers failed, per method (BFCL's first failing check)."""
     wrong = df[~df.ok]
+    if wrong.empty:
+        return pd.DataFrame(index=pd.Index([], name="method"))
     return wrong.groupby(["method", "error"]).size().unstack("error", fill_value=0)
 
 
@@ -752,7 +756,7 @@ def plot_accuracy(table: pd.DataFrame, reference: pd.Series, *, model_name: str,
     rows = [(name, table.loc[name, cats].to_numpy(float), {}) for name in table.index]
     rows.append((reference.name, np.array([reference.get(c, np.nan) for c in cats]),
                  dict(hatch="//", color="white", edgecolor="0.3")))
-    fig, ax = new_figure(figsize=(10, 4.2))
+    fig, ax = new_figure(figsize=(10, 5))
     width = 0.8 / len(rows)
     for i, (label, values, style) in enumerate(rows):
         ax.bar(np.arange(len(cats)) + (i - (len(rows) - 1) / 2) * width, values, width, label=label, **style)
@@ -761,7 +765,7 @@ def plot_accuracy(table: pd.DataFrame, reference: pd.Series, *, model_name: str,
     ax.set_ylabel("AST accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{model_name} on BFCL: AST accuracy by category and decoding")
-    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # below: no bar hidden
     return fig
 
 
@@ -815,6 +819,17 @@ def agreement_table(record: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(record["per_category"]).T[["items", "cases", "agree"]]
 
 
+def _concrete(value: Any) -> Any:
+    """A possible answer as a value: a dict's possible answers are ``{key: [values]}`` (and a
+    list of dicts, a list of those), so take each key's first value."""
+    if isinstance(value, dict):
+        return {k: _concrete(next(x for x in v if x != "")) for k, v in value.items()
+                if isinstance(v, list) and any(x != "" for x in v)}
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return [_concrete(v) for v in value]
+    return value
+
+
 def _first_values(expected: dict[str, Any], *, optional: bool) -> dict[str, Any]:
     """Arguments from the first possible value of each parameter (optional ones, whose values
     include "", kept only when ``optional``)."""
@@ -823,7 +838,7 @@ def _first_values(expected: dict[str, Any], *, optional: bool) -> dict[str, Any]
     for p, values in params.items():
         concrete = [v for v in values if v != ""]
         if concrete and (optional or "" not in values):
-            out[p] = concrete[0]
+            out[p] = _concrete(concrete[0])
     return out
 
 
