@@ -217,3 +217,21 @@ def tiny_quant() -> tuple[Any, Any, Any, Any]:
     model = Llama(cfg).eval()
     windows = torch.randint(0, 64, (2, 33))
     return model, ev.QuantCache(model), windows, ev.reference(model, windows)
+
+
+@pytest.fixture(scope="module")
+def tiny_quant_fp16(tiny_quant) -> tuple[Any, Any, Any, Any]:
+    """``tiny_quant`` with every weight rounded to an fp16 value (a copy): the fp16 scheme then
+    reconstructs every quantized weight exactly, as on a checkpoint shipped in fp16."""
+    import copy
+
+    import torch
+
+    from labkit.quant import evaluate as ev
+
+    model, _, windows, _ = tiny_quant
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model, ev.QuantCache(model), windows, ev.reference(model, windows)
