@@ -810,25 +810,34 @@ _LABEL_OFFSETS = sorted(((dx, dy) for dx in (4, -4, 14, -14, 34, -34, 64, -64)
                          for dy in range(-84, 85, 7)), key=lambda o: (o[0] ** 2 + o[1] ** 2, -o[0]))
 
 
+#: a label set farther than this from its point (points) gets a leader line to it
+LEADER_PT = 12
+
+
 def place_labels(ax: Any, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str],
-                 fontsize: float = 6) -> list[Any]:
-    """Annotate each point so that no label overlaps another label, a point, the legend or the
-    axes' edge.
+                 fontsize: float = 6, spans: Iterable[tuple[float, float]] | None = None,
+                 ) -> list[Any]:
+    """Annotate each point so that no label overlaps another label, a point (and its error bar
+    from ``spans``: (low, high) per point), the legend or the axes' edge.
 
     Greedy, in display coordinates after the layout is drawn: each label takes the nearest
     offset of :data:`_LABEL_OFFSETS` (right of the point first) whose box overlaps nothing placed
-    before; a label with no free offset takes the least crowded one, with a leader line. Labels
-    stay out of the layout engine, so placing them moves nothing.
+    before; a label with no free offset takes the least crowded one. A label set farther than
+    :data:`LEADER_PT` from its point gets a leader line to it. Labels stay out of the layout
+    engine, so placing them moves nothing.
     """
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     pts = list(zip(xs, ys, strict=True))
-    boxes = [_box(*ax.transData.transform(p), 3) for p in pts]  # the markers themselves
+    scale = fig.dpi / 72.0
+    boxes = [_box(*ax.transData.transform(p), 4 * scale) for p in pts]  # the markers themselves
+    for (x, _), (lo, hi) in zip(pts, spans or (), strict=False):  # and their error bars
+        (x0, y0), (x1, y1) = ax.transData.transform([(x, lo), (x, hi)])
+        boxes.append(type(boxes[0]).from_extents(x0 - 3 * scale, y0, x1 + 3 * scale, y1))
     if ax.get_legend() is not None:
         boxes.append(ax.get_legend().get_window_extent(renderer))
-    scale = fig.dpi / 72.0
     out = []
     for (x, y), text in zip(pts, labels, strict=True):
         probe = _label(ax, text, (x, y), (0, 0), fontsize)
@@ -845,7 +854,8 @@ def place_labels(ax: Any, xs: Iterable[float], ys: Iterable[float], labels: Iter
                   else 1e9), k) for k, o in enumerate(_LABEL_OFFSETS)]
         free = [k for c, k in crowd if c == 0]
         k = free[0] if free else min(crowd)[1]
-        out.append(_label(ax, text, (x, y), _LABEL_OFFSETS[k], fontsize, leader=not free))
+        far = not free or _LABEL_OFFSETS[k][0] ** 2 + _LABEL_OFFSETS[k][1] ** 2 > LEADER_PT ** 2
+        out.append(_label(ax, text, (x, y), _LABEL_OFFSETS[k], fontsize, leader=far))
         boxes.append(box_at(_LABEL_OFFSETS[k]))
     return out
 
@@ -898,7 +908,8 @@ def plot_pareto(pts: pd.DataFrame, front: pd.DataFrame, model: str,
     ax.set_title(f"Quantization error against size, {model}")
     ax.margins(x=0.08, y=0.15)
     ax.legend(fontsize=7, loc="upper right")
-    place_labels(ax, pts.bpw, pts.mean_kld, [s.split("-", 1)[-1] for s in pts.scheme])
+    place_labels(ax, pts.bpw, pts.mean_kld, [s.split("-", 1)[-1] for s in pts.scheme],
+                 spans=zip(pts.mean_kld_lo, pts.mean_kld_hi, strict=True))
     return fig
 
 
