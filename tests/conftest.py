@@ -281,3 +281,21 @@ def random_llama_with_shipped_tokenizer(out: Path, seed: int = 0, **shape: Any) 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(models_dir() / "tiny-llama" / name, out / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_quant_fp16(tiny_quant) -> tuple[Any, Any, Any, Any]:
+    """``tiny_quant`` with every weight rounded to an fp16 value (a copy): the fp16 scheme then
+    reconstructs every quantized weight exactly, as on a checkpoint shipped in fp16."""
+    import copy
+
+    import torch
+
+    from labkit.quant import evaluate as ev
+
+    model, _, windows, _ = tiny_quant
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model, ev.QuantCache(model), windows, ev.reference(model, windows)

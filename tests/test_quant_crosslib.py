@@ -306,3 +306,37 @@ def test_mlpackage_weights_equal_labkit(source: str) -> None:
     dense = _mlpackage_dense(w, lut, ct.precision.FLOAT32)
     np.testing.assert_array_equal(dense, fake_quantize(w, "coreml-lut3-g16"))
     np.testing.assert_array_equal(dense, depalettize(*palettize(w, 3, 16)))
+
+
+# ---------------------------------------------------------------------------------- GGUF Q4_1
+
+
+def test_q4_1_equals_gguf_py_bytes_and_values(weight: np.ndarray) -> None:
+    """Q4_1 (the embedded SmolLM2's own format): our blocks are gguf-py's bytes, and gguf-py's
+    dequantizer reads them to our values."""
+    gguf = pytest.importorskip("gguf", reason="needs the gguf package (extra 'llamacpp')")
+    ours = gguf_blocks.quantize(weight, "Q4_1")
+    assert ours.shape[1] == weight.shape[1] // 32 * 20
+    np.testing.assert_array_equal(ours, gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q4_1))
+    back = gguf_blocks.dequantize(ours, "Q4_1", weight.shape[1])
+    np.testing.assert_array_equal(back, gguf.quants.dequantize(ours, gguf.GGMLQuantizationType.Q4_1))
+    assert np.abs(back - weight).max() <= np.ptp(weight.reshape(-1, 32), axis=1).max() / 15
+
+
+def test_q4_1_equals_llama_cpp_c_reference(weight: np.ndarray) -> None:
+    lib = _ggml_library()
+    x = np.ascontiguousarray(weight, np.float32).ravel()
+    out = np.zeros(x.size // 32 * 20, np.uint8)
+    lib.quantize_row_q4_1_ref(
+        x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.size)
+    )
+    np.testing.assert_array_equal(gguf_blocks.quantize(weight, "Q4_1"), out.reshape(weight.shape[0], -1))
+
+
+def test_q4_1_weights_requantize_to_themselves(weight: np.ndarray) -> None:
+    """Weights that are dequantized Q4_1 lie on Q4_1's grid: the gguf-q4_1 scheme gives them back
+    bit for bit, even through the fp16 rounding every scheme starts from (why notebook 03 marks
+    that row on SmolLM2 as lossless by construction)."""
+    on_grid = gguf_blocks.dequantize(gguf_blocks.quantize(weight, "Q4_1"), "Q4_1", weight.shape[1])
+    np.testing.assert_array_equal(fake_quantize(on_grid, "gguf-q4_1"), on_grid)
+    assert not np.array_equal(fake_quantize(on_grid, "gguf-q4_0"), on_grid)

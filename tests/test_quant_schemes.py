@@ -69,3 +69,59 @@ def test_gguf_block_sizes_match_the_gguf_package() -> None:
 def test_every_scheme_is_priced() -> None:
     for name in SCHEMES:
         assert bits_per_weight(name, (256, 512)) > 0
+
+
+def test_q4_1_costs_five_bits_per_weight() -> None:
+    assert bits_per_weight("gguf-q4_1") == 5.0  # (2 + 2 + 16) bytes per 32 weights
+    assert tensor_bits("gguf-q4_1", (576, 576)) == 576 * 576 * 5
+
+
+#: every matrix shape of SmolLM2-135M's blocks (hidden 576, 9 x 64 query heads, 3 x 64 KV heads,
+#: MLP 1536), rows = outputs
+SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576),
+                  "o_proj": (576, 576), "gate_proj": (1536, 576), "up_proj": (1536, 576),
+                  "down_proj": (576, 1536)}
+
+
+def test_every_scheme_prices_the_real_models_shapes() -> None:
+    for name in SCHEMES:
+        for shape in SMOLLM2_SHAPES.values():
+            bits = tensor_bits(name, shape)
+            assert bits >= shape[0] * shape[1] * SCHEMES[name].bits, (name, shape)
+
+
+def test_k_quants_fall_back_on_576_inputs_and_not_on_1536() -> None:
+    """576 is not a multiple of 256: llama.cpp stores those K-quant tensors as Q5_0 / Q8_0."""
+    assert bits_per_weight("gguf-q4_k", SMOLLM2_SHAPES["q_proj"]) == 5.5
+    assert bits_per_weight("gguf-q6_k", SMOLLM2_SHAPES["k_proj"]) == 8.5
+    assert bits_per_weight("gguf-q4_k", SMOLLM2_SHAPES["down_proj"]) == 4.5
+    assert bits_per_weight("gguf-q6_k", SMOLLM2_SHAPES["down_proj"]) == 6.5625
+
+
+@pytest.mark.parametrize("cols", [576, 1536])
+def test_every_scheme_quantizes_the_real_models_rows(cols: int) -> None:
+    """fake_quantize runs every scheme on rows of 576 and 1536 inputs (16 rows: the LUT groups)."""
+    import numpy as np
+
+    from labkit.quant.ops import fake_quantize, weight_snr_db
+
+    w = (np.random.default_rng(cols).standard_normal((16, cols)) * 0.02).astype(np.float32)
+    for name in SCHEMES:
+        out = fake_quantize(w, name)
+        assert out.shape == w.shape and out.dtype == np.float32, name
+        assert weight_snr_db(w, out) > 1.5 * SCHEMES[name].bits, name  # ~6 dB a bit, loosely
+
+
+def test_mlx_groups_that_do_not_divide_the_rows_leave_the_tensor_in_fp16() -> None:
+    """mlx_lm skips such a Linear (576 inputs under group 128); it is priced and kept as fp16."""
+    import numpy as np
+
+    from labkit.quant.ops import fake_quantize
+    from labkit.quant.schemes import mlx_keeps_fp16
+
+    assert mlx_keeps_fp16("mlx-affine4-g128", 576) and not mlx_keeps_fp16("mlx-affine4-g128", 1536)
+    assert not mlx_keeps_fp16("gguf-q4_k", 576)
+    assert bits_per_weight("mlx-affine4-g128", SMOLLM2_SHAPES["q_proj"]) == 16.0
+    assert bits_per_weight("mlx-affine4-g128", SMOLLM2_SHAPES["down_proj"]) == 4.25
+    w = np.random.default_rng(0).standard_normal((4, 576)).astype(np.float32)
+    np.testing.assert_array_equal(fake_quantize(w, "mlx-affine4-g128"), w.astype(np.float16).astype(np.float32))

@@ -1,4 +1,4 @@
-"""GGUF block quantization (ggml's Q8_0, Q5_0, Q4_0, Q4_K, Q6_K) in numpy, byte for byte.
+"""GGUF block quantization (ggml's Q8_0, Q5_0, Q4_1, Q4_0, Q4_K, Q6_K) in numpy, byte for byte.
 
 Each ``quantize_*`` takes float32 rows whose length is a multiple of the block and returns the
 packed blocks as uint8, laid out as ggml's ``block_q*`` structs (ggml-common.h); each
@@ -100,6 +100,31 @@ def dequantize_q4_0(blocks: np.ndarray, cols: int) -> np.ndarray:
     qs = b[:, 2:]
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - np.int8(8)
     return (d * q.astype(F32)).reshape(-1, cols)
+
+
+def quantize_q4_1(rows: np.ndarray) -> np.ndarray:
+    """Q4_1: d = (max - min) / 15 and m = min (both fp16), q = min(15, trunc((x - min) / d + 0.5)).
+
+    The affine 32-block (a scale and an offset, no sign): 20 bytes per 32 weights. The codes are
+    rounded against the float32 d, not its fp16 copy, as ``quantize_row_q4_1_ref`` does.
+    """
+    x = _blocks(rows, 32)
+    lo = x.min(axis=1, keepdims=True)
+    d = (x.max(axis=1, keepdims=True) - lo) / F32(15)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+    q = np.trunc((x - lo) * inv + F32(0.5)).astype(np.uint8).clip(0, 15)
+    q = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    return np.concatenate([_fp16_bytes(d), _fp16_bytes(lo), q], axis=1).reshape(rows.shape[0], -1)
+
+
+def dequantize_q4_1(blocks: np.ndarray, cols: int) -> np.ndarray:
+    b = blocks.reshape(-1, 20)
+    d = _fp16_from(b[:, :2])
+    m = _fp16_from(b[:, 2:4])
+    qs = b[:, 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(F32)
+    return (d * q + m).reshape(-1, cols)
 
 
 def quantize_q5_0(rows: np.ndarray) -> np.ndarray:
@@ -362,6 +387,7 @@ def dequantize_q6_k(blocks: np.ndarray, cols: int) -> np.ndarray:
 QUANTIZE = {
     "Q8_0": quantize_q8_0,
     "Q5_0": quantize_q5_0,
+    "Q4_1": quantize_q4_1,
     "Q4_0": quantize_q4_0,
     "Q4_K": quantize_q4_k,
     "Q6_K": quantize_q6_k,
@@ -369,6 +395,7 @@ QUANTIZE = {
 DEQUANTIZE = {
     "Q8_0": dequantize_q8_0,
     "Q5_0": dequantize_q5_0,
+    "Q4_1": dequantize_q4_1,
     "Q4_0": dequantize_q4_0,
     "Q4_K": dequantize_q4_k,
     "Q6_K": dequantize_q6_k,

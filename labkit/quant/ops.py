@@ -2,10 +2,12 @@
 
 The evaluation runs the model in float32 with each quantized weight replaced by what the target
 runtime would reconstruct ("fake quantization"): the error measured is the weights' error, not
-a kernel's accumulation order. Every scheme starts from the fp16-rounded weight (the deployed
-model's dtype), except LUT palettization, which clusters the fp32 weight (see
-labkit.quant.palettize), and GGUF, which quantizes the fp16 values read as float32, as
-llama-quantize does from an f16 GGUF.
+a kernel's accumulation order. Core ML and MLX schemes start from the fp16-rounded weight (the
+dtype those runtimes deploy); LUT palettization clusters the fp32 weight (see
+labkit.quant.palettize); GGUF quantizes the weight as the checkpoint holds it, read as float32,
+as llama-quantize does from the F16 or F32 GGUF converted from that checkpoint. For an fp16
+checkpoint (tiny-llama) the last two are the same values; for SmolLM2's float32 weights, which
+are dequantized Q4_1, GGUF Q4_1 then gives them back bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from labkit.quant import gguf_blocks
 from labkit.quant.affine import affine_dequantize, affine_quantize
 from labkit.quant.linear import symmetric_dequantize, symmetric_quantize
 from labkit.quant.palettize import depalettize, palettize
-from labkit.quant.schemes import Scheme, get_scheme, gguf_type_for
+from labkit.quant.schemes import Scheme, get_scheme, gguf_type_for, mlx_keeps_fp16
 
 
 def fake_quantize(w: np.ndarray, scheme: str | Scheme) -> np.ndarray:
@@ -33,6 +35,8 @@ def fake_quantize(w: np.ndarray, scheme: str | Scheme) -> np.ndarray:
     elif s.kind == "symmetric":
         block = s.group_size if s.granularity == "per_block" else None
         out = symmetric_dequantize(*symmetric_quantize(w16, s.bits, block))
+    elif s.kind == "affine" and mlx_keeps_fp16(s, w.shape[1]):
+        out = w16  # mlx_lm leaves such a Linear unquantized (labkit.quant.schemes)
     elif s.kind == "affine":
         q, scales, biases = affine_quantize(w16, s.bits, s.group_size or 0)
         out = affine_dequantize(q, scales, biases, s.group_size or 0)
@@ -41,7 +45,7 @@ def fake_quantize(w: np.ndarray, scheme: str | Scheme) -> np.ndarray:
         out = depalettize(*palettize(w.astype(np.float32), s.bits, group))
     elif s.kind == "gguf":
         t = gguf_type_for(s, w.shape[1])
-        out = gguf_blocks.dequantize(gguf_blocks.quantize(w16.astype(np.float32), t), t, w.shape[1])
+        out = gguf_blocks.dequantize(gguf_blocks.quantize(w.astype(np.float32), t), t, w.shape[1])
     else:
         raise ValueError(f"scheme {s.name!r} has unknown kind {s.kind!r}")
     return np.asarray(out, dtype=np.float32)

@@ -29,6 +29,7 @@ LUT_ENTRY_BITS = 32  # fp32 palettes (see the module docstring)
 GGUF_BLOCKS: dict[str, tuple[int, int]] = {
     "Q8_0": (32, 2 + 32),  # fp16 d, 32 x int8
     "Q5_0": (32, 2 + 4 + 16),  # fp16 d, 32 high bits, 32 x low 4 bits
+    "Q4_1": (32, 2 + 2 + 16),  # fp16 d, fp16 m (the block's minimum), 32 x 4-bit
     "Q4_0": (32, 2 + 16),  # fp16 d, 32 x 4-bit
     "Q2_K": (256, 16 + 64 + 2 + 2),  # 16 x (4-bit scale, 4-bit min), 256 x 2-bit, fp16 d, dmin
     "Q4_K": (256, 2 + 2 + 12 + 128),  # fp16 d, dmin, 8 x (6-bit scale, 6-bit min), 256 x 4-bit
@@ -39,6 +40,11 @@ GGUF_BLOCKS: dict[str, tuple[int, int]] = {
 # 256 in a 32-block type instead of a K-quant. The shipped tiny-llama's down_proj (1408 inputs)
 # is such a tensor, so its cost and error follow the fallback, as they would in a real GGUF.
 GGUF_FALLBACK: dict[str, str] = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+# mlx_lm's quantize_model (ml-explore/mlx-lm, mlx_lm/utils.py, its ``wrapped_predicate``) leaves a
+# Linear unquantized when its rows are not a multiple of the group size: ``mx.quantize`` cannot
+# group them. SmolLM2's 576-input matrices under group 128 are such tensors; they stay in the
+# model's fp16, priced and reconstructed as such (:func:`mlx_keeps_fp16`).
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ def _mlx() -> list[Scheme]:
 
 
 def _gguf() -> list[Scheme]:
-    bits = {"Q8_0": 8, "Q6_K": 6, "Q5_0": 5, "Q4_K": 4, "Q4_0": 4}
+    bits = {"Q8_0": 8, "Q6_K": 6, "Q5_0": 5, "Q4_K": 4, "Q4_1": 4, "Q4_0": 4}
     return [
         Scheme(f"gguf-{t.lower()}", "gguf", "gguf", b, "per_block", GGUF_BLOCKS[t][0], t)
         for t, b in bits.items()
@@ -149,7 +155,8 @@ def tensor_bits(scheme: str | Scheme, shape: tuple[int, ...]) -> int:
         _check_divisible(s, cols, s.group_size or 0)
         return codes + (n // (s.group_size or 1)) * SCALE_BITS
     if s.kind == "affine":
-        _check_divisible(s, cols, s.group_size or 0)
+        if mlx_keeps_fp16(s, cols):
+            return n * 16  # left in fp16
         return codes + (n // (s.group_size or 1)) * 2 * SCALE_BITS
     if s.kind == "lut":
         lut = (2**s.bits) * LUT_ENTRY_BITS
@@ -171,6 +178,13 @@ def gguf_type_for(scheme: str | Scheme, cols: int) -> str:
     return s.gguf_type
 
 
+def mlx_keeps_fp16(scheme: str | Scheme, cols: int) -> bool:
+    """True when mlx_lm would leave a tensor with ``cols`` inputs unquantized under this MLX
+    affine scheme (``cols`` not a multiple of its group size; see the note above)."""
+    s = get_scheme(scheme)
+    return s.kind == "affine" and cols % (s.group_size or 1) != 0
+
+
 def _check_divisible(s: Scheme, dim: int, group: int, axis: str = "cols") -> None:
     if group <= 0 or dim % group:
         raise ValueError(
@@ -183,7 +197,9 @@ def bits_per_weight(scheme: str | Scheme, shape: tuple[int, ...] | None = None) 
 
     Block schemes cost the same for any shape: ``bits_per_weight("gguf-q4_k") == 4.5``,
     ``bits_per_weight("mlx-affine4-g64") == 4.5`` (with a shape whose rows are not a multiple of
-    256, a K-quant is priced as llama.cpp's fallback type, ``GGUF_FALLBACK``). Per-channel and LUT schemes spread their
+    256, a K-quant is priced as llama.cpp's fallback type, ``GGUF_FALLBACK``; with rows that are
+    not a multiple of an MLX group, the tensor stays fp16, as mlx_lm leaves it). Per-channel and
+    LUT schemes spread their
     overhead over a row or a tensor, so they need ``shape`` (rows = output channels); without it
     they raise ValueError rather than guess.
     """

@@ -1,20 +1,29 @@
 """Study 03 (quantization error): one scoreboard across Core ML, MLX, GGUF and our own schemes.
 
 The notebook's parts, each a function here (the formats themselves are ``labkit.quant``'s, the
-metrics ``labkit.quant.evaluate``'s):
+metrics ``labkit.quant.evaluate``'s, llama.cpp's Q4_K_M mix ``labkit.quant.recipes``'):
 
-1. :func:`scoreboard`: every uniform scheme's bits per weight, size, perplexity change, mean KL
-   divergence to fp32 and same-top-token share (llama.cpp's ``--kl-divergence`` metrics).
-2. :func:`weight_snr` and :func:`outlier_table`: per-matrix SNR, and how weight outliers make
-   per-channel int4 scales lose to per-block ones.
+1. :func:`scoreboard` and :func:`recipe_rows`: every uniform scheme's and recipe's bits per
+   weight, size, perplexity change, mean KL divergence to fp32 and same-top-token share
+   (llama.cpp's ``--kl-divergence`` metrics), each with a bootstrap 95 % interval over the
+   evaluation windows; a row whose scheme reconstructs every weight exactly is marked (lossless
+   by construction: the weights already lie on its grid, and no claim rests on it).
+2. :func:`weight_snr`, :func:`outlier_table`: per-matrix SNR, and how weight outliers make
+   per-channel int4 scales lose to per-block ones; :func:`activation_outliers`: whether the model
+   has outlier features in LLM.int8()'s sense.
 3. :func:`sensitivity`: one group of layers quantized at a time (:func:`blocks`, :func:`units`).
-4. :func:`mixed_assignment`: sensitivity-guided mixed precision within a bit budget.
+4. :func:`mixed_assignment`: sensitivity-guided mixed precision within a bit budget, and
+   :func:`separation`: whether its interval separates it from every scheme of no more bits.
 5. :func:`pareto_front`: the schemes no other beats in both bits and KL divergence.
 6. :func:`encoder_scores`: the same schemes on a sentence encoder (embedding cosine, retrieval).
 
+Calibration and evaluation are disjoint: the held-out slice's first windows calibrate
+(the sensitivity sweeps, the choice of the budget's scheme), the windows after them evaluate
+(every scored row). Whatever chooses a scheme, a budget or a recipe never scores it.
+
 Mixed precision, the idea: blocks are not equally fragile. Measure, for each unit (one block's
 attention or MLP Linears), the mean KLD when only that unit is quantized at each rung of a
-ladder of schemes (e.g. MLX affine 3, 4, 6 bits). Assume the damage adds up across units, and
+ladder of schemes (e.g. GGUF's Q4_0 ... Q8_0). Assume the damage adds up across units, and
 choose one rung per unit to minimize the summed KLD within a bit budget for the whole model (a
 small multiple-choice knapsack, solved exactly by dynamic programming). The result is then
 *measured* like any other scheme; the additivity is only the search's guess.
@@ -33,11 +42,14 @@ from labkit.quant.evaluate import (
     QuantCache,
     Reference,
     assignment_bpw,
+    bootstrap_intervals,
     layer_index,
     quantized,
     score,
     uniform,
+    window_sums,
 )
+from labkit.quant.recipes import RECIPES, recipe
 from labkit.quant.schemes import SCHEMES, bits_per_weight, get_scheme, tensor_bits
 
 if TYPE_CHECKING:
@@ -52,9 +64,9 @@ def _no_progress(items: Iterable[Any], **_: Any) -> Iterable[Any]:
     return items
 
 
-def check_schemes(names: Iterable[str]) -> None:
-    """Refuse scheme names labkit.quant does not know, all of them in one message."""
-    unknown = [s for s in names if s not in SCHEMES]
+def check_schemes(names: Iterable[str], recipes: Iterable[str] = ()) -> None:
+    """Refuse scheme (and recipe) names labkit.quant does not know, all of them in one message."""
+    unknown = [s for s in names if s not in SCHEMES] + [r for r in recipes if r not in RECIPES]
     if unknown:
         raise ValueError(f"unknown schemes in the parameters: {unknown}")
 
@@ -62,8 +74,9 @@ def check_schemes(names: Iterable[str]) -> None:
 @dataclass
 class Evaluation:
     """The model under study, its quantizable layers and its fp32 references on held-out text:
-    ``windows`` / ``ref`` for the scoreboard, the shorter ``sens_windows`` / ``sens_ref`` for the
-    sensitivity sweeps."""
+    ``windows`` / ``ref`` (rows ``eval_rows`` of the held-out slice) score every row;
+    ``sens_windows`` / ``sens_ref`` (rows ``calib_rows``, shorter) calibrate: the sensitivity
+    sweeps and every choice made from data. The two row ranges share no window."""
 
     loaded: Any  # labkit.models.LoadedModel
     cache: QuantCache
@@ -71,38 +84,57 @@ class Evaluation:
     ref: Reference
     sens_windows: torch.Tensor
     sens_ref: Reference
+    eval_rows: range
+    calib_rows: range
+
+    def __post_init__(self) -> None:
+        if set(self.eval_rows) & set(self.calib_rows):
+            raise ValueError(f"calibration windows {self.calib_rows} overlap the evaluation "
+                             f"windows {self.eval_rows}")
 
     @property
     def model(self) -> Any:
         return self.loaded.model
+
+    def window_params(self) -> dict[str, list[int]]:
+        """The held-out rows behind a record, as half-open [start, stop) ranges."""
+        return {"eval_windows": [self.eval_rows.start, self.eval_rows.stop],
+                "calibration_windows": [self.calib_rows.start, self.calib_rows.stop]}
 
     def summary(self) -> str:
         """Parameters, what is quantized, and the evaluation's size and fp32 perplexity."""
         card, shapes = self.loaded.card, self.cache.shapes()
         n_quant = sum(a * b for a, b in shapes.values())
         n_windows, width = self.windows.shape
+        e, c = self.eval_rows, self.calib_rows
         return (
             f"{card['name']}: {card['num_parameters'] / 1e6:.1f} M parameters ({card['dtype']} on "
             f"{card['device']}); {len(shapes)} Linear layers quantized ({n_quant / 1e6:.1f} M "
-            f"weights), embeddings and norms stay fp16\nevaluation: {n_windows} held-out windows "
-            f"x {width - 1} tokens = {self.ref.tokens} scored tokens; fp32 perplexity {self.ref.ppl:.3f}"
+            f"weights), embeddings and norms stay as shipped\nevaluation: held-out windows "
+            f"{e.start}-{e.stop - 1} ({n_windows} x {width - 1} tokens = {self.ref.tokens} scored "
+            f"tokens); fp32 perplexity {self.ref.ppl:.3f}\ncalibration: windows {c.start}-"
+            f"{c.stop - 1} ({self.sens_ref.tokens} tokens), disjoint from the evaluation"
         )
 
 
 def load_evaluation(
-    model: str, device: str, windows: int, context: int, sens_windows: int, sens_context: int
+    model: str, device: str, windows: int, context: int, sens_windows: int, sens_context: int,
+    quant_blocks: int | None = None,
 ) -> Evaluation:
-    """``model`` on ``device``, its held-out windows (the model folder's heldout_slice) and the
-    fp32 references the scores compare against."""
+    """``model`` on ``device``, its held-out windows (the model folder's heldout_slice: the first
+    ``sens_windows`` calibrate, the ``windows`` after them evaluate) and the fp32 references;
+    ``quant_blocks``: quantize only the first that many decoder blocks (None: all of them)."""
     from labkit.models import load
     from labkit.quant.evaluate import heldout_windows, reference
 
     lm = load(model, device=device)
     folder = lm.card["path"]
-    w = heldout_windows(folder, windows, context).to(device)
-    sw = heldout_windows(folder, sens_windows, sens_context).to(device)
+    calib, ev = range(0, sens_windows), range(sens_windows, sens_windows + windows)
+    w = heldout_windows(folder, windows, context, start=ev.start).to(device)
+    sw = heldout_windows(folder, sens_windows, sens_context, start=calib.start).to(device)
     ref, sens_ref = reference(lm.model, w), reference(lm.model, sw)
-    return Evaluation(lm, QuantCache(lm.model), w, ref, sw, sens_ref)
+    cache = QuantCache(lm.model, first_blocks=quant_blocks)
+    return Evaluation(lm, cache, w, ref, sw, sens_ref, ev, calib)
 
 
 # --- 1: the scoreboard ---------------------------------------------------------------------------
@@ -127,6 +159,10 @@ def model_megabytes(model, cache: QuantCache, assignment: Mapping[str, str]) -> 
     return (bits + _fp16_rest_bits(model, cache)) / 8 / 1e6
 
 
+#: the metrics that get a bootstrap interval, and the row keys of its bounds
+INTERVAL_METRICS = ("delta_ppl", "mean_kld", "same_top_pct")
+
+
 def evaluate_assignment(
     model,
     cache: QuantCache,
@@ -135,17 +171,26 @@ def evaluate_assignment(
     assignment: Mapping[str, str],
     label: str,
     library: str,
+    seed: int = 0,
 ) -> dict:
-    """One scoreboard row for an arbitrary {layer: scheme} assignment."""
+    """One scoreboard row for an arbitrary {layer: scheme} assignment: its scores over
+    ``windows``, their bootstrap 95 % intervals (``<metric>_lo`` / ``_hi``), and ``exact``, True
+    when the assignment reconstructs every quantized weight exactly (lossless by construction)."""
     with quantized(cache, assignment):
-        s = score(model, windows, ref)
-    return {
+        sums = window_sums(model, windows, ref)
+    s, ci = sums.scores(), bootstrap_intervals(sums, seed)
+    row = {
         "scheme": label,
         "library": library,
         "bpw": assignment_bpw(cache, assignment),
         "size_mb": model_megabytes(model, cache, assignment),
         **asdict(s),
+        "exact": set(assignment) == set(cache.layers)
+        and all(cache.exact(n, sch) for n, sch in assignment.items()),
     }
+    for metric in INTERVAL_METRICS:
+        row[f"{metric}_lo"], row[f"{metric}_hi"] = ci[metric]
+    return row
 
 
 def scoreboard(
@@ -154,15 +199,30 @@ def scoreboard(
     windows,
     ref: Reference,
     schemes: Iterable[str],
-    progress: Callable = lambda x, **_: x,
+    progress: Callable = _no_progress,
+    seed: int = 0,
 ) -> list[dict]:
-    """A row per uniform scheme: bpw, size, PPL, delta PPL, mean KLD, same-top %."""
+    """A row per uniform scheme: bpw, size, PPL, delta PPL, mean KLD, same-top %, intervals."""
     rows = []
     for name in progress(list(schemes), desc="scoreboard"):
         s = get_scheme(name)
-        row = evaluate_assignment(model, cache, windows, ref, uniform(cache, s), s.name, s.library)
-        row["bits"] = s.bits
-        rows.append(row)
+        row = evaluate_assignment(model, cache, windows, ref, uniform(cache, s), s.name, s.library,
+                                  seed)
+        rows.append({**row, "bits": s.bits, "uniform": True})
+    return rows
+
+
+def recipe_rows(
+    model, cache: QuantCache, windows, ref: Reference, names: Iterable[str], seed: int = 0
+) -> list[dict]:
+    """A scoreboard row per llama.cpp recipe (``labkit.quant.recipes``, e.g. Q4_K_M): a mix of
+    GGUF types per tensor, a baseline for the sensitivity-guided mix. ``bits`` is the recipe's
+    default type's (Q4_K_M: 4); ``uniform`` is False."""
+    rows = []
+    for name in names:
+        row = evaluate_assignment(model, cache, windows, ref, recipe(name, cache.layers), name,
+                                  "gguf", seed)
+        rows.append({**row, "bits": 4, "uniform": False})
     return rows
 
 
@@ -171,20 +231,53 @@ SCORE_UNITS = {"bpw": "bit/weight", "delta_ppl": "1", "mean_kld": "nat", "same_t
 
 
 def record_scores(row: Mapping[str, Any], rec: Mapping[str, str], **params: Any) -> None:
-    """A scoreboard row's bpw, delta PPL, mean KLD and same-top %, params scheme and library
-    (and ``params``); ``rec`` holds runtime, device and model."""
+    """A scoreboard row's bpw, delta PPL, mean KLD and same-top %, and the 95 % interval bounds
+    of the last three (``<metric>_ci95_low`` / ``_high``), params scheme and library (and
+    ``params``; ``lossless_by_construction`` on an exact row); ``rec`` holds runtime, device and
+    model."""
     p = {"scheme": row["scheme"], "library": row["library"], **params}
+    if row.get("exact"):
+        p["lossless_by_construction"] = True
     for metric, unit in SCORE_UNITS.items():
         results.record(STUDY, metric, row[metric], unit, params=p, **rec)
+    for metric in INTERVAL_METRICS:
+        unit = SCORE_UNITS[metric]
+        results.record(STUDY, f"{metric}_ci95_low", row[f"{metric}_lo"], unit, params=p, **rec)
+        results.record(STUDY, f"{metric}_ci95_high", row[f"{metric}_hi"], unit, params=p, **rec)
 
 
 def board_table(rows: list[dict]) -> pd.DataFrame:
-    """The scoreboard's columns in llama.cpp's order, most bits first."""
+    """The scoreboard's columns in llama.cpp's order (intervals and flags after), most bits first."""
     import pandas as pd
 
     columns = ["scheme", "library", "bits", "bpw", "size_mb", "ppl", "delta_ppl", "mean_kld",
                "same_top_pct"]
-    return pd.DataFrame(rows)[columns].sort_values("bpw", ascending=False)
+    extra = [f"{m}_{b}" for m in INTERVAL_METRICS for b in ("lo", "hi")] + ["exact", "uniform"]
+    return pd.DataFrame(rows)[columns + extra].sort_values("bpw", ascending=False)
+
+
+#: the marker of a row that reconstructs every weight exactly, and its footnote
+EXACT_MARK = "\N{DAGGER}"
+EXACT_NOTE = (f"{EXACT_MARK} reconstructs every quantized weight exactly: these weights already lie "
+              "on its grid, so the row is lossless by construction and no claim rests on it")
+
+
+def board_text(board: pd.DataFrame) -> str:
+    """The scoreboard as printed: each metric with its 95 % interval, exact rows marked and
+    footnoted."""
+    def ci(r: pd.Series, m: str, fmt: str) -> str:
+        return f"{r[m]:{fmt}} [{r[m + '_lo']:{fmt}}, {r[m + '_hi']:{fmt}}]"
+
+    lines = [f"{'scheme':<22} {'library':<11} {'bits':>4} {'bpw':>6} {'MB':>6} {'PPL':>7}  "
+             f"{'delta PPL [95 % CI]':<29} {'mean KLD [95 % CI]':<31} same top % [95 % CI]"]
+    for _, r in board.iterrows():
+        name = r.scheme + (EXACT_MARK if r.exact else "")
+        lines.append(f"{name:<22} {r.library:<11} {r.bits:>4} {r.bpw:>6.3f} {r.size_mb:>6.1f} "
+                     f"{r.ppl:>7.3f}  {ci(r, 'delta_ppl', '+.4f'):<29} "
+                     f"{ci(r, 'mean_kld', '.3e'):<31} {ci(r, 'same_top_pct', '.1f')}")
+    if board.exact.any():
+        lines.append(EXACT_NOTE + ".")
+    return "\n".join(lines)
 
 
 # --- 2: weight SNR and outliers ------------------------------------------------------------------
@@ -208,6 +301,10 @@ def weight_snr(
     return snr.pivot(index="layer", columns="scheme", values="snr_db").loc[list(cache.layers)]
 
 
+#: the most matrices the SNR figure labels one by one (6 pt labels on an 11 inch axis)
+MAX_MATRIX_TICKS = 96
+
+
 def short_layer_name(name: str) -> str:
     """'model.layers.3.self_attn.q_proj' -> '3.q' (figure ticks)."""
     for part in ("model.layers.", "self_attn.", "mlp.", "_proj"):
@@ -222,8 +319,16 @@ def plot_weight_snr(wide: pd.DataFrame, schemes: list[str], model: str) -> Figur
     fig, ax = plotting.new_figure(figsize=(11, 4))
     for scheme in schemes:
         ax.plot(range(len(wide)), wide[scheme], marker="o", ms=3, label=scheme)
-    ax.set_xticks(range(len(wide)), [short_layer_name(n) for n in wide.index], rotation=90, fontsize=6)
-    ax.set_xlabel("layer (block.matrix)")
+    if len(wide) <= MAX_MATRIX_TICKS:
+        ax.set_xticks(range(len(wide)), [short_layer_name(n) for n in wide.index], rotation=90,
+                      fontsize=6)
+        ax.set_xlabel("layer (block.matrix)")
+    else:  # one tick per block: a tick per matrix would overlap
+        first = {}
+        for i, name in enumerate(wide.index):
+            first.setdefault(layer_index(name), i)
+        ax.set_xticks(list(first.values()), [str(b) for b in first], fontsize=7)
+        ax.set_xlabel("decoder block (its matrices in order: q, k, v, o, gate, up, down)")
     ax.set_ylabel("weight SNR (dB)")
     ax.set_title(f"Weight SNR of every quantized matrix of {model}")
     ax.legend(fontsize=7, ncols=3)
@@ -288,6 +393,132 @@ def plot_outliers(cache: QuantCache, st: pd.DataFrame, seed: int) -> Figure:
     ax2.set_ylabel("int4 SNR gain of block-32 scales\nover per-channel scales (dB)")
     ax2.set_title(f"Outliers and per-block scales (Spearman rho = {rho:.2f})", fontsize=9)
     fig.suptitle("Weight outliers and their effect")
+    return fig
+
+
+#: LLM.int8()'s outlier features (Dettmers et al., 2022, section 4.1): a hidden dimension whose
+#: magnitude reaches 6 in at least 25 % of the layers and in at least 6 % of the positions.
+OUTLIER_MAGNITUDE, OUTLIER_LAYER_SHARE, OUTLIER_POSITION_SHARE = 6.0, 0.25, 0.06
+#: where hidden states enter the Linear layers: the attention and MLP inputs (after each RMSNorm)
+ACTIVATION_SITES = {"attention input": "self_attn.q_proj", "MLP input": "mlp.gate_proj"}
+
+
+@dataclass
+class ActivationStats:
+    """Per block, site (:data:`ACTIVATION_SITES`) and hidden channel: the largest |x| and the
+    share of positions with |x| >= :data:`OUTLIER_MAGNITUDE`, over ``positions`` tokens."""
+
+    sites: list[str]
+    max_abs: Any  # numpy [block, site, channel]
+    share: Any  # numpy [block, site, channel]
+    positions: int
+
+    def outlier_channels(self) -> list[int]:
+        """The channels that are outlier features by LLM.int8()'s criterion: at or above the
+        magnitude at a position share of at least 6 % at some site, in 25 % of the blocks or more."""
+        import numpy as np
+
+        hit = (self.share >= OUTLIER_POSITION_SHARE).any(axis=1)  # [block, channel]
+        return np.flatnonzero(hit.mean(axis=0) >= OUTLIER_LAYER_SHARE).tolist()
+
+
+def activation_outliers(model, windows) -> ActivationStats:
+    """Run ``model`` over ``windows`` and measure the inputs of every block's attention and MLP
+    (forward hooks on q_proj and gate_proj: what those Linears multiply)."""
+    import numpy as np
+    import torch
+
+    from labkit.quant.evaluate import linear_layers
+
+    layers = linear_layers(model)
+    names = {(layer_index(n), site): n for n in layers
+             for site, suffix in ACTIVATION_SITES.items() if n.endswith(suffix)}
+    n_blocks, sites = 1 + max(b for b, _ in names), list(ACTIVATION_SITES)
+    width = layers[next(iter(names.values()))].in_features
+    max_abs = np.zeros((n_blocks, len(sites), width))
+    hits = np.zeros_like(max_abs)
+
+    def hook(key):
+        def record(_module, inputs, _output):
+            x = inputs[0].detach().abs().reshape(-1, width).float()
+            b, j = key[0], sites.index(key[1])
+            max_abs[b, j] = np.maximum(max_abs[b, j], x.amax(0).cpu().numpy())
+            hits[b, j] += (x >= OUTLIER_MAGNITUDE).sum(0).cpu().numpy()
+        return record
+
+    handles = [layers[n].register_forward_hook(hook(k)) for k, n in names.items()]
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model(window[None, :-1])
+    finally:
+        for h in handles:
+            h.remove()
+    positions = int(windows.shape[0] * (windows.shape[1] - 1))
+    return ActivationStats(sites, max_abs, hits / positions, positions)
+
+
+def record_outliers(stats: ActivationStats, rec: Mapping[str, str], **params: Any) -> None:
+    """The outlier features' count and the largest Linear input, recorded with the criterion."""
+    p = {"magnitude": OUTLIER_MAGNITUDE, "layer_share": OUTLIER_LAYER_SHARE,
+         "position_share": OUTLIER_POSITION_SHARE, "tokens": stats.positions, **params}
+    results.record(STUDY, "outlier_features", len(stats.outlier_channels()), "1", params=p, **rec)
+    results.record(STUDY, "max_linear_input_abs", float(stats.max_abs.max()), "1", params=p, **rec)
+
+
+def outlier_summary(stats: ActivationStats, model: str) -> str:
+    """The answer in words: how many outlier features, which, and the largest input there."""
+    import numpy as np
+
+    found = stats.outlier_channels()
+    peak = np.unravel_index(stats.max_abs.argmax(), stats.max_abs.shape)
+    head = (f"{model}: {len(found)} outlier feature(s) by LLM.int8()'s criterion (|x| >= "
+            f"{OUTLIER_MAGNITUDE:g} at >= {OUTLIER_POSITION_SHARE:.0%} of positions in >= "
+            f"{OUTLIER_LAYER_SHARE:.0%} of blocks), over {stats.positions} calibration tokens")
+    where = f"; channels {found[:12]}" if found else ""
+    return (f"{head}{where}\nlargest Linear input |x| = {stats.max_abs.max():.1f} (block {peak[0]}, "
+            f"{stats.sites[peak[1]]}, channel {peak[2]}); median channel's largest |x| = "
+            f"{np.median(stats.max_abs.max(axis=(0, 1))):.2f}")
+
+
+#: the most channels the right panel of the activation figure draws (the largest first)
+MAX_CHANNEL_LINES = 6
+
+
+def plot_activation_outliers(stats: ActivationStats, model: str) -> Figure:
+    """Left: each channel's largest input |x| over all blocks (outlier features marked); right:
+    for the channels that reach the magnitude anywhere (the largest few), the share of positions
+    at or above it, block by block, against the criterion's 6 %."""
+    import numpy as np
+
+    from labkit.core import plotting
+
+    peak = stats.max_abs.max(axis=(0, 1))
+    found = stats.outlier_channels()
+    fig, (ax1, ax2) = plotting.new_figure(1, 2, figsize=(11, 4))
+    ax1.plot(np.arange(len(peak)), peak, lw=0.8, color="C0", label="largest |x| of the channel")
+    if found:
+        ax1.scatter(found, peak[found], color="C3", s=18, zorder=3, label="outlier feature")
+    ax1.axhline(OUTLIER_MAGNITUDE, color="k", ls="--", lw=1, label=f"|x| = {OUTLIER_MAGNITUDE:g}")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("hidden channel")
+    ax1.set_ylabel("largest |input| over blocks and sites")
+    ax1.set_title("Largest input to the Linear layers, per channel", fontsize=9)
+    ax1.legend(fontsize=7)
+    share = stats.share.max(axis=1)  # [block, channel], the larger of the two sites
+    large = [int(c) for c in np.argsort(-peak) if peak[c] >= OUTLIER_MAGNITUDE][:MAX_CHANNEL_LINES]
+    for k, c in enumerate(large):
+        ax2.plot(np.arange(share.shape[0]), 100 * share[:, c], marker="o", ms=3,
+                 color=f"C{k + 1}", label=f"channel {c}" + (" (outlier feature)" if c in found else ""))
+    ax2.axhline(100 * OUTLIER_POSITION_SHARE, color="k", ls="--", lw=1,
+                label=f"{OUTLIER_POSITION_SHARE:.0%} of positions")
+    ax2.set_xlabel("decoder block")
+    ax2.set_ylabel(f"positions with |x| >= {OUTLIER_MAGNITUDE:g} (%)")
+    ax2.set_title(f"Channels reaching {OUTLIER_MAGNITUDE:g}: in how many blocks, how often",
+                  fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"Activation outliers of {model}: {len(found)} outlier feature(s) "
+                 f"(LLM.int8()'s criterion), {stats.positions} calibration tokens")
     return fig
 
 
@@ -371,9 +602,48 @@ def plot_sensitivity(heat: pd.DataFrame) -> Figure:
 # --- 4: mixed precision --------------------------------------------------------------------------
 
 
-def best_uniform(board: pd.DataFrame, bits: int) -> pd.Series:
-    """The scoreboard row of the ``bits``-bit scheme with the lowest mean KLD."""
-    return board[board.bits == bits].sort_values("mean_kld").iloc[0]
+def budget_scheme(
+    model, cache: QuantCache, windows, ref: Reference, board: pd.DataFrame, bits: int
+) -> tuple[pd.Series, pd.Series]:
+    """(the scoreboard row of the uniform ``bits``-bit scheme with the lowest mean KLD on the
+    *calibration* windows, every candidate's calibration KLD): the budget's scheme is chosen
+    without looking at the evaluation it is scored on. Exact rows are no candidates."""
+    import pandas as pd
+
+    pool = board[(board.bits == bits) & board.uniform & ~board.exact]
+    if pool.empty:
+        raise ValueError(f"the scoreboard has no uniform {bits}-bit scheme to set the budget")
+    kld = {}
+    for name in pool.scheme:
+        with quantized(cache, uniform(cache, name)):
+            kld[name] = score(model, windows, ref).mean_kld
+    calib = pd.Series(kld, name="calibration mean KLD").sort_values()
+    return pool.set_index("scheme").loc[calib.index[0]].rename(calib.index[0]), calib
+
+
+def mixed_budgets(board: pd.DataFrame, budget: pd.Series, recipes: Iterable[str]) -> dict[str, float]:
+    """The mixed assignments to search: "labkit-mixed" at the budget scheme's bits per weight,
+    and "labkit-mixed@<recipe>" at each recipe's (the hand-written mix's own size)."""
+    b = board.set_index("scheme")
+    out = {"labkit-mixed": float(budget.bpw)}
+    out.update({f"labkit-mixed@{r}": float(b.loc[r, "bpw"]) for r in recipes})
+    return out
+
+
+def mixed_precision(
+    model, cache: QuantCache, windows, ref: Reference, groups: Mapping[str, list[str]],
+    ladder: list[str], kld: Mapping[tuple[str, str], float], budgets: Mapping[str, float],
+    seed: int = 0,
+) -> tuple[list[dict], dict[str, dict[str, str]]]:
+    """(a scoreboard row per budget, the assignment behind each): the knapsack on the
+    calibration sensitivities ``kld``, then the result scored on the evaluation ``windows``."""
+    rows, assignments = [], {}
+    for label, budget in budgets.items():
+        a = mixed_assignment(cache, groups, ladder, kld, budget)
+        row = evaluate_assignment(model, cache, windows, ref, a, label, "labkit", seed)
+        rows.append({**row, "bits": 0, "uniform": False, "budget_bpw": budget})
+        assignments[label] = a
+    return rows, assignments
 
 
 def mixed_assignment(
@@ -471,15 +741,60 @@ def predicted_kld(
     return sum(kld[(g, assignment[names[0]])] for g, names in groups.items())
 
 
+def separation(board: pd.DataFrame, row: Mapping[str, Any]) -> pd.DataFrame:
+    """Every scoreboard scheme (uniform or recipe; not fp16, not exact) of no more bits per
+    weight than ``row`` was allowed (its ``budget_bpw``, else its bpw), against it: ``separated``
+    when ``row``'s 95 % interval of mean KLD lies wholly below the rival's, ``worse`` when wholly
+    above; ``ratio`` = rival KLD / row KLD."""
+    allowed = row.get("budget_bpw", row["bpw"])
+    rivals = board[(board.bpw <= allowed + 1e-9) & ~board.exact & (board.scheme != "fp16")]
+    out = rivals[["scheme", "bpw", "mean_kld", "mean_kld_lo", "mean_kld_hi"]].copy()
+    out["separated"] = row["mean_kld_hi"] < out.mean_kld_lo
+    out["worse"] = row["mean_kld_lo"] > out.mean_kld_hi
+    out["ratio"] = out.mean_kld / row["mean_kld"]
+    return out.sort_values("mean_kld").reset_index(drop=True)
+
+
+def separation_text(row: Mapping[str, Any], sep: pd.DataFrame) -> str:
+    """The verdict in words: against which schemes of no more bits the mix is shown better
+    (intervals apart), and against which the difference is only reported."""
+    head = (f"{row['scheme']}: {row['bpw']:.3f} bpw, mean KLD {row['mean_kld']:.4g} "
+            f"[{row['mean_kld_lo']:.4g}, {row['mean_kld_hi']:.4g}]")
+    if sep.empty:
+        return f"{head}; no scheme on the scoreboard has as few bits per weight"
+    lines = [head]
+    for _, r in sep.iterrows():
+        verdict = ("better, intervals apart" if r.separated else
+                   "worse, intervals apart" if r.worse else "intervals overlap: not shown")
+        lines.append(f"  vs {r.scheme} ({r.bpw:.3f} bpw, {r.mean_kld:.4g} [{r.mean_kld_lo:.4g}, "
+                     f"{r.mean_kld_hi:.4g}]): {r.ratio:.2f}x, {verdict}")
+    return "\n".join(lines)
+
+
+def mixed_verdict(board: pd.DataFrame, row: Mapping[str, Any], predicted: float) -> tuple[bool, str]:
+    """(whether the mix is shown better than every scheme of no more bits, the sentence that says
+    so or reports why not: which intervals overlap, and the search's own guess ``predicted``)."""
+    sep = separation(board, row)
+    if len(sep) and sep.separated.all():
+        return True, (f"{row['scheme']} holds: lower mean KLD than every scheme of <= "
+                      f"{row['budget_bpw']:.3f} bpw ({', '.join(sep.scheme)}), 95 % intervals "
+                      f"apart, {sep.ratio.min():.2f}x to {sep.ratio.max():.2f}x")
+    rest = ", ".join(sep.scheme[~sep.separated]) or "no scheme of as few bits"
+    return False, (f"{row['scheme']}: not shown, reported only: its interval is not below those of "
+                   f"{rest}; the search predicted a summed KLD of {predicted:.4g} on the "
+                   f"calibration windows, the evaluation measured {row['mean_kld']:.4g}")
+
+
 # --- 5: error against bits -----------------------------------------------------------------------
 
 
-def pareto_points(board: pd.DataFrame, mixed_row: Mapping[str, Any]) -> pd.DataFrame:
-    """Every quantized scheme of the scoreboard and the mixed assignment (fp16 left out)."""
+def pareto_points(board: pd.DataFrame, mixed: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Every quantized scheme of the scoreboard and the mixed assignments (fp16 and exact rows
+    left out: an exact row's KLD is 0 by construction, see :func:`plot_pareto`)."""
     import pandas as pd
 
-    pts = pd.concat([board, pd.DataFrame([mixed_row])], ignore_index=True)
-    return pts[pts.scheme != "fp16"]
+    pts = pd.concat([board, pd.DataFrame(list(mixed))], ignore_index=True)
+    return pts[(pts.scheme != "fp16") & ~pts.exact.astype(bool)]
 
 
 def pareto_front(pts: pd.DataFrame) -> pd.DataFrame:
@@ -490,28 +805,131 @@ def pareto_front(pts: pd.DataFrame) -> pd.DataFrame:
 
 #: marker of each library in the Pareto figure
 LIBRARY_MARKERS = {"coremltools": "s", "mlx": "o", "gguf": "^", "labkit": "D"}
+#: label offsets tried around a point (points), nearest first: the first that overlaps nothing wins
+_LABEL_OFFSETS = sorted(((dx, dy) for dx in (4, -4, 14, -14, 34, -34, 64, -64)
+                         for dy in range(-84, 85, 7)), key=lambda o: (o[0] ** 2 + o[1] ** 2, -o[0]))
 
 
-def plot_pareto(pts: pd.DataFrame, front: pd.DataFrame, model: str) -> Figure:
-    """Mean KLD against bits per weight, every library together, with the Pareto front."""
+#: a label set farther than this from its point (points) gets a leader line to it
+LEADER_PT = 12
+
+
+def place_labels(ax: Any, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str],
+                 fontsize: float = 6, spans: Iterable[tuple[float, float]] | None = None,
+                 ) -> list[Any]:
+    """Annotate each point so that no label overlaps another label, a point (and its error bar
+    from ``spans``: (low, high) per point), the legend or the axes' edge.
+
+    Greedy, in display coordinates after the layout is drawn: each label takes the nearest
+    offset of :data:`_LABEL_OFFSETS` (right of the point first) whose box overlaps nothing placed
+    before; a label with no free offset takes the least crowded one. A label set farther than
+    :data:`LEADER_PT` from its point gets a leader line to it. Labels stay out of the layout
+    engine, so placing them moves nothing.
+    """
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    pts = list(zip(xs, ys, strict=True))
+    scale = fig.dpi / 72.0
+    boxes = [_box(*ax.transData.transform(p), 4 * scale) for p in pts]  # the markers themselves
+    for (x, _), (lo, hi) in zip(pts, spans or (), strict=False):  # and their error bars
+        (x0, y0), (x1, y1) = ax.transData.transform([(x, lo), (x, hi)])
+        boxes.append(type(boxes[0]).from_extents(x0 - 3 * scale, y0, x1 + 3 * scale, y1))
+    if ax.get_legend() is not None:
+        boxes.append(ax.get_legend().get_window_extent(renderer))
+    out = []
+    for (x, y), text in zip(pts, labels, strict=True):
+        probe = _label(ax, text, (x, y), (0, 0), fontsize)
+        size = probe.get_window_extent(renderer)
+        probe.remove()
+        px, py = ax.transData.transform((x, y))
+
+        def box_at(offset: tuple[float, float], size=size, px=px, py=py) -> Any:
+            left = px + offset[0] * scale - (size.width if offset[0] < 0 else 0)
+            bottom = size.y0 + offset[1] * scale
+            return type(size).from_bounds(left, bottom, size.width, size.height)
+
+        crowd = [(sum(_area(box_at(o), b) for b in boxes) + (0 if _inside(box_at(o), frame)
+                  else 1e9), k) for k, o in enumerate(_LABEL_OFFSETS)]
+        free = [k for c, k in crowd if c == 0]
+        k = free[0] if free else min(crowd)[1]
+        far = not free or _LABEL_OFFSETS[k][0] ** 2 + _LABEL_OFFSETS[k][1] ** 2 > LEADER_PT ** 2
+        out.append(_label(ax, text, (x, y), _LABEL_OFFSETS[k], fontsize, leader=far))
+        boxes.append(box_at(_LABEL_OFFSETS[k]))
+    return out
+
+
+def _area(a: Any, b: Any) -> float:
+    """The area two boxes share (0 when they do not overlap)."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _label(ax: Any, text: str, xy: tuple[float, float], offset: tuple[float, float],
+           fontsize: float, leader: bool = False) -> Any:
+    arrow = {"arrowstyle": "-", "lw": 0.5, "color": "grey"} if leader else None
+    ann = ax.annotate(text, xy, xytext=offset, textcoords="offset points", fontsize=fontsize,
+                      ha="left" if offset[0] >= 0 else "right", arrowprops=arrow)
+    ann.set_in_layout(False)
+    return ann
+
+
+def _box(x: float, y: float, r: float) -> Any:
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x - r, y - r], [x + r, y + r]])
+
+
+def _inside(bb: Any, frame: Any) -> bool:
+    return bb.x0 >= frame.x0 and bb.x1 <= frame.x1 and bb.y0 >= frame.y0 and bb.y1 <= frame.y1
+
+
+def plot_pareto(pts: pd.DataFrame, front: pd.DataFrame, model: str,
+                exact: pd.DataFrame | None = None) -> Figure:
+    """Mean KLD (with its 95 % interval) against bits per weight, every library together, with
+    the Pareto front; exact rows (KLD 0, off a log axis) as dotted vertical lines, footnoted."""
     from labkit.core import plotting
 
-    fig, ax = plotting.new_figure(figsize=(8, 5))
+    fig, ax = plotting.new_figure(figsize=(9, 5.5))
     for lib, df in pts.groupby("library"):
-        ax.scatter(df.bpw, df.mean_kld, marker=LIBRARY_MARKERS.get(lib, "x"), s=40, label=lib)
-        for _, r in df.iterrows():
-            ax.annotate(r.scheme.split("-", 1)[-1], (r.bpw, r.mean_kld), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+        err = [df.mean_kld - df.mean_kld_lo, df.mean_kld_hi - df.mean_kld]
+        ax.errorbar(df.bpw, df.mean_kld, yerr=err, fmt=LIBRARY_MARKERS.get(lib, "x"), ms=6,
+                    capsize=2, lw=0.8, label=lib)
     ax.step(front.bpw, front.mean_kld, where="post", color="grey", lw=1, label="Pareto front")
+    marked = exact[exact.scheme != "fp16"] if exact is not None else pts.iloc[:0]
+    for _, r in marked.iterrows():  # the fp16 reference is no format to mark
+        ax.axvline(r.bpw, color="k", ls=":", lw=1.2,
+                   label=f"{r.scheme}{EXACT_MARK}: KLD 0, lossless by construction")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (exact, overheads included)")
-    ax.set_ylabel("mean KL divergence to fp32 (nat, log)")
+    ax.set_ylabel("mean KL divergence to fp32 (nat, log; bars: 95 % CI)")
     ax.set_title(f"Quantization error against size, {model}")
-    ax.legend(fontsize=8)
+    ax.margins(x=0.08, y=0.15)
+    ax.legend(fontsize=7, loc="upper right")
+    place_labels(ax, pts.bpw, pts.mean_kld, [s.split("-", 1)[-1] for s in pts.scheme],
+                 spans=zip(pts.mean_kld_lo, pts.mean_kld_hi, strict=True))
     return fig
 
 
 # --- 6: an encoder -------------------------------------------------------------------------------
+
+
+def load_encoder(name: str) -> Any | None:
+    """The encoder of section 6, or None with a skip line: when ``name`` is empty, or the
+    optional package is not installed (the rest of the notebook stands alone)."""
+    from labkit.core.skips import skip
+    from labkit.models import load
+
+    if not name:
+        skip("MiniLM section", "ENCODER is empty")
+        return None
+    try:
+        return load(name, device="cpu")
+    except Exception as e:  # any failure to load means: skip it, and say why
+        skip("MiniLM section", f"cannot load {name!r}: {e}")
+        return None
 
 
 def retrieval_pairs(n: int) -> tuple[list[str], list[str]]:
