@@ -412,23 +412,27 @@ def test_answer_queries_asks_each_query_with_and_without_retrieval(pipe) -> None
 
 def test_correctness_summary_records_and_figure(well_drawn) -> None:
     answers = pd.DataFrame(dict(
+        query=["a", "b", "c", "d"] * 2,
         retrieval=["top-3"] * 4 + ["none"] * 4, target_retrieved=[True, True, True, False] + [False] * 4,
-        named=[True, True, True, False, True, False, False, False],
+        named=[True, True, True, False, True, False, False, True],
         exact=[True, False, True, False, False, False, False, False]))
+    gain = rag.paired_gain(answers)
+    assert gain == dict(with_only=2, without_only=1, both=1, neither=0)
     summary = rag.correctness_summary(answers)
     assert list(summary.index) == ["top-3", "none"]
-    assert summary.named.tolist() == [0.75, 0.25] and summary.exact.tolist() == [0.5, 0.0]
+    assert summary.named.tolist() == [0.75, 0.5] and summary.exact.tolist() == [0.5, 0.0]
     assert summary.target_retrieved.tolist() == [0.75, 0.0] and summary.n.tolist() == [4, 4]
     # Wilson 95 % intervals: 3 of 4 -> 0.30-0.95; 0 of 4 -> 0-0.49 (z^2 / (n + z^2))
     assert (summary.named_low.iloc[0], summary.named_high.iloc[0]) == pytest.approx((0.3006, 0.9544), abs=1e-4)
     assert (summary.exact_low.iloc[1], summary.exact_high.iloc[1]) == pytest.approx((0.0, 3.8415 / 7.8415), abs=1e-4)
-    text = rag.correctness_sentence(summary, quick=True)
+    text = rag.correctness_sentence(summary, gain, quick=True)
     assert text.splitlines()[0].startswith("5. top-3: names the documented function in 75% of 4 queries (95 % "
                                            "interval 0.30-0.95), is exactly its name in 50%")
-    assert "not asserted in quick mode: 4 queries" in text and "quick" not in rag.correctness_sentence(summary)
+    assert "named only with the documents 2, only without 1, both ways 1, neither way 0" in text
+    assert "not asserted in quick mode: 4 queries" in text and "quick" not in rag.correctness_sentence(summary, gain)
     recs = rag.correctness_records(summary, device="cpu", model="m", threads=1, max_new_tokens=8, n_docs=9)
     assert [(r["metric"], r["params"]["retrieval"], r["value"], r["params"]["correct"]) for r in recs] == [
         ("answer_named_rate", "top-3", 0.75, 3), ("answer_exact_rate", "top-3", 0.5, 2),
-        ("answer_named_rate", "none", 0.25, 1), ("answer_exact_rate", "none", 0.0, 0)]
+        ("answer_named_rate", "none", 0.5, 2), ("answer_exact_rate", "none", 0.0, 0)]
     assert recs[0]["params"]["ci95_high"] == pytest.approx(summary.named_high.iloc[0])
     well_drawn(rag.plot_correctness(summary, model_name="m"))

@@ -960,16 +960,29 @@ def correctness_summary(answers: pd.DataFrame) -> pd.DataFrame:
     return per
 
 
-def correctness_sentence(summary: pd.DataFrame, *, quick: bool = False) -> str:
+def paired_gain(answers: pd.DataFrame) -> dict[str, int]:
+    """The same queries asked both ways (:func:`answer_queries`): how many answers name the gold
+    answer only with the retrieved documents, only without them, both ways, neither way."""
+    named = answers.pivot(index="query", columns="retrieval", values="named")
+    with_docs = named[[c for c in named.columns if c != "none"][0]]
+    without = named["none"]
+    return dict(with_only=int((with_docs & ~without).sum()), without_only=int((~with_docs & without).sum()),
+                both=int((with_docs & without).sum()), neither=int((~with_docs & ~without).sum()))
+
+
+def correctness_sentence(summary: pd.DataFrame, gain: dict[str, int], *, quick: bool = False) -> str:
     """One line per retrieval condition: how often the answer names the documented function (with
-    its interval), how often it is exactly the name, how often the document was retrieved."""
+    its interval), how often it is exactly the name, how often the document was retrieved; then
+    the paired counts of :func:`paired_gain`."""
     lines = [f"5. {name}: names the documented function in {r.named:.0%} of {int(r.n)} queries (95 % "
              f"interval {r.named_low:.2f}-{r.named_high:.2f}), is exactly its name in {r.exact:.0%}; "
              f"the labelled document was retrieved for {r.target_retrieved:.0%}"
              for name, r in summary.iterrows()]
+    lines.append(f"5. the same queries both ways: named only with the documents {gain['with_only']}, only "
+                 f"without {gain['without_only']}, both ways {gain['both']}, neither way {gain['neither']}")
     if quick:
-        lines.append(f"5. not asserted in quick mode: {int(summary.n.max())} queries are too few to "
-                     f"separate the two; the full run asserts it")
+        lines.append(f"5. not asserted in quick mode: {int(summary.n.max())} queries are too few; the "
+                     f"full run asserts it")
     return "\n".join(lines)
 
 
