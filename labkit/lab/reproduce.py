@@ -161,10 +161,10 @@ def quick_parameters(stem: str, quick_file: Path | None = None, model: str | Non
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: entry {key!r}: expected a mapping of parameter -> value, "
                              f"got {type(entry).__name__} {entry!r:.80}")
-        bad = next((k for k in entry if not isinstance(k, str) or not k.isidentifier()), None)
-        if bad is not None:
+        bad = [k for k in entry if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
             raise ValueError(f"{path}: entry {key!r}: parameter names must be Python names, "
-                             f"got {bad!r}")
+                             f"got {bad[0]!r}")
         params.update(entry)
     params["QUICK"] = True
     return params
