@@ -164,6 +164,7 @@ def test_load_results_includes_other_machines() -> None:
 
 
 def test_load_results_empty_has_record_columns() -> None:
+    (paths.results_dir() / "nothing_here").mkdir(parents=True)  # a known study, no records yet
     df = load_results("nothing_here")
     assert df.empty and list(df.columns) == [*RECORD_KEYS, *results.DERIVED_KEYS]
     assert load_results().empty

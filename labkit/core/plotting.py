@@ -10,11 +10,13 @@ writes PNG + SVG atomically with that provenance inside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +344,7 @@ def save_figure(
     SVG is deterministic (fixed hash salt, no date), so an unchanged figure gives an unchanged file.
     """
     _check_name(name)
+    _check_is_figure(fig, name)
     name = variant_name(name)
     check_figure(fig)
     info = provenance(name, notebook=notebook, params=params)
@@ -351,7 +354,7 @@ def save_figure(
     folder = paths.figures_dir()
     targets = {"png": folder / f"{name}.png", "svg": folder / f"{name}.svg"}
     with (mpl.rc_context({"svg.hashsalt": SVG_HASH_SALT}), atomic_path(targets["png"]) as png,
-          atomic_path(targets["svg"]) as svg):
+          atomic_path(targets["svg"]) as svg, _rendering(name)):
         fig.savefig(
             png, format="png", dpi=SAVE_DPI,
             metadata={"Title": name, _PROVENANCE_KEY: description, "Software": software},
@@ -362,6 +365,33 @@ def save_figure(
                       "Date": None},
         )
     return targets["png"], targets["svg"]
+
+
+def _check_is_figure(fig: Any, name: str) -> None:
+    """A matplotlib Figure, or a TypeError that says what to pass instead."""
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    if isinstance(fig, Figure):
+        return
+    hint = ("pass its figure: ax.figure (or the fig of fig, ax = plotting.new_figure())"
+            if isinstance(fig, Axes) else
+            "a study's plot_... function returns the Figure to save" if fig is None else
+            "pass the Figure (fig, ax = plotting.new_figure())")
+    raise TypeError(f"save_figure({name!r}): expected a matplotlib Figure, got "
+                    f"{type(fig).__name__}; {hint}")
+
+
+@contextlib.contextmanager
+def _rendering(name: str) -> Iterator[None]:
+    """A figure that fails to draw (a broken mathtext title, a bad colour) names itself: a
+    matplotlib error alone often starts with an empty line and never says which figure."""
+    try:
+        yield
+    except (ValueError, TypeError, RuntimeError) as exc:
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise ValueError(f"figure {name!r} could not be drawn (nothing written): "
+                         f"{type(exc).__name__}: {detail or repr(exc)}") from exc
 
 
 def read_png_provenance(path: str | Path) -> dict:

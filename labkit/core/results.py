@@ -83,17 +83,20 @@ def _check_study(study: Any) -> str:
     return study
 
 
-def _check_value(metric: str, value: Any) -> int | float:
+def _check_value(metric: str, value: Any, hint: str = "; convert tensors with .item()") -> int | float:
     """A finite real number as a plain Python int/float; bools and strings refused."""
     is_number = isinstance(value, int | float | np.integer | np.floating)
     if isinstance(value, bool | np.bool_) or not is_number:
         raise ValueError(
             f"value for metric {metric!r} must be a finite int or float, got {value!r} "
-            f"(type {type(value).__name__}); convert tensors with .item()"
+            f"(type {type(value).__name__}){hint}"
         )
     plain = value.item() if isinstance(value, np.generic) else value
     if isinstance(plain, float) and not math.isfinite(plain):
         raise ValueError(f"value for metric {metric!r} must be finite, got {plain!r}")
+    if isinstance(plain, int) and abs(plain) > sys.float_info.max:
+        raise ValueError(f"value for metric {metric!r} is beyond the float range "
+                         f"(|value| > {sys.float_info.max:.3g}): every reader turns it into inf")
     return plain
 
 
@@ -108,6 +111,7 @@ def _check_params(metric: str, params: Any) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise ValueError(f"params for metric {metric!r} must be a dict, got {type(params).__name__}")
+    _check_param_tree(metric, params, "params")
     try:
         text = json.dumps(params, sort_keys=True, allow_nan=False, default=_json_default)
     except (TypeError, ValueError) as exc:
@@ -115,6 +119,26 @@ def _check_params(metric: str, params: Any) -> dict[str, Any]:
             f"params for metric {metric!r} must be JSON-serialisable with finite numbers: {exc}"
         ) from exc
     return json.loads(text)
+
+
+def _check_param_tree(metric: str, obj: Any, where: str) -> None:
+    """Keys are strings (JSON would turn ``1`` into ``"1"``, so a reader's ``params[1]`` never
+    matches) and integers fit a float (a reader gets inf otherwise), at every depth."""
+    if isinstance(obj, dict):
+        for key, val in obj.items():
+            if not isinstance(key, str):
+                raise ValueError(f"params for metric {metric!r}: key {key!r} of {where} is of "
+                                 f"type {type(key).__name__}; keys must be str (JSON stores "
+                                 f"{str(key)!r}, which a reader's params[{key!r}] never matches)")
+            _check_param_tree(metric, val, f"{where}[{key!r}]")
+    elif isinstance(obj, list | tuple):
+        for i, val in enumerate(obj):
+            _check_param_tree(metric, val, f"{where}[{i}]")
+    elif isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) > sys.float_info.max:
+        raise ValueError(f"params for metric {metric!r}: {where} is beyond the float range")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"params for metric {metric!r}: {where} is {obj!r}; numbers must be "
+                         f"finite (JSON has no NaN or infinity)")
 
 
 def _check_str(name: str, value: Any, *, allow_empty: bool = False) -> str:
@@ -425,21 +449,70 @@ def record_many(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return built
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every record of one file; a corrupt line raises with the file and line number."""
+#: What load_results does with a bad line or file (see its docstring).
+BAD_LINES = ("raise", "skip")
+
+
+def _check_loaded(obj: Any, study: str) -> None:
+    """A line read back passes the checks record() made when it was written (ValueError: why)."""
+    if not isinstance(obj, dict) or set(obj) not in (_KEYS, _LEGACY_KEYS):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"a record needs exactly keys {RECORD_KEYS} (or, written before runs "
+                         f"existed, {LEGACY_RECORD_KEYS}), got {got}")
+    if _check_study(obj["study"]) != study:
+        raise ValueError(f"a record of study {obj['study']!r} in the folder of study {study!r}")
+    metric = _check_str("metric", obj["metric"])
+    _check_value(metric, obj["value"], hint="")
+    for key in ("unit", "runtime", "device", "machine", "git_rev"):
+        _check_str(key, obj[key])
+    _check_str("model", obj["model"], allow_empty=True)
+    if not isinstance(obj["params"], dict):
+        raise ValueError(f"params must be a JSON object, got {obj['params']!r}")
+    _check_params(metric, obj["params"])
+    created = obj["created"]
+    try:
+        datetime.fromisoformat(created)
+    except (TypeError, ValueError):
+        raise ValueError(f"created must be an ISO 8601 time such as "
+                         f"'2026-01-31T12:00:00.000000+00:00', got {created!r}") from None
+
+
+def _bad(where: str, reason: str, bad_lines: str) -> None:
+    """Report one bad line or file: raise (the default) or warn that it is skipped."""
+    if bad_lines == "raise":
+        raise ValueError(f"{where}: {reason}")
+    warnings.warn(f"{where}: {reason}; skipped", stacklevel=4)
+
+
+def _read_jsonl(path: Path, bad_lines: str = "raise") -> list[dict[str, Any]]:
+    """Every record of one file, each checked as record() checks it; a bad line is reported
+    with the file and line number (raised, or skipped with a warning)."""
     rows = []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        _bad(str(path), f"cannot read results file ({exc.strerror or exc})", bad_lines)
+        return rows
+    if lines and lines[-1] == b"":
         lines.pop()  # the final newline, not an empty record
-    for number, line in enumerate(lines, start=1):
+    study = path.parent.name
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            _bad(where, f"not UTF-8 text ({exc.reason} at byte {exc.start})", bad_lines)
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: corrupt results line ({exc}): {line[:80]!r}") from exc
-        if not isinstance(obj, dict) or set(obj) not in (_KEYS, _LEGACY_KEYS):
-            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise ValueError(f"{path}:{number}: a record needs exactly keys {RECORD_KEYS} "
-                             f"(or, written before runs existed, {LEGACY_RECORD_KEYS}), got {got}")
+            _bad(where, f"corrupt results line ({exc}): {line[:80]!r}", bad_lines)
+            continue
+        try:
+            _check_loaded(obj, study)
+        except ValueError as exc:
+            _bad(where, str(exc), bad_lines)
+            continue
         rows.append(obj)
     return rows
 
@@ -475,47 +548,83 @@ def _with_run_columns(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def load_results(study: str | None = None) -> pd.DataFrame:
+
+def known_studies() -> list[str]:
+    """The studies load_results knows: those with a results folder, and every notebook's stem
+    (a study that has not recorded yet is known, and loads as an empty table)."""
+    root = paths.results_dir()
+    folders = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    notebooks = paths.notebooks_dir()
+    stems = {p.stem for p in notebooks.glob("[0-9][0-9]_*.ipynb")} if notebooks.is_dir() else set()
+    return sorted(n for n in folders | stems if n != MACHINES_FOLDER and _STUDY_PATTERN.match(n))
+
+
+def _study_folders(study: str | None) -> list[Path]:
+    root = paths.results_dir()
+    known = known_studies()
+    if study is None:
+        return [root / name for name in known if (root / name).is_dir()]
+    if _check_study(study) not in known:
+        listed = ", ".join(known) or "none yet"
+        raise ValueError(f"load_results: unknown study {study!r} (no folder under {root} and no "
+                         f"notebook of that name); known studies: {listed}")
+    return [root / study]
+
+
+def _machine_columns(machines: list[str], bad_lines: str) -> list[dict[str, Any]]:
+    """One row per machine: its fingerprint flattened with prefix ``machine_``."""
+    out = []
+    for machine in machines:
+        path = paths.results_dir() / MACHINES_FOLDER / f"{machine}.json"
+        try:
+            info = load_machine(machine)
+        except ValueError as exc:
+            _bad(str(path), str(exc).removeprefix(f"{path}: "), bad_lines)
+            info = {}
+        if info is None:
+            warnings.warn(
+                f"no fingerprint file for machine {machine!r} under "
+                f"{paths.results_dir() / MACHINES_FOLDER}", stacklevel=3,
+            )
+            info = {}
+        info = {k: v for k, v in info.items() if k != "machine_id"}
+        out.append({"machine": machine, **_flatten("machine_", info)})
+    return out
+
+
+def load_results(study: str | None = None, *, bad_lines: str = "raise") -> pd.DataFrame:
     """All records of ``study`` from every machine (every study if None) as a DataFrame.
 
     Columns: RECORD_KEYS (``created`` as a UTC datetime, ``params`` as dicts), DERIVED_KEYS,
     then the machine's fingerprint flattened with prefix ``machine_`` (machine_cpu, machine_os,
-    machine_gpu, machine_ram_gb, machine_versions_torch, ...). A corrupt line raises with its
-    file and line; a machine without a fingerprint file gives a warning and empty machine_
-    columns. Records written before runs existed get ``run_id`` "legacy-<git_rev>" (one run per
-    machine and revision) and empty run fields. Every run is here, dirty and noisy ones
-    included: a figure draws on :func:`select_runs` of this (or :func:`load_run`).
+    machine_gpu, machine_ram_gb, machine_versions_torch, ...). A machine without a fingerprint
+    file gives a warning and empty machine_ columns. Records written before runs existed get
+    ``run_id`` "legacy-<git_rev>" (one run per machine and revision) and empty run fields.
+    Every run is here, dirty and noisy ones included: a figure draws on :func:`select_runs` of
+    this (or :func:`load_run`).
+
+    Every line is checked as :func:`record` checked it when it was written (types, finite
+    values, an ISO 8601 time, the study of its folder): a hand-edited NaN or a string value
+    would otherwise load and break a table later, far from its file. A bad line (or an
+    unreadable file, or a corrupt fingerprint) is reported as ``<file>:<line>: <reason>``:
+    raised (``bad_lines="raise"``, the default) or skipped with a warning (``"skip"``). Only the
+    folders of the study asked for are read, so one study's bad file never breaks another's
+    table. An unknown study name is an error listing the known ones (:func:`known_studies`).
     """
     import pandas as pd
 
-    root = paths.results_dir()
-    if study is None:
-        folders = sorted(
-            p for p in root.glob("*") if p.is_dir() and p.name != MACHINES_FOLDER
-        ) if root.exists() else []
-    else:
-        folders = [root / _check_study(study)]
+    if bad_lines not in BAD_LINES:
+        raise ValueError(f"bad_lines must be one of {BAD_LINES}, got {bad_lines!r}")
     rows: list[dict[str, Any]] = []
-    for folder in folders:
+    for folder in _study_folders(study):
         for path in sorted(folder.glob("*.jsonl")):
-            rows.extend(_read_jsonl(path))
+            rows.extend(_read_jsonl(path, bad_lines))
 
     df = _with_run_columns(pd.DataFrame(rows, columns=list(RECORD_KEYS)))
     df["created"] = pd.to_datetime(df["created"], utc=True, format="ISO8601")
     if df.empty:
         return df
-
-    machines = []
-    for machine in sorted(df["machine"].unique()):
-        info = load_machine(machine)
-        if info is None:
-            warnings.warn(
-                f"no fingerprint file for machine {machine!r} under {root / MACHINES_FOLDER}",
-                stacklevel=2,
-            )
-            info = {}
-        info = {k: v for k, v in info.items() if k != "machine_id"}
-        machines.append({"machine": machine, **_flatten("machine_", info)})
+    machines = _machine_columns(sorted(df["machine"].unique()), bad_lines)
     df = df.merge(pd.DataFrame(machines), on="machine", how="left")
     return df.sort_values("created", kind="stable").reset_index(drop=True)
 
@@ -596,6 +705,12 @@ def latest(df: pd.DataFrame, **filters: Any) -> pd.DataFrame:
     unknown = sorted(set(filters) - set(df.columns))
     if unknown:
         raise ValueError(f"latest(): no column(s) {unknown}; columns are {list(df.columns)}")
+    for column, wanted in filters.items():
+        if not df.empty and not (df[column] == wanted).any():
+            values = sorted({str(v) for v in df[column]})
+            shown = ", ".join(values[:20]) + (f", ... ({len(values)} in all)" if len(values) > 20 else "")
+            raise ValueError(f"latest(): no record has {column}={wanted!r}; {column} values "
+                             f"here: {shown}")
     sel = df
     for column, wanted in filters.items():
         sel = sel[sel[column] == wanted]

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit.core.checks import is_int, output_path
 from labkit.core.files import atomic_dir
 from labkit.inference.export_cache import StaticCache
 from labkit.models.layers import apply_rope, explicit_gqa, repeat_kv
@@ -223,16 +224,21 @@ def decode_mask(position: int, max_len: int) -> np.ndarray:
     return mask
 
 
+def _check_max_len(model: Llama, max_len: Any) -> int:
+    """Cache positions of an exported step: an integer within the model's context."""
+    context = model.config.max_position_embeddings
+    if not is_int(max_len) or not 1 <= max_len <= context:
+        raise ValueError(f"max_len must be an integer in 1..{context} (max_position_embeddings), "
+                         f"got {max_len!r}")
+    return int(max_len)
+
+
 def step_module(model: nn.Module, step: str, max_len: int) -> nn.Module:
     """The fp32 wrapper of ladder ``step`` ("a".."e"; d and e share c's graph)."""
     model = _check_llama(model)
     if step not in STEPS:
         raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
-    if max_len <= 0 or max_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"max_len must be in 1..{model.config.max_position_embeddings} "
-            f"(max_position_embeddings), got {max_len}"
-        )
+    _check_max_len(model, max_len)
     if step == "a":
         return NoCacheStep(model).eval()
     if step == "b":
@@ -369,11 +375,16 @@ def convert(
     ``convert_seconds`` include that conversion plus the compression. ``on_done(export)`` is
     called after each package is saved (for progress bars).
     """
-    model = _check_llama(model).float().eval()
+    model = _check_llama(model)
     steps = list(steps)
-    for step in steps:
+    for step in steps:  # every argument checked before the first conversion
         if step not in STEPS:
             raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
+    _check_max_len(model, max_len)
+    output_path(out_dir, "out_dir", "convert", folder=True)
+    if on_done is not None and not callable(on_done):
+        raise TypeError(f"convert: on_done must be callable or None, got {on_done!r}")
+    model = model.float().eval()
     out: list[Export] = []
     stateful: tuple[Any, float, float] | None = None
     for step in steps:

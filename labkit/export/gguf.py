@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from labkit.core.checks import one_of, output_path
 from labkit.core.files import atomic_path
 
 #: file types we write -> ggml type of the 2-D weights
@@ -144,11 +145,18 @@ def _tokenizer_fields(folder: Path, vocab_size: int) -> dict[str, Any]:
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; the GGUF file needs the tokenizer")
-    tok = json.loads(path.read_text())
-    model = tok.get("model", {})
-    if model.get("type") != "BPE":
-        raise ValueError(f"{path}: expected a byte-level BPE tokenizer (model {model.get('type')!r})")
-    pre = pre_tokenizer_name(tok.get("pre_tokenizer"), path)
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        got = model.get("type") if isinstance(model, dict) else model
+        raise ValueError(f"{path}: expected a byte-level BPE tokenizer (model {got!r})")
+    if not isinstance(model.get("vocab"), dict) or not model["vocab"]:
+        raise ValueError(f"{path}: model.vocab must be a non-empty mapping of token -> id")
+    pre_tok = tok.get("pre_tokenizer")
+    pre = pre_tokenizer_name(pre_tok if isinstance(pre_tok, dict) else None, path)
     vocab: dict[str, int] = dict(model["vocab"])
     added = {t["content"]: t for t in tok.get("added_tokens", [])}
     vocab.update({text: t["id"] for text, t in added.items()})
@@ -290,15 +298,18 @@ def export_gguf(
 
     from labkit.models.loader import check_weights
 
-    if file_type not in FILE_TYPES:
-        raise ValueError(f"file_type must be one of {FILE_TYPES}, got {file_type!r}")
+    one_of(file_type, "file_type", FILE_TYPES, "export_gguf")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"export_gguf: name must be a non-empty str or None, got {name!r}")
+    out = output_path(out_path, "out_path", "export_gguf")
+    if not isinstance(model_dir, str | os.PathLike):
+        raise TypeError(f"export_gguf: model_dir must be a model folder's path, got {model_dir!r}")
     folder = Path(model_dir)
     raw, cfg = _llama_config(folder)
     files = check_weights(folder, raw)
     tok = _tokenizer_fields(folder, cfg.vocab_size)
     weights = _read_weights(files)
     file_code = f"MOSTLY_{file_type}" if file_type != "F32" else "ALL_F32"
-    out = Path(out_path)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_file_type(int(gguf.LlamaFileType[file_code]))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from labkit.core.checks import output_path, positive_int
 from labkit.core.files import atomic_path
 from labkit.inference.export_cache import PastKVCache
 from labkit.models.layers import explicit_gqa
@@ -82,10 +83,12 @@ def export_onnx(model: Llama, out_path: str | os.PathLike[str], opset: int = 18)
 
     Uses torch.onnx's TorchScript exporter with ``dynamic_axes`` (it keeps the relation
     "mask length = past + new" symbolic without a constraint solver). Written to a temporary
-    file, then renamed.
+    file, then renamed: a failed export leaves no file (and an earlier one as it was).
     """
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(model, Llama):
+        raise TypeError(f"export_onnx needs labkit's Llama, got {type(model).__name__}")
+    out = output_path(out_path, "out_path", "export_onnx")
+    positive_int(opset, "opset", "export_onnx")
     wrapper = OnnxLlama(model.float().eval())
     inputs, outputs = io_names(wrapper.n_layers)
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "new"},

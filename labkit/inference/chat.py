@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from labkit.inference.generate import stream
+from labkit.core.checks import positive_int
+from labkit.inference.generate import check_token_ids, stream
 
 
 @dataclass
@@ -42,6 +43,8 @@ def chat_ids(tokenizer: Any, question: str, system: str | None = None) -> torch.
     ending with the assistant's turn opened (``add_generation_prompt``)."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string or None, got {type(system).__name__}")
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template: not a chat model "
                          "(try smollm2-135m, or give the prompt to generate directly)")
@@ -62,10 +65,13 @@ def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
 def stream_answer(model: Any, tokenizer: Any, question: str, *, max_new_tokens: int = 128,
                   system: str | None = None) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated; the last value returned (in
-    ``StopIteration.value``) is the ``ChatAnswer``."""
+    ``StopIteration.value``) is the ``ChatAnswer``. A generated id the tokenizer cannot decode
+    (a model whose vocabulary is larger than its tokenizer's) raises instead of showing as ""."""
+    positive_int(max_new_tokens, "max_new_tokens", "chat")
     device = next(model.parameters()).device
     ids = chat_ids(tokenizer, question, system).to(device)
     eos = end_token_ids(model, tokenizer)
+    known = len(tokenizer)
     tokens: list[int] = []
     shown = ""
     pieces: list[str] = []
@@ -78,6 +84,7 @@ def stream_answer(model: Any, tokenizer: Any, question: str, *, max_new_tokens: 
         steps += 1
         if tok in eos:
             break
+        check_token_ids([tok], known, "generated token (for the tokenizer)")
         tokens.append(tok)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if len(text) > len(shown) and not text.endswith("\ufffd"):  # whole characters only

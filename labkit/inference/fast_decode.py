@@ -34,7 +34,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from labkit.core.checks import positive_int
 from labkit.inference.export_cache import StaticCache
+from labkit.inference.generate import check_generation
 from labkit.inference.kv_cache import KVCache
 from labkit.models.layers import Cache, apply_rope, causal_attention
 from labkit.models.llama import Llama
@@ -177,9 +179,9 @@ class FastDecoder:
         ``static=True`` decodes with ``static_step`` (or ``step_fn(token, pos, kv)``, e.g. its
         compiled form), the position a device tensor: no host sync per token.
         """
+        positive_int(max_new_tokens, "max_new_tokens", "FastDecoder.greedy")
+        check_generation(self.model, input_ids, max_new_tokens)
         b, t = input_ids.shape
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         device = input_ids.device
         with torch.inference_mode():
             kv = cache if cache is not None else KVCache.for_model(

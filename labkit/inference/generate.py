@@ -17,11 +17,15 @@ works too.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from labkit.core.checks import is_int, nonnegative_int
 from labkit.inference.kv_cache import KVCache
 from labkit.models.layers import Cache
 
@@ -53,20 +57,78 @@ def _as_logits(out: object) -> torch.Tensor:
 def _eos_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor | None:
     if eos_token_id is None:
         return None
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, device=device) if ids else None
+    ids = [eos_token_id] if is_int(eos_token_id) else list(eos_token_id)
+    return torch.tensor([int(i) for i in ids], device=device) if ids else None
 
 
-def _check_inputs(input_ids: torch.Tensor, max_new_tokens: int) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
-        raise ValueError(f"input_ids must be a LongTensor [batch, tokens>=1], got {shape}")
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 0
-    ):
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+def model_limits(model: Any) -> tuple[int | None, int | None]:
+    """(vocabulary size, context length) from ``model.config`` (None where the model has none)."""
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    context = getattr(cfg, "max_position_embeddings", None)
+    return (vocab if is_int(vocab) else None), (context if is_int(context) else None)
+
+
+def check_token_ids(ids: Any, vocab: int | None, name: str = "input_ids") -> None:
+    """``ids`` (a tensor or a list of ints) are integer token ids in ``0..vocab-1``.
+
+    Why: torch casts float ids silently (3.7 becomes 3) and an id outside the embedding fails
+    deep inside it ("index out of range in self") without the id or the vocabulary size;
+    a tokenizer decodes an unknown id to "" without a word.
+    """
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype "
+                            f"{str(ids.dtype).removeprefix('torch.')}")
+        if ids.numel() == 0 or vocab is None:
+            return
+        low, high = int(ids.min()), int(ids.max())
+    else:
+        values = list(ids)
+        bad = [v for v in values if not is_int(v)]
+        if bad:
+            raise TypeError(f"{name} must be integer token ids, got {bad[0]!r} "
+                            f"({type(bad[0]).__name__})")
+        if not values or vocab is None:
+            return
+        low, high = min(values), max(values)
+    for value in (low, high):
+        if not 0 <= value < vocab:
+            raise ValueError(f"{name} holds token id {value}, outside the vocabulary "
+                             f"(ids 0..{vocab - 1}, vocab_size {vocab})")
+
+
+def _check_eos(eos_token_id: Any, vocab: int | None) -> None:
+    if eos_token_id is None:
+        return
+    ids = [eos_token_id] if not isinstance(eos_token_id, list | tuple) else list(eos_token_id)
+    if not all(is_int(i) for i in ids):
+        raise TypeError(f"eos_token_id must be an integer token id, a list of them or None, "
+                        f"got {eos_token_id!r} (a token's text? use tokenizer.eos_token_id)")
+    check_token_ids(ids, vocab, "eos_token_id")
+
+
+def check_generation(model: Any, input_ids: Any, max_new_tokens: Any,
+                     eos_token_id: Any = None) -> None:
+    """Every argument of a generation call, before the first step: the prompt's shape, dtype and
+    ids (within the vocabulary), max_new_tokens, the end-of-sequence ids, and prompt +
+    max_new_tokens within the model's context (naming both numbers)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a LongTensor [batch, tokens>=1], got "
+                        f"{type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a LongTensor [batch, tokens>=1], got shape "
+                         f"{tuple(input_ids.shape)}")
+    nonnegative_int(max_new_tokens, "max_new_tokens")
+    vocab, context = model_limits(model)
+    check_token_ids(input_ids, vocab)
+    _check_eos(eos_token_id, vocab)
+    prompt = input_ids.shape[1]
+    if context is not None and prompt + max_new_tokens > context:
+        raise ValueError(
+            f"a prompt of {prompt} tokens + max_new_tokens {max_new_tokens} = "
+            f"{prompt + max_new_tokens} positions exceeds the model's context "
+            f"(max_position_embeddings {context})")
 
 
 def _pick_greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -75,8 +137,10 @@ def _pick_greedy(logits: torch.Tensor) -> torch.Tensor:
 
 def _sampler(temperature: float, top_k: int | None, generator: torch.Generator):
     """A picker: logits [B, V] -> token ids [B], drawn from softmax(logits / T) over the top k."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy for 0), got {temperature!r}")
+    real = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+    if not real or not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0 (use greedy for 0), "
+                         f"got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
 
@@ -137,7 +201,7 @@ def _decode(
 
 
 def _run(model, input_ids, max_new_tokens, pick, cache, eos_token_id, return_logits) -> Generation:
-    _check_inputs(input_ids, max_new_tokens)
+    check_generation(model, input_ids, max_new_tokens, eos_token_id)
     b, t = input_ids.shape
     with torch.inference_mode():
         out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
@@ -202,7 +266,9 @@ def sample(
     Deterministic: the draws come from ``generator`` if given, else a torch.Generator seeded with
     ``seed`` on the input's device. Logits returned are the raw (unscaled) ones.
     """
-    gen = generator or torch.Generator(device=input_ids.device).manual_seed(seed)
+    check_generation(model, input_ids, max_new_tokens, eos_token_id)
+    gen = generator or torch.Generator(device=input_ids.device).manual_seed(
+        nonnegative_int(seed, "seed"))
     pick = _sampler(temperature, top_k, gen)
     return _run(model, input_ids, max_new_tokens, pick, cache, eos_token_id, return_logits)
 
@@ -219,12 +285,15 @@ def stream(
     eos_token_id: int | list[int] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token (``[B]`` LongTensor) as soon as it is chosen (for TTFT/TPOT timing
-    and for printing text as it appears). ``temperature=0`` is greedy."""
-    _check_inputs(input_ids, max_new_tokens)
+    and for printing text as it appears). ``temperature=0`` is greedy.
+
+    The arguments are checked here, when ``stream`` is called, not at the first ``next``.
+    """
+    check_generation(model, input_ids, max_new_tokens, eos_token_id)
     if temperature == 0:
         pick = _pick_greedy
     else:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+        gen = torch.Generator(device=input_ids.device).manual_seed(nonnegative_int(seed, "seed"))
         pick = _sampler(temperature, top_k, gen)
     b, t = input_ids.shape
     with torch.inference_mode():
@@ -240,8 +309,12 @@ def stream(
             out=out,
             logits_out=None,
         )
-    # inference_mode is entered around each step, never held across a yield: the caller's code
-    # between tokens must not silently run in inference mode.
+    return _outside_inference_mode(steps)
+
+
+def _outside_inference_mode(steps: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each step under inference_mode, never held across a yield: the caller's code between
+    tokens must not silently run in inference mode."""
     while True:
         with torch.inference_mode():
             try:

@@ -8,24 +8,26 @@ import sys
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from labkit.core import env
 
     console = Console()
     fp = env.fingerprint()
-    table = Table(title=f"this machine ({fp['machine_id']})", show_header=False)
+    table = Table(title=f"this machine ({escape(str(fp['machine_id']))})", show_header=False)
     for key, value in fp.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
-        table.add_row(key, str(value))
+        table.add_row(escape(str(key)), escape(str(value)))
     console.print(table)
     rt = Table(title="optional runtimes")
     rt.add_column("runtime")
     rt.add_column("available")
     rt.add_column("why not")
     for name, reason in env.optional_runtimes().items():
-        rt.add_row(name, "yes" if reason is None else "no", reason or "")
+        # escaped: an install hint's "[llamacpp]" is rich markup to rich, and vanished
+        rt.add_row(escape(name), "yes" if reason is None else "no", escape(reason or ""))
     console.print(rt)
     build = env.llamacpp_build()
     console.print("llama.cpp build: " + (
@@ -41,35 +43,52 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
+def _bench_options(args: argparse.Namespace) -> dict:
+    """The options given on the command line, by the benchmark function's parameter names."""
+    runtimes = None
+    if args.runtimes not in (None, "all"):
+        runtimes = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+        if not runtimes:
+            raise ValueError(f"--runtimes {args.runtimes!r} names no runtime (or use 'all')")
+    options = {"model": args.model, "prompt": args.prompt, "gen": args.gen, "runtimes": runtimes}
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from labkit.lab import bench
 
     console = Console()
     if args.list or not args.name:
         for name, target in sorted(bench.BENCHMARKS.items()):
-            console.print(f"{name:16s} {target}")
+            console.print(f"{escape(name):16s} {escape(target)}")
         return 0
     try:
         fn = bench.resolve(args.name)
-    except KeyError as exc:
-        console.print(f"[red]{exc.args[0]}[/red]")
+        given = _bench_options(args)
+    except (KeyError, ValueError) as exc:
+        console.print(f"[red]{escape(str(exc.args[0]))}[/red]")
         return 2
     import inspect
 
     accepted = inspect.signature(fn).parameters
-    options = {"model": args.model, "prompt": args.prompt, "gen": args.gen,
-               "runtimes": None if args.runtimes in (None, "all") else args.runtimes.split(",")}
-    given = {k: v for k, v in options.items() if v is not None}
     refused = sorted(k for k in given if k not in accepted)
     if refused:
-        console.print(f"[red]benchmark {args.name} takes no {', '.join('--' + k for k in refused)}[/red]")
+        console.print(f"[red]benchmark {escape(args.name)} takes no "
+                      f"{escape(', '.join('--' + k for k in refused))}[/red]")
         return 2
-    with console.status(f"running benchmark {args.name}"):
-        records = fn(quick=args.quick, **given)
+    try:
+        with console.status(f"running benchmark {escape(args.name)}"):
+            records = fn(quick=args.quick, **given)
+    except (OSError, RuntimeError, TypeError, ValueError) as exc:  # ModelLoadError is a ValueError
+        console.print(f"[red]benchmark {escape(args.name)} failed: "
+                      f"{escape(type(exc).__name__)}: {escape(str(exc))}[/red]")
+        return 1
     for r in records:
-        console.print(f"{r['study']} {r['metric']} = {r['value']:.4g} {r['unit']} {r['params']}")
+        console.print(escape(f"{r['study']} {r['metric']} = {r['value']:.4g} {r['unit']} "
+                             f"{r['params']}"))
     console.print(f"{len(records)} records written under data/results/")
     return 0
 
@@ -82,22 +101,20 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from labkit.models import load
 
     console = Console(highlight=False)
-    with console.status(f"loading {escape(args.model)}"):
-        loaded = load(args.model, device=args.device)
-    answer = chat(loaded.model, loaded.tokenizer, args.question, max_new_tokens=args.max_new_tokens,
-                  system=args.system, on_piece=lambda p: console.print(escape(p), end=""))
+    try:
+        with console.status(f"loading {escape(args.model)}"):
+            loaded = load(args.model, device=args.device)
+        answer = chat(loaded.model, loaded.tokenizer, args.question,
+                      max_new_tokens=args.max_new_tokens, system=args.system,
+                      on_piece=lambda p: console.print(escape(p), end=""))
+    except (OSError, RuntimeError, TypeError, ValueError) as exc:  # ModelLoadError is a ValueError
+        console.print(f"[red]{escape(type(exc).__name__)}: {escape(str(exc))}[/red]")
+        return 1
     console.print()
     console.print(f"[dim]TTFT {answer.ttft_s * 1e3:.0f} ms ({answer.prompt_tokens} prompt tokens), "
                   f"{answer.decode_tokens_per_s:.1f} tokens/s decode, {len(answer.tokens)} tokens"
                   f"{'' if answer.stopped else ' (stopped at --max-new-tokens)'}[/dim]")
     return 0
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
@@ -113,6 +130,7 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from labkit.core.checks import option, positive_int
     from labkit.lab.reproduce import add_arguments
 
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__)
@@ -131,15 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes")
     p.add_argument("--model", help="model name or folder (benchmarks that load one)")
     p.add_argument("--runtimes", help="comma-separated runtimes, or 'all' (runtimes benchmark)")
-    p.add_argument("--prompt", type=int, help="prompt tokens, e.g. 512 for pp512 (runtimes benchmark)")
-    p.add_argument("--gen", type=int, help="generated tokens, e.g. 128 for tg128 (runtimes benchmark)")
+    p.add_argument("--prompt", type=option(positive_int),
+                   help="prompt tokens, e.g. 512 for pp512 (runtimes benchmark)")
+    p.add_argument("--gen", type=option(positive_int),
+                   help="generated tokens, e.g. 128 for tg128 (runtimes benchmark)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("chat", help="ask a chat model one question; streams the answer")
     p.add_argument("question", help="the question (one user turn)")
     p.add_argument("--model", default="smollm2-135m", help="a chat model: name, folder or hub id")
     p.add_argument("--system", help="a system prompt")
-    p.add_argument("--max-new-tokens", type=_positive, default=256, help="answer length limit")
+    p.add_argument("--max-new-tokens", type=option(positive_int), default=256,
+                   help="answer length limit")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.set_defaults(func=_cmd_chat)
 
@@ -150,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lab", help="JupyterLab on notebooks/ (as root too); prints the URL to open")
     p.add_argument("--ip", default="127.0.0.1", help="interface (0.0.0.0: reachable from outside)")
-    p.add_argument("--port", type=_positive, help="port (default: the first free one from 8888)")
+    p.add_argument("--port", type=option(positive_int), help="port (default: the first free one from 8888)")
     p.set_defaults(func=_cmd_lab)
 
     sub.add_parser("train", help="train the embedded decoder: labkit train --help")

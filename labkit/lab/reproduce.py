@@ -23,6 +23,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,14 +32,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkit.core import params as params_mod
 from labkit.core import paths
-from labkit.core.files import atomic_write_json
+from labkit.core.checks import finite_float, option, positive_int
+from labkit.core.files import atomic_write_json, remove_stale_temps, temp_sibling
 from labkit.core.skips import clear_skips, read_skips
 
 KERNEL_NAME = "labkit"
 #: tqdm.auto's notice, on import in a kernel without ipywidgets, that it falls back to text bars
 #: (transformers imports it): noise in every executed notebook, filtered by its message.
 IPROGRESS_NOTICE = "ignore:IProgress not found"
+#: the summary of the latest full run (every notebook), which the site reads
+LATEST_SUMMARY = "reproduce-summary.json"
 
 
 @dataclass
@@ -71,23 +77,41 @@ class Job:
 
 def model_slug(model: str) -> str:
     """A file-name-safe tag for a model: its name, or a folder's last component."""
-    import re
-
     tail = Path(model).name if ("/" in model or os.sep in model) else model
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", tail).strip("-.") or "model"
 
 
-def model_runs(stem: str, models_file: Path | None = None) -> list[str]:
-    """The models notebooks/models.yml lists for ``stem`` (each an extra run with MODEL set)."""
+def read_table(path: Path, what: str) -> dict:
+    """A notebooks/*.yml file as a mapping ({} if absent): invalid YAML or another top-level
+    shape is an error naming the file (and the line), never a parser's '<unicode string>'."""
     import yaml
 
-    path = models_file or paths.notebooks_dir() / "models.yml"
     if not path.exists():
-        return []
-    table = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: expected a mapping of notebook stem -> list of model names")
-    models = table.get(stem) or []
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark, start = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        if context and start is not None:
+            problem += f" ({context} started at line {start.line + 1})"
+        raise ValueError(f"{path}: invalid YAML{at}: {problem}") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of notebook stem -> {what}, got "
+                         f"{type(loaded).__name__} {loaded!r:.80}")
+    return loaded
+
+
+def model_runs(stem: str, models_file: Path | None = None) -> list[str]:
+    """The models notebooks/models.yml lists for ``stem`` (each an extra run with MODEL set)."""
+    path = models_file or paths.notebooks_dir() / "models.yml"
+    models = read_table(path, "list of model names").get(stem) or []
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
         raise ValueError(f"{path}: models of {stem!r} must be a list of names, got {models!r}")
     return models
@@ -104,11 +128,17 @@ def jobs_for(notebooks: list[Path], *, with_models: bool = True) -> list[Job]:
 
 
 def discover(only: str | None = None, notebooks_dir: Path | None = None) -> list[Path]:
-    """The lab's notebooks (``NN_slug.ipynb``), in order; ``only`` filters by substring or glob."""
+    """The lab's notebooks (``NN_slug.ipynb``), in order; ``only`` filters by substring or glob
+    (comma-separated; an empty ``only`` is an error, not "all")."""
     folder = notebooks_dir or paths.notebooks_dir()
     found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb") if p.is_file())
-    if only:
+    if only is not None:
+        if not isinstance(only, str):
+            raise TypeError(f"only must be a str of patterns or None, got {only!r}")
         patterns = [p.strip() for p in only.split(",") if p.strip()]
+        if not patterns:  # `--only "$UNSET"` must not mean "everything"
+            raise ValueError(f"--only {only!r} names no notebook (an empty pattern); leave "
+                             f"--only out to run them all")
         found = [
             p
             for p in found
@@ -120,23 +150,50 @@ def discover(only: str | None = None, notebooks_dir: Path | None = None) -> list
 def quick_parameters(stem: str, quick_file: Path | None = None, model: str | None = None) -> dict:
     """Quick-mode parameters of one notebook from notebooks/quick.yml (always with QUICK=True);
     for a run on ``model``, those under ``<stem>@<model>`` on top."""
-    import yaml
-
     path = quick_file or paths.notebooks_dir() / "quick.yml"
-    table = {}
-    if path.exists():
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of notebook stem -> parameters")
-        table = loaded
+    table = read_table(path, "parameters")
     params: dict = {}
     for key in (stem, f"{stem}@{model}") if model else (stem,):
-        entry = table.get(key) or {}
+        entry = table.get(key)
+        if entry is None:
+            continue
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: parameters of {key!r} must be a mapping, got {entry!r}")
+            raise ValueError(f"{path}: entry {key!r}: expected a mapping of parameter -> value, "
+                             f"got {type(entry).__name__} {entry!r:.80}")
+        bad = [k for k in entry if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ValueError(f"{path}: entry {key!r}: parameter names must be Python names, "
+                             f"got {bad[0]!r}")
         params.update(entry)
     params["QUICK"] = True
     return params
+
+
+def check_tables(notebooks_dir: Path | None = None) -> None:
+    """quick.yml and models.yml name only notebooks that exist (a misspelt stem would silently
+    run a notebook at full size in quick mode, or never on its model)."""
+    folder = notebooks_dir or paths.notebooks_dir()
+    stems = {p.stem for p in discover(None, folder)}
+    for name, what in (("quick.yml", "parameters"), ("models.yml", "list of model names")):
+        path = folder / name
+        for key in read_table(path, what):
+            stem = str(key).split("@", 1)[0]
+            if stem not in stems:
+                raise ValueError(f"{path}: entry {key!r} names no notebook in {folder} "
+                                 f"(known: {', '.join(sorted(stems))})")
+            if name == "models.yml":
+                model_runs(stem, path)
+
+
+def parameters_source(path: Path) -> str:
+    """The source of a notebook's cell tagged ``parameters`` ("" if it has none)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            return cell.source
+    return ""
 
 
 def default_parameters(path: Path) -> dict:
@@ -144,22 +201,25 @@ def default_parameters(path: Path) -> dict:
 
     Recorded as figure provenance, so a full run's figures say which parameters made them.
     """
-    import ast
+    return params_mod.defaults(parameters_source(path), unpack=False)
 
-    import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            out = {}
-            for node in ast.parse(cell.source).body:
-                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                    try:
-                        out[node.targets[0].id] = ast.literal_eval(node.value)
-                    except ValueError:
-                        continue
-            return out
-    return {}
+def check_notebook_parameters(path: Path, values: dict, name: str | None = None) -> None:
+    """``values`` held to the defaults of ``path``'s parameters cell (labkit.core.params):
+    TypeError or ValueError naming the parameter, its value and what was expected."""
+    spec = params_mod.parse(parameters_source(path))
+    params_mod.check_values(spec, values, f"{name or path.stem}: {path.name}'s parameters cell")
+
+
+def job_parameters(job: Job, quick: bool) -> dict:
+    """What papermill passes to one execution (quick.yml's values in quick mode, ``MODEL`` for a
+    model run), checked against the notebook's parameters cell."""
+    params = quick_parameters(job.path.stem, job.path.parent / "quick.yml", job.model) \
+        if quick else {}
+    if job.model is not None:
+        params["MODEL"] = job.model
+    check_notebook_parameters(job.path, params, job.name)
+    return params
 
 
 def kernel_dir() -> Path:
@@ -237,17 +297,28 @@ def run_notebook(
 ) -> NotebookRun:
     """Execute one notebook with papermill in a subprocess; never raises for a notebook failure.
 
-    ``model``: run it with ``MODEL`` set to that model (a run named ``<stem>@<model>``).
+    ``model``: run it with ``MODEL`` set to that model (a run named ``<stem>@<model>``). Its
+    parameters (quick.yml's, MODEL) are checked against the parameters cell first: a bad one
+    fails the run before papermill starts, so nothing is recorded. The executed copy is written
+    to a temporary sibling and renamed when papermill ends (the next run removes the temporary
+    of a runner that was killed).
     """
+    if timeout is not None:
+        finite_float(timeout, "timeout", "run_notebook", positive=True)
     stem = path.stem
     name = Job(path, model).name
+    try:  # before anything runs or is written: a bad value fails this notebook only
+        params = job_parameters(Job(path, model), quick)
+    except (TypeError, ValueError) as exc:
+        return NotebookRun(name=name, status="failed", seconds=0.0,
+                           error=f"parameters refused, nothing ran: {exc}")
     out_dir = out_dir or paths.build_dir() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # executed copies of a runner that was killed
     final = out_dir / f"{name}.ipynb"
-    partial = out_dir / f".{name}.partial.ipynb"
-    params = quick_parameters(stem, path.parent / "quick.yml", model) if quick else {}
-    if model is not None:
-        params["MODEL"] = model
+    scratch = temp_sibling(final)  # a folder, so papermill's output keeps its .ipynb name
+    scratch.mkdir()
+    partial = scratch / final.name
     effective = {**default_parameters(path), **params}
 
     from labkit.core import results
@@ -296,6 +367,7 @@ def run_notebook(
     if partial.exists():
         os.replace(partial, final)
         output = final
+    shutil.rmtree(scratch, ignore_errors=True)
     return NotebookRun(
         name=name, status=status, seconds=seconds, figures=_figures_since(stem, start, figures),
         output=output, error=error, skipped=read_skips(name),
@@ -315,23 +387,29 @@ def reproduce(
     notebooks/models.yml unless ``with_models`` is False; one NotebookRun per execution.
 
     One call is one run: every record the notebooks write carries its run id (see
-    ``labkit.core.results.start_run``).
+    ``labkit.core.results.start_run``). Every argument, quick.yml and models.yml are checked
+    before the first notebook starts.
     """
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    positive_int(jobs, "jobs", "reproduce")
+    if timeout is not None:
+        finite_float(timeout, "timeout", "reproduce", positive=True)
     notebooks = discover(only)
     if not notebooks:
         raise FileNotFoundError(
             f"no notebook matches {only!r} in {paths.notebooks_dir()}" if only
             else f"no notebooks found in {paths.notebooks_dir()}"
         )
-    kernel = ensure_kernel()
+    check_tables(notebooks[0].parent)
     todo = jobs_for(notebooks, with_models=with_models)
+    for job in todo:  # a bad value stops the run before any notebook starts
+        job_parameters(job, quick)
+    kernel = ensure_kernel()
     from labkit.core import results
 
     results.start_run()
     runs: list[NotebookRun] = []
 
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -343,7 +421,8 @@ def reproduce(
         def one(job: Job) -> NotebookRun:
             run = run_notebook(job.path, quick=quick, timeout=timeout, kernel=kernel,
                                model=job.model)
-            bar.console.print(f"{'ok  ' if run.ok else 'FAIL'} {run.name} ({run.seconds:.0f} s)")
+            bar.console.print(f"{'ok  ' if run.ok else 'FAIL'} {escape(run.name)} "
+                              f"({run.seconds:.0f} s)")
             bar.advance(task)
             return run
 
@@ -353,7 +432,9 @@ def reproduce(
 
 
 def summary_table(runs: list[NotebookRun]):
-    """A rich Table: notebook, status, seconds, figures written, error."""
+    """A rich Table: notebook, status, seconds, figures written, error (texts escaped: an
+    error or a skip reason with brackets would otherwise be read as rich markup and lost)."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="labkit reproduce")
@@ -362,24 +443,34 @@ def summary_table(runs: list[NotebookRun]):
     for r in runs:
         style = "green" if r.ok else "red"
         table.add_row(
-            r.name, f"[{style}]{r.status}[/{style}]", f"{r.seconds:.1f}", str(len(r.figures)),
-            "; ".join(f"{s['part']} ({s['reason']})" for s in r.skipped),
-            (r.error or "").splitlines()[-1][:80] if r.error else "",
+            escape(r.name), f"[{style}]{escape(r.status)}[/{style}]", f"{r.seconds:.1f}",
+            str(len(r.figures)),
+            escape("; ".join(f"{s['part']} ({s['reason']})" for s in r.skipped)),
+            escape((r.error or "").splitlines()[-1][:80]) if r.error else "",
         )
     return table
 
 
-def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
-    """build/reproduce-summary.json: what ran, how it ended, what it wrote (for the site and CI logs)."""
-    out = paths.build_dir() / "reproduce-summary.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+def write_summary(runs: list[NotebookRun], quick: bool, *, run_id: str | None = None,
+                  full: bool = True) -> Path:
+    """build/reproduce-summary-<run id>.json: what one run ran, how each notebook ended, what it
+    wrote (for the site and CI logs). A ``full`` run (no --only) also becomes
+    build/reproduce-summary.json, the copy the site reads: a partial run never replaces it.
+    Returns the run's own file."""
+    from labkit.core import results
+
+    run_id = run_id or results.current_run()[0]  # the run reproduce() started
     from labkit.core import env
 
     fp = env.fingerprint()
+    out = paths.build_dir() / f"reproduce-summary-{run_id}.json"
     payload = {
+        "run_id": run_id,
+        "full": full,
         "quick": quick,
         "machine": {k: fp.get(k) for k in ("machine_id", "cpu", "system", "os", "apple_chip", "gpu")},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "summary_file": out.name,
         "notebooks": [
             {"name": r.name, "status": r.status, "seconds": round(r.seconds, 2),
              "figures": r.figures, "skipped": r.skipped, "error": r.error,
@@ -388,33 +479,40 @@ def write_summary(runs: list[NotebookRun], quick: bool) -> Path:
         ],
     }
     atomic_write_json(out, payload)
+    if full:
+        atomic_write_json(paths.build_dir() / LATEST_SUMMARY, payload)
     return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="quick parameters from notebooks/quick.yml")
-    parser.add_argument("--only", metavar="PATTERN", help="notebook stems to run: substring or glob, comma-separated")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="limit per notebook (default none)")
+    parser.add_argument("--only", metavar="PATTERN",
+                        help="notebook stems to run: substring or glob, comma-separated (not empty)")
+    parser.add_argument("--jobs", type=option(positive_int), default=1,
+                        help="notebooks run at once (default 1)")
+    parser.add_argument("--timeout", type=option(finite_float, float, positive=True),
+                        default=None, metavar="SECONDS", help="limit per notebook (default none)")
     parser.add_argument("--no-models", action="store_true",
                         help="skip the extra runs on the models of notebooks/models.yml")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=False)
     try:
         runs = reproduce(quick=args.quick, only=args.only, jobs=args.jobs, timeout=args.timeout,
                          with_models=not getattr(args, "no_models", False))
-    except FileNotFoundError as exc:
-        console.print(f"[red]{exc}[/red]")
+    except (FileNotFoundError, TypeError, ValueError) as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]")
         return 2
-    write_summary(runs, args.quick)
+    summary = write_summary(runs, args.quick, full=args.only is None)
     console.print(summary_table(runs))
     failed = [r for r in runs if not r.ok]
     for r in failed:
-        console.print(f"[red]{r.name}: {r.status}[/red]\n{r.error}\n  executed copy: {r.output}")
-    console.print(f"{len(runs) - len(failed)} passed, {len(failed)} failed")
+        console.print(f"[red]{escape(r.name)}: {escape(r.status)}[/red]\n{escape(str(r.error))}"
+                      f"\n  executed copy: {escape(str(r.output))}")
+    console.print(f"{len(runs) - len(failed)} passed, {len(failed)} failed; summary: "
+                  f"{escape(str(summary))}")
     return 1 if failed else 0

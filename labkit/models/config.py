@@ -94,6 +94,20 @@ def _rope_params(d: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _check_both_places(d: dict[str, Any], rope: dict[str, Any], key: str, source: str) -> None:
+    """A key written at the top level and in ``rope_parameters`` (as to_hf_dict writes it, for
+    old and new transformers) must agree: both readers take the nested one, so an edit of the
+    top-level value alone would be silently ignored."""
+    top = d.get(key)
+    if top is None or top == rope.get(key):
+        return
+    _positive_float(top, key, source)
+    raise ModelLoadError(
+        source, f"config keys {key!r} ({top!r}) and 'rope_parameters.{key}' "
+        f"({rope.get(key)!r}) disagree; the nested one is what transformers and labkit read",
+    )
+
+
 def _check_rope(rope: dict[str, Any], source: str) -> None:
     if rope["rope_type"] not in _SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
@@ -175,6 +189,7 @@ class _DecoderConfig:
         kwargs = {k: v for k, v in d.items() if k in names and v is not None}
         if "rope_theta" in rope:
             kwargs["rope_theta"] = _positive_float(rope["rope_theta"], "rope_theta", source)
+        _check_both_places(d, rope, "rope_theta", source)
         if rope["rope_type"] != "default":
             kwargs["rope_scaling"] = {
                 "rope_type": rope["rope_type"],
@@ -307,6 +322,7 @@ class PhiConfig(_DecoderConfig):
             kwargs["partial_rotary_factor"] = _positive_float(
                 rope["partial_rotary_factor"], "partial_rotary_factor", source
             )
+        _check_both_places(d, rope, "partial_rotary_factor", source)
         return kwargs
 
     def to_hf_dict(self) -> dict[str, Any]:

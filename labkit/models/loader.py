@@ -237,9 +237,28 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+#: top-level keys every tokenizers-library tokenizer.json has (transformers reads them)
+_TOKENIZER_KEYS = ("added_tokens", "model")
+
+
+def _check_tokenizer_json(path: Path) -> None:
+    """tokenizer.json is JSON with the keys a tokenizer needs, or a ModelLoadError naming it
+    (before any weight is read; transformers would say only "'added_tokens'")."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(path, f"not valid JSON: {exc}") from exc
+    missing = [k for k in _TOKENIZER_KEYS if k not in obj] if isinstance(obj, dict) else None
+    if missing is None or missing:
+        got = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ModelLoadError(path, f"not a tokenizers file: needs keys {list(_TOKENIZER_KEYS)}, "
+                             f"got {got or 'an empty object'}")
+
+
 def check_tokenizer(folder: Path, family: str) -> None:
     """Decoders need tokenizer.json; BERT accepts tokenizer.json or vocab.txt."""
     if (folder / "tokenizer.json").is_file():
+        _check_tokenizer_json(folder / "tokenizer.json")
         return
     if family == "bert" and (folder / "vocab.txt").is_file():
         return
@@ -409,6 +428,8 @@ def load(
     files = weight_files(folder)
     for path in files:
         read_safetensors_header(path)
+    if family != "bert" and impl == "hf":  # shapes against config.json, in our words, first
+        _check_tensors(_build_labkit(family, config, folder / "config.json"), files)
     device = pick_device(device)
     torch_dtype = _torch_dtype(dtype, config)
 

@@ -829,9 +829,10 @@ def bench(quick: bool = False, model: str = "tiny-llama") -> list[dict]:
     from labkit.models import load
 
     s = setup(model, "cpu", (1, 2))
+    hf = load(model, device="cpu", impl="hf").model  # every input loaded before the first record
     table, _, _ = memory_table(s.cfg, model, (1024, 4096, 8192), cache_bytes_check(s.model)["dtype_bytes"])
     record_memory_table(s, table)
     latency_sweep(s, (16, 64) if quick else (16, 64, 256), 32 if quick else 128)
     roofline(s, "quick" if quick else "full", 16 if quick else 32, quick)
-    versus_transformers(s, load(model, device="cpu", impl="hf").model, 32, 128, 2 if quick else 3)
+    versus_transformers(s, hf, 32, 128, 2 if quick else 3)
     return s.records

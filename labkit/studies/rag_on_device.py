@@ -1021,24 +1021,30 @@ def plot_correctness(summary: pd.DataFrame, *, model_name: str) -> Any:
     return fig
 
 
-def bench_retrieval(quick: bool = False) -> list[dict]:
-    """`labkit bench rag`: recall@k and per-query embed/search time of MiniLM + faiss over the
-    shipped document set (study "10_rag_on_device"); quick: a seeded subset of 64 documents."""
+def bench_retrieval(quick: bool = False, model: str = "minilm") -> list[dict]:
+    """`labkit bench rag`: recall@k and per-query embed/search time of MiniLM (or another
+    encoder, ``--model``) + faiss over the shipped document set (study "10_rag_on_device");
+    quick: a seeded subset of 64 documents."""
     from labkit.core import results
     from labkit.core.timing import measure
+    from labkit.models.config import BERT_ARCHS
     from labkit.models.encoder import embed
     from labkit.models.loader import load
 
     docs, queries = subset_docset(*load_docset(), 64 if quick else 0, seed=0)
-    minilm = load("minilm", device="cpu")
+    minilm = load(model, device="cpu")
+    if minilm.card["architecture"] not in BERT_ARCHS:
+        raise ValueError(f"model {model!r} is a {minilm.card['architecture']}: the retrieval "
+                         f"benchmark embeds with an encoder ({', '.join(BERT_ARCHS)})")
     index = FaissIndex(embed([d.text for d in docs], minilm).numpy())
     query_emb = embed([q.text for q in queries], minilm).numpy()
     _, ids = index.search(query_emb, 10)
     common = {"n_docs": len(docs), "n_queries": len(queries), "index": INDEX_NAME,
-              "embedder": EMBEDDER_NAME, "source": "labkit bench rag"}
+              "embedder": EMBEDDER_NAME if model == "minilm" else model,
+              "source": "labkit bench rag"}
     out = [
         results.record(STUDY, "recall_at_k", recall_at_k(ids, [q.doc_id for q in queries], k),
-                       "1", runtime="faiss", device="cpu", model="minilm", params={**common, "k": k})
+                       "1", runtime="faiss", device="cpu", model=model, params={**common, "k": k})
         for k in (1, 5, 10)
     ]
     text = queries[0].text
@@ -1048,7 +1054,7 @@ def bench_retrieval(quick: bool = False) -> list[dict]:
         out.append(results.record(
             STUDY, "stage_ms", stats.median_ms, "ms",
             runtime="faiss" if stage == "search" else "torch", device="cpu",
-            model="minilm" if stage == "embed" else "none",
+            model=model if stage == "embed" else "none",
             params={**common, "stage": stage, "stat": "median", "repeats": stats.n},
         ))
     return out
