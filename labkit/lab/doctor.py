@@ -296,6 +296,7 @@ PARTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("08_runtime_benchmark", "OpenVINO rows", ("runtime:openvino",)),
     ("08_runtime_benchmark", "CUDA row", ("runtime:torch-cuda",)),
     ("09_will_it_fit", "the MPS + CPU device map", ("mps",)),
+    ("10_rag_on_device", "faiss beside torch in one process", ("openmp",)),
     ("make test", "the Mac suite (tests/test_mac_*.py)", ("coreml-macos15", "mps", "metal", "xctest")),
 )
 
