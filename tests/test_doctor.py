@@ -108,6 +108,13 @@ def test_warnings_do_not_block() -> None:
     assert parts(m)[("10_rag_on_device", "faiss beside torch in one process")].runs
 
 
+def test_an_old_torch_on_mps_is_a_warning_with_the_pin() -> None:
+    old = checks(mac(torch="2.5.1"))["mps"]
+    assert old.level == "warn" and "enable_gqa" in old.found and old.fix.endswith("torch==2.13.0")
+    assert checks(mac(torch="2.13.0"))["mps"].level == "ok"
+    assert checks(mac(mps=False))["mps"].level == "missing"
+
+
 def test_runtime_reasons_become_a_finding_and_a_fix() -> None:
     m = mac(runtimes={**EVERY_RUNTIME, "coreml": "coremltools not installed: pip install 'labkit[coreml]'"})
     row = parts(m)[("08_runtime_benchmark", "Core ML row")]

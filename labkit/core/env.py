@@ -260,8 +260,14 @@ def parse_swift_version(text: str) -> str | None:
 
 @functools.cache
 def swift_version() -> str | None:
-    """Version of the ``swift`` on PATH, or None. Asked once per process (with a timeout)."""
+    """Version of the ``swift`` on PATH, or None. Asked once per process (with a timeout).
+
+    On macOS without developer tools ``/usr/bin/swift`` would open the "install the Command Line
+    Tools" dialog, so it is not run then (``xcode-select -p`` fails first).
+    """
     if shutil.which("swift") is None:
+        return None
+    if platform.system() == "Darwin" and _developer_dir() is None:
         return None
     out = _run(["swift", "--version"], timeout=20.0)
     return parse_swift_version(out) if out else None
@@ -277,6 +283,12 @@ def _run_text(cmd: list[str], timeout: float = 20.0, env: dict[str, str] | None 
     return done.returncode, (done.stdout or "") + (done.stderr or "")
 
 
+def _developer_dir() -> str | None:
+    """``xcode-select -p``: the developer folder (Xcode's or the Command Line Tools'); None when
+    macOS has no developer tools at all."""
+    return _run(["/usr/bin/xcode-select", "-p"])
+
+
 def xcode_app() -> Path | None:
     """The newest /Applications/Xcode*.app holding a developer folder (None without Xcode)."""
     apps = sorted(Path("/Applications").glob("Xcode*.app"), reverse=True)
@@ -290,7 +302,10 @@ def xcode_info() -> dict[str, Any]:
     when ``swift`` refuses to run until ``sudo xcodebuild -license accept``). {} off macOS."""
     if platform.system() != "Darwin":
         return {}
-    developer = _run(["/usr/bin/xcode-select", "-p"])
+    developer = _developer_dir()
+    if developer is None:  # no developer tools: xcrun would open the installer's dialog
+        return {"developer_dir": None, "xcode_app": None, "xcode": None, "xctest": False,
+                "license_ok": None}
     app = xcode_app()
     env = dict(os.environ, DEVELOPER_DIR=str(app / "Contents" / "Developer")) if app else None
     code, text = _run_text(["/usr/bin/xcodebuild", "-version"], env=env)
@@ -316,7 +331,7 @@ def swift_toolchain_reason() -> str | None:
     if version is None and platform.system() == "Darwin":
         if xcode_info().get("license_ok") is False:
             return "the Xcode licence is not accepted: sudo xcodebuild -license accept"
-        return "swift --version fails (no developer tools behind /usr/bin/swift): xcode-select --install"
+        return "no developer tools behind /usr/bin/swift: xcode-select --install (or install Xcode 16+)"
     if version is not None and version < SWIFT_TOOLS_MIN:
         return (f"needs Swift {_dotted(SWIFT_TOOLS_MIN)}+ (swift/Package.swift's tools version); this is "
                 f"Swift {_dotted(version)}: install Xcode 16+ (macOS 14.5+) or a Swift 6 toolchain")

@@ -135,3 +135,8 @@ CACHE_SPEEDUP = SpeedClaim(
     "a cached decode step computes one token where the uncached one recomputes the whole prefix: "
     "on a CPU time grows with the tokens; a small model on a GPU is launch-bound at short prompts"
 )
+PREFILL_SCALES = SpeedClaim(
+    "a prefill computes every prompt token: on a CPU its time grows with them, so a longer prompt "
+    "or a recomputed shared prefix costs more; a small model on a GPU is launch-bound below a few "
+    "hundred tokens, where one more token costs next to nothing"
+)

@@ -16,6 +16,7 @@ runs before the venv exists, so both give the same advice.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import re
@@ -33,6 +34,9 @@ MIN_RAM_GIB, MIN_FREE_GIB = 8, 2
 #: disk: the venv (~2.5 GB), converted models and packages under the cache (~0.5 GB), the
 #: executed notebooks, with room to spare
 MIN_DISK_GIB = 6
+#: torch's MPS SDPA with enable_gqa aborts the process ("LLVM ERROR: Failed to infer result
+#: type(s)") up to torch 2.6 (pytorch#149132); make setup pins 2.13
+MPS_GQA_TORCH = (2, 7)
 LEVELS = ("ok", "warn", "missing", "stop")  # warn: runs, with a caveat; missing/stop: blocks
 
 
@@ -46,6 +50,7 @@ class Machine:
     ram_bytes: int | None = None
     available_bytes: int | None = None
     disk_free_bytes: int | None = None
+    torch: str | None = None  # torch's version
     mps: bool | None = None  # None: torch is not installed
     metal: bool | None = None  # MLX's Metal backend; None: mlx is not installed
     coremltools: bool = False
@@ -70,6 +75,13 @@ class Check:
 
 
 # --------------------------------------------------------------------------- gathering
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _torch_mps() -> bool | None:
@@ -135,7 +147,7 @@ def gather() -> Machine:
     return Machine(
         pre=preflight.Facts.here(), xcode=env.xcode_info(), swift=env.swift_version(),
         ram_bytes=int(memory.total), available_bytes=int(memory.available),
-        disk_free_bytes=shutil.disk_usage(paths.root()).free, mps=_torch_mps(),
+        disk_free_bytes=shutil.disk_usage(paths.root()).free, torch=_version("torch"), mps=_torch_mps(),
         metal=_mlx_metal(), coremltools=importlib.util.find_spec("coremltools") is not None,
         openmp=[str(p) for p in env.openmp_libraries()], low_power=_low_power(),
         llamacpp=dict(build, devices=_llamacpp_devices()) if build else None,
@@ -174,10 +186,14 @@ def check_apple_gpu(m: Machine) -> list[Check]:
     if not _mac(m):
         why = f"needs macOS on Apple silicon (this is {m.pre.system})"
         return [Check(n, "missing", why) for n in ("mps", "metal", "coreml-macos14", "coreml-macos15")]
+    torch = preflight.parse_version(m.torch)
+    gqa_crash = bool(m.mps and torch and torch < MPS_GQA_TORCH)
     out = [
-        Check("mps", "ok" if m.mps else "missing",
-              "torch sees the Apple GPU" if m.mps else "torch.backends.mps is not available",
-              "" if m.mps else "make setup (the PyPI torch 2.13 wheel has MPS)"),
+        Check("mps", "warn" if gqa_crash else "ok" if m.mps else "missing",
+              (f"torch {m.torch}: grouped-query SDPA (enable_gqa) crashes on MPS below 2.7"
+               if gqa_crash else "torch sees the Apple GPU" if m.mps
+               else "torch.backends.mps is not available"),
+              "" if m.mps and not gqa_crash else ".venv/bin/pip install torch==2.13.0"),
         Check("metal", "ok" if m.metal else "missing",
               "MLX runs on Metal" if m.metal else "mlx is not installed or has no Metal",
               "" if m.metal else ".venv/bin/pip install -e '.[mlx]'"),
