@@ -4,16 +4,20 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# pyproject.toml keeps a range for torch; the install step pins the exact version so that on a
-# CPU-only Linux box pip takes the local CPU wheel instead of a multi-GB CUDA build.
+# pyproject.toml keeps a range for torch; the install step pins the exact version the lab is
+# checked with. On a Mac the PyPI wheel is the right one (MPS included). On Linux PyPI's default
+# torch is the multi-GB CUDA build: the lab's build box finds a local CPU wheel through
+# PIP_FIND_LINKS; elsewhere add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu for it.
 TORCH_PIN ?= torch==2.13.0
+# The interpreter setup will use: the venv's once it exists, else $(PYTHON).
+SETUP_PYTHON = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 STAMP := $(VENV)/.installed
 JOBS ?= 1
 
 .PHONY: system-deps setup reproduce quick html publish test lint lab clean model-quick swift-test help
 
 help:
-	@echo "make setup       create .venv and install labkit with its dev tools"
+	@echo "make setup       check this Python and machine, create .venv, install labkit and its dev tools"
 	@echo "make reproduce   run every notebook with full parameters (figures/, data/results/)"
 	@echo "make quick       run every notebook with quick parameters"
 	@echo "make html        the static site of the executed notebooks (build/site)"
@@ -26,7 +30,11 @@ help:
 
 setup: $(STAMP)
 
+# The pre-flight (standard library only, so Apple's Python 3.9 can run it) stops here, with the
+# fix, where setup cannot work: a Python outside 3.10-3.12, an x86_64 Python on Apple silicon,
+# macOS before 14. `labkit doctor` gives the same advice and more once the venv exists.
 $(STAMP): pyproject.toml requirements-nodeps.txt
+	@$(SETUP_PYTHON) labkit/core/preflight.py
 	@$(MAKE) --no-print-directory system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -10,11 +10,42 @@ transformers' model of one folder), ``reload_in_transformers`` (the other direct
 from __future__ import annotations
 
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# No GUI backend for the figures tests draw: on macOS matplotlib would pick "macosx" (a Dock icon
+# during make test, a failure in headless sessions); labkit reproduce sets Agg for notebooks too.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _openmp_guard() -> None:
+    """torch, faiss-cpu and scikit-learn each bring a libomp on macOS: the second to start aborts
+    the whole pytest process unless KMP_DUPLICATE_LIB_OK is set (labkit.core.env.openmp_guard)."""
+    from labkit.core import env
+
+    env.openmp_guard()
+
+
+_openmp_guard()
+
+
+def needs_macos(version: tuple[int, int] = (14, 0), what: str = "") -> pytest.MarkDecorator:
+    """Skip unless this is macOS ``version`` or later on Apple silicon; the reason starts with
+    "needs macOS N" and says what to install, so a Linux run lists the Mac suite it skipped."""
+    from labkit.core import env
+
+    here = env.macos_version()
+    ok = here is not None and tuple(here) >= version and platform.machine() == "arm64"
+    label = f"{version[0]}" + (f".{version[1]}" if version[1] else "")
+    found = (f"macOS {'.'.join(map(str, here))} on {platform.machine()}" if here
+             else platform.system())
+    return pytest.mark.skipif(not ok, reason=f"needs macOS {label} on Apple silicon"
+                              + (f" ({what})" if what else "") + f"; this is {found}")
 
 
 def _write_tokenizer(folder: Path, vocab_size: int) -> None:

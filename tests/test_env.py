@@ -269,7 +269,7 @@ def test_optional_runtimes_reasons_when_absent(monkeypatch: pytest.MonkeyPatch) 
     assert reasons["torch-cpu"] is None
     assert reasons["coreml-predict"] == "needs macOS (Core ML predictions run only on macOS)"
     assert reasons["mlx"] == "mlx not installed: pip install 'labkit[mlx]'"
-    assert reasons["swift"] == "swift not on PATH"
+    assert reasons["swift"].startswith("swift not on PATH")
     assert "no CUDA device" in reasons["cuda"]
     assert "macOS" in reasons["mps"]
     assert "pip install xllamacpp" in reasons["llama.cpp"]
@@ -278,6 +278,8 @@ def test_optional_runtimes_reasons_when_absent(monkeypatch: pytest.MonkeyPatch) 
 
 def test_optional_runtimes_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(env, "macos_version", lambda: (15, 1))  # Core ML states need 15
+    monkeypatch.setattr(env, "swift_toolchain_reason", lambda: None)
     monkeypatch.setattr(env, "_installed", lambda module: True)
     monkeypatch.setattr(env.shutil, "which", lambda name: f"/usr/bin/{name}")
     _fake_devices(monkeypatch, mps=True, cuda=True)
@@ -286,6 +288,7 @@ def test_optional_runtimes_when_present(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_optional_runtimes_without_coremltools_on_mac(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(env, "macos_version", lambda: (15, 1))
     monkeypatch.setattr(env, "_installed", lambda module: module != "coremltools")
     assert env.optional_runtimes()["coreml-predict"] == (
         "coremltools not installed: pip install 'labkit[coreml]'"

@@ -15,8 +15,6 @@ What is checked:
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import pytest
 import torch
@@ -185,18 +183,13 @@ def test_decode_mask_shows_filled_positions_only() -> None:
     np.testing.assert_array_equal(m[0, 0, 0] == 0, [1, 1, 1, 1, 0, 0, 0, 0])
 
 
-# --------------------------------------------------------------------------- macOS only
-
-
-@pytest.mark.skipif(platform.system() != "Darwin", reason="needs macOS (Core ML runs only there)")
-def test_coreml_predictions_match_pytorch_on_macos(model, exports) -> None:
-    ids = [5, 17, 300, 2]
-    with torch.no_grad():
-        ref = model(torch.tensor([ids]))[0, -1].numpy()
+def test_stateless_steps_load_on_macos_14_and_stateful_ones_need_15(exports) -> None:
+    """Core ML on macOS 14 loads specification 8 at most: a and b target macOS 14 (spec 8), the
+    stateful steps iOS18 / macOS 15 (spec 9: states). Their predictions on a Mac are checked in
+    tests/test_mac_coreml.py, each skipped below the macOS it needs."""
     for step, e in exports.items():
-        run = cx.coreml_generate(e.path, step, ids, 2, MAX_LEN, "CPU_ONLY")
-        bound = tol.FP16_COMPUTE if step in "abc" else tol.INT4_WEIGHTS
-        assert np.abs(run.first_logits - ref).max() < bound.at("cpu"), step
+        spec = ct.models.MLModel(str(e.path), skip_model_load=True).get_spec()
+        assert spec.specificationVersion == (9 if step in cx.STATEFUL else 8), step
 
 
 # --------------------------------------------------------------------------- the runtime adapter
@@ -232,7 +225,7 @@ def test_runtime_adapter_feeds_the_stateful_step_like_the_model(model) -> None:
 
 
 def test_stateful_package_inputs_are_in_the_feeder_order(exports) -> None:
-    """The adapter renames the feeder's inputs positionally; the package's order must match."""
+    """The adapter feeds the feeder's inputs by name: the package must carry exactly those."""
     spec = ct.models.MLModel(str(exports["c"].path), skip_model_load=True).get_spec()
     assert [i.name for i in spec.description.input] == ["input_ids", "position", "mask"]
     assert [s.name for s in spec.description.state][:2] == ["k_cache_0", "v_cache_0"]

@@ -27,6 +27,8 @@ from labkit.ports import swift as swiftport
 
 SWIFT_REASON = swiftport.available()
 needs_swift = pytest.mark.skipif(SWIFT_REASON is not None, reason=f"skipped: {SWIFT_REASON}")
+XCTEST_REASON = swiftport.xctest_unavailable()  # on macOS: full Xcode, not the Command Line Tools
+needs_xctest = pytest.mark.skipif(XCTEST_REASON is not None, reason=f"skipped: {XCTEST_REASON}")
 
 
 # --- refdump: the file format -----------------------------------------------------------------
@@ -116,7 +118,7 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[swift
     return out, swiftport.prepare_fixtures(out)
 
 
-@needs_swift
+@needs_xctest
 @pytest.mark.slow
 def test_swift_test_target_passes(fixtures: tuple[Path, list[swiftport.Case]]) -> None:
     """`swift test` reads every reference dump and exits 0; each case must report its parity."""
@@ -129,7 +131,7 @@ def test_swift_test_target_passes(fixtures: tuple[Path, list[swiftport.Case]]) -
         assert f"parity {case.name} " in log, f"swift test did not check {case.name}:\n{log[-3000:]}"
 
 
-@needs_swift
+@needs_xctest
 @pytest.mark.slow
 def test_swift_test_fails_without_fixtures(tmp_path: Path) -> None:
     """No reference data is a failure, not a silent pass."""

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from labkit.core import preflight
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -41,6 +43,14 @@ _VERSIONED = ("torch", "transformers", "numpy", "coremltools", "mlx", "xllamacpp
 # that upgrading torch keeps the machine id.
 _IDENTITY_FIELDS = ("cpu", "cores_physical", "cores_logical", "ram_gb", "system", "arch",
                     "apple_chip", "gpu")
+# On macOS only (so that no Linux id changes): two Macs with the same chip name, cores and RAM
+# can differ in GPU cores (an M1 Max with 24 or 32) and performance/efficiency split.
+_DARWIN_IDENTITY_FIELDS = ("gpu_cores", "cores_performance", "cores_efficiency")
+
+#: Swift tools version swift/Package.swift declares (a test checks they agree): Xcode 16 / Swift 6
+SWIFT_TOOLS_MIN = (6, 0)
+#: Core ML states (``make_state``) and spec-9 packages (iOS18 target) load on macOS 15 only
+COREML_STATEFUL_MACOS = (15, 0)
 
 
 # --------------------------------------------------------------------------- device choice
@@ -115,9 +125,14 @@ def _run(cmd: list[str], timeout: float = 10.0) -> str | None:
     return (done.stdout or done.stderr).strip() or None
 
 
+def _sysctl(key: str) -> str | None:
+    """``sysctl -n key`` by its full path (/usr/sbin is not on PATH under some launchers)."""
+    return _run([preflight.SYSCTL, "-n", key])
+
+
 def _cpu_model() -> str | None:
     if platform.system() == "Darwin":
-        return _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+        return _sysctl("machdep.cpu.brand_string")
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         text = cpuinfo.read_text(errors="replace")
@@ -133,7 +148,7 @@ def _apple_chip() -> str | None:
     """'Apple M2 Pro' and the like on Apple silicon; None elsewhere (Intel Macs included)."""
     if platform.system() != "Darwin":
         return None
-    brand = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
+    brand = _sysctl("machdep.cpu.brand_string")
     return brand if brand and brand.startswith("Apple") else None
 
 
@@ -159,14 +174,74 @@ def _ram_bytes() -> int | None:
 
 
 def _gpu_name() -> str | None:
+    """The CUDA device's name; on macOS the Apple GPU by its core count (from the hardware, not
+    from torch: the same Mac must keep its id with and without an MPS-enabled torch)."""
+    if platform.system() == "Darwin":
+        cores = apple_gpu_cores()
+        return f"Apple GPU, {cores} cores" if cores else None
     if importlib.util.find_spec("torch") is None:
         return None
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    if torch.backends.mps.is_available():
-        return "Apple GPU (MPS)"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+# --------------------------------------------------------------------------- macOS only
+
+
+def parse_gpu_cores(ioreg: str | None) -> int | None:
+    """The GPU core count in ``ioreg -rd1 -c AGXAccelerator`` output ("gpu-core-count" = 19)."""
+    match = re.search(r'"gpu-core-count"\s*=\s*(\d+)', ioreg or "")
+    return int(match.group(1)) if match else None
+
+
+def apple_gpu_cores() -> int | None:
+    """GPU cores of this Apple-silicon Mac (None elsewhere or where ioreg does not say)."""
+    if platform.system() != "Darwin":
+        return None
+    return parse_gpu_cores(_run(["/usr/sbin/ioreg", "-rd1", "-c", "AGXAccelerator"]))
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.strip().isdigit() else None
+
+
+def apple_hardware() -> dict[str, int | None]:
+    """On macOS: GPU cores and the performance / efficiency core split (fingerprint fields)."""
+    return {"gpu_cores": apple_gpu_cores(),
+            "cores_performance": _int_or_none(_sysctl("hw.perflevel0.physicalcpu")),
+            "cores_efficiency": _int_or_none(_sysctl("hw.perflevel1.physicalcpu"))}
+
+
+def macos_version() -> tuple[int, ...] | None:
+    """macOS's version, e.g. (15, 1); None off macOS (see :func:`preflight.macos_version`)."""
+    return preflight.macos_version()
+
+
+def macos_at_least(version: tuple[int, ...]) -> bool:
+    """Whether this is macOS ``version`` or later (False off macOS)."""
+    here = macos_version()
+    return here is not None and tuple(here) >= tuple(version)
+
+
+def _dotted(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version)) if version else "an unknown version"
+
+
+def coreml_reason(minimum: tuple[int, ...] = COREML_STATEFUL_MACOS) -> str | None:
+    """None where Core ML can run packages that need macOS ``minimum``, else why not.
+
+    The stateful ladder steps (c-f) are spec 9 (iOS18 / macOS15 target): Core ML on macOS 14
+    loads only spec 8 or older, and ``MLModel.make_state`` refuses below macOS 15.
+    """
+    if platform.system() != "Darwin":
+        return f"needs macOS (Core ML predictions run only on macOS; this is {platform.system()})"
+    if not macos_at_least(minimum):
+        what = "Core ML states, spec 9 packages" if tuple(minimum) >= (15,) else "Core ML"
+        return (f"needs macOS {_dotted(minimum)} ({what}); this is macOS {_dotted(macos_version())}: "
+                "update macOS in System Settings > General > Software Update")
+    if not _installed("coremltools"):
+        return "coremltools not installed: pip install 'labkit[coreml]'"
     return None
 
 
@@ -185,11 +260,125 @@ def parse_swift_version(text: str) -> str | None:
 
 @functools.cache
 def swift_version() -> str | None:
-    """Version of the ``swift`` on PATH, or None. Asked once per process (with a timeout)."""
+    """Version of the ``swift`` on PATH, or None. Asked once per process (with a timeout).
+
+    On macOS without developer tools ``/usr/bin/swift`` would open the "install the Command Line
+    Tools" dialog, so it is not run then (``xcode-select -p`` fails first).
+    """
     if shutil.which("swift") is None:
+        return None
+    if platform.system() == "Darwin" and _developer_dir() is None:
         return None
     out = _run(["swift", "--version"], timeout=20.0)
     return parse_swift_version(out) if out else None
+
+
+def _run_text(cmd: list[str], timeout: float = 20.0, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of ``cmd``; (-1, "") when it is missing or hangs."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
+                              env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return -1, ""
+    return done.returncode, (done.stdout or "") + (done.stderr or "")
+
+
+def _developer_dir() -> str | None:
+    """``xcode-select -p``: the developer folder (Xcode's or the Command Line Tools'); None when
+    macOS has no developer tools at all."""
+    return _run(["/usr/bin/xcode-select", "-p"])
+
+
+def xcode_app() -> Path | None:
+    """The newest /Applications/Xcode*.app holding a developer folder (None without Xcode)."""
+    apps = sorted(Path("/Applications").glob("Xcode*.app"), reverse=True)
+    return next((a for a in apps if (a / "Contents" / "Developer").is_dir()), None)
+
+
+def xcode_info() -> dict[str, Any]:
+    """macOS developer tools: developer_dir (``xcode-select -p``), xcode (the Xcode.app version,
+    None with the Command Line Tools only), xctest (``xcrun --find xctest`` succeeds: XCTest ships
+    with Xcode, not with the Command Line Tools, and ``swift test`` needs it), license_ok (False
+    when ``swift`` refuses to run until ``sudo xcodebuild -license accept``). {} off macOS."""
+    if platform.system() != "Darwin":
+        return {}
+    developer = _developer_dir()
+    if developer is None:  # no developer tools: xcrun would open the installer's dialog
+        return {"developer_dir": None, "xcode_app": None, "xcode": None, "xctest": False,
+                "license_ok": None}
+    app = xcode_app()
+    env = dict(os.environ, DEVELOPER_DIR=str(app / "Contents" / "Developer")) if app else None
+    code, text = _run_text(["/usr/bin/xcodebuild", "-version"], env=env)
+    match = re.search(r"Xcode (\d+(?:\.\d+)*)", text) if code == 0 else None
+    code, swift_text = _run_text(["/usr/bin/xcrun", "swift", "--version"])
+    return {"developer_dir": developer, "xcode_app": str(app) if app else None,
+            "xcode": match.group(1) if match else None,
+            "xctest": _run_text(["/usr/bin/xcrun", "--find", "xctest"])[0] == 0,
+            "license_ok": "license" not in swift_text.lower()}
+
+
+def swift_toolchain_reason() -> str | None:
+    """None where ``swift`` can build the port (Swift 6+), else why not and what to install.
+
+    On macOS ``/usr/bin/swift`` is a shim that exists on every Mac, so it proves nothing: the
+    version it reports does (Swift 6 comes with Xcode 16 or its Command Line Tools, macOS 14.5+).
+    """
+    if shutil.which("swift") is None:
+        return ("swift is not on PATH: install Xcode 16+ (or xcode-select --install)"
+                if platform.system() == "Darwin" else
+                "swift not on PATH (install a Swift 6 toolchain from swift.org)")
+    version = preflight.parse_version(swift_version())
+    if version is None and platform.system() == "Darwin":
+        if xcode_info().get("license_ok") is False:
+            return "the Xcode licence is not accepted: sudo xcodebuild -license accept"
+        return "no developer tools behind /usr/bin/swift: xcode-select --install (or install Xcode 16+)"
+    if version is not None and version < SWIFT_TOOLS_MIN:
+        return (f"needs Swift {_dotted(SWIFT_TOOLS_MIN)}+ (swift/Package.swift's tools version); this is "
+                f"Swift {_dotted(version)}: install Xcode 16+ (macOS 14.5+) or a Swift 6 toolchain")
+    return None
+
+
+#: Where wheels keep their OpenMP runtime: LLVM's libomp on macOS (delocate puts it in
+#: <package>/.dylibs), GNU libgomp on Linux (auditwheel: <dist>.libs)
+_OPENMP_PATTERNS = {
+    "Darwin": ("torch/lib/libomp*.dylib", "*/.dylibs/libomp*.dylib"),
+    "Linux": ("torch/lib/libgomp*.so*", "*.libs/libgomp*.so*"),
+}
+OPENMP_ENV = "KMP_DUPLICATE_LIB_OK"
+
+
+def openmp_libraries(site_dirs: list[Path] | None = None, system: str | None = None) -> list[Path]:
+    """The OpenMP runtimes the installed wheels bring (torch, faiss-cpu, scikit-learn, ...)."""
+    import site
+    import sysconfig
+
+    if site_dirs is None:
+        site_dirs = [Path(p) for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}]
+    patterns = _OPENMP_PATTERNS.get(system or platform.system(), ())
+    return sorted({lib for d in site_dirs for pattern in patterns for lib in Path(d).glob(pattern)})
+
+
+def openmp_clash(libraries: list[Path], system: str | None = None) -> bool:
+    """Whether ``libraries`` would abort one process: two LLVM libomp copies do on macOS ("OMP:
+    Error #15: Initializing libomp.dylib, but found libomp.dylib already initialized"); GNU
+    libgomp copies live side by side on Linux."""
+    return (system or platform.system()) == "Darwin" and len(libraries) > 1
+
+
+def openmp_guard() -> str | None:
+    """Before importing faiss or scikit-learn beside torch on macOS: allow the duplicate libomp.
+
+    torch, faiss-cpu and scikit-learn each bundle libomp on macOS; the second one to initialise
+    aborts the process unless ``KMP_DUPLICATE_LIB_OK=TRUE`` (read at its initialisation, so
+    setting it before the import is enough). That is the upstream workaround (pytorch#149201);
+    call ``faiss.omp_set_num_threads(1)`` after importing faiss as well, so only one runtime's
+    threads run. Returns what it did (None: nothing to do here).
+    """
+    libraries = openmp_libraries()
+    if not openmp_clash(libraries):
+        return None
+    os.environ.setdefault(OPENMP_ENV, "TRUE")
+    return f"{len(libraries)} libomp copies in this environment: {OPENMP_ENV}={os.environ[OPENMP_ENV]}"
 
 
 def llamacpp_build() -> dict[str, str | None] | None:
@@ -231,6 +420,7 @@ def _fingerprint() -> dict[str, Any]:
         "arch": platform.machine(),
         "apple_chip": _apple_chip(),
         "gpu": _gpu_name(),
+        **(apple_hardware() if platform.system() == "Darwin" else {}),
         "caches": cpu_cache_sizes(),
         "versions": {
             "python": platform.python_version(),
@@ -239,13 +429,15 @@ def _fingerprint() -> dict[str, Any]:
             "swift": swift_version(),
         },
     }
-    info["machine_id"] = _hardware_id(info)
+    info["machine_id"] = hardware_id(info)
     return info
 
 
-def _hardware_id(info: dict[str, Any]) -> str:
-    """12 hex digits of sha256 over the hardware fields only (RAM rounded to whole GiB)."""
-    identity = {key: info.get(key) for key in _IDENTITY_FIELDS}
+def hardware_id(info: dict[str, Any]) -> str:
+    """12 hex digits of sha256 over the hardware fields only (RAM rounded to whole GiB); on
+    macOS the GPU cores and the core split too."""
+    fields = _IDENTITY_FIELDS + (_DARWIN_IDENTITY_FIELDS if info.get("system") == "Darwin" else ())
+    identity = {key: info.get(key) for key in fields}
     if identity["ram_gb"] is not None:
         identity["ram_gb"] = round(identity["ram_gb"])
     blob = json.dumps(identity, sort_keys=True).encode()
@@ -256,13 +448,16 @@ def fingerprint() -> dict[str, Any]:
     """This machine: CPU model, cores, RAM, OS, arch, Apple chip, GPU, library versions, id.
 
     Keys: cpu, cores_physical, cores_logical, ram_gb (GiB), os (platform string), system
-    (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (None without CUDA/MPS), caches
+    (Linux/Darwin/...), arch, apple_chip (None off macOS), gpu (the CUDA device; on macOS "Apple
+    GPU, N cores"; None without either), on macOS only gpu_cores, cores_performance and
+    cores_efficiency (the P/E split), caches
     (:func:`cpu_cache_sizes`, bytes), versions {python, torch, transformers, numpy, coremltools,
     mlx, xllamacpp, llama.cpp (the release tag it embeds, :func:`llamacpp_build`), swift} (None
     where absent), machine_id.
 
-    The machine id hashes the hardware fields only, so two identical machines share an id (their
-    results are comparable) and a library upgrade keeps it. Computed once per process; a copy
+    The machine id hashes the hardware fields only (on macOS the GPU cores and the P/E split as
+    well), so two identical machines share an id (their results are comparable) and a library
+    upgrade keeps it. Computed once per process; a copy
     is returned so callers may modify it.
     """
     return copy.deepcopy(_fingerprint())
@@ -317,7 +512,7 @@ def cpu_cache_sizes(sysfs: Path = _SYSFS_CACHE) -> dict[str, int]:
             ("L3", ("hw.l3cachesize",)),
         ):
             for key in keys:
-                value = _run(["sysctl", "-n", key])
+                value = _sysctl(key)
                 size = _parse_cache_size(value) if value else None
                 if size:
                     sizes[label] = size
@@ -405,12 +600,18 @@ def copy_bandwidth(sizes_bytes: list[int] | None = None, repeats: int = 5) -> pd
 COPY_COLUMNS = ["size_bytes", "gb_per_s", "gb_per_s_p10", "gb_per_s_p90", "gb_per_s_best"]
 
 
+#: Apple silicon reports only its cores' L2 as the last-level cache, but Pro, Max and Ultra chips
+#: put a 24-96 MB system-level cache in front of DRAM: a copy must touch more than that
+APPLE_DRAM_MIN_BYTES = 128 * 2**20
+
+
 def dram_rows(df: pd.DataFrame, *, llc_bytes: int | None = None) -> pd.DataFrame:
     """The rows of :func:`copy_bandwidth`'s table that cannot fit a cache: size at least the
     last-level cache (so the working set, source + destination, is at least twice it) and at
-    least a quarter of the largest size (Apple silicon reports no system-level cache, so the
-    largest buffers are the safe ones). With the default sizes on a 32 MiB-L3 CPU: 64, 128,
-    256 MiB. ``llc_bytes`` defaults to the largest of :func:`cpu_cache_sizes` (0 when unknown).
+    least a quarter of the largest size. With the default sizes on a 32 MiB-L3 CPU: 64, 128,
+    256 MiB. ``llc_bytes`` defaults to the largest of :func:`cpu_cache_sizes` (0 when unknown),
+    and on Apple silicon to at least :data:`APPLE_DRAM_MIN_BYTES` (its system-level cache is not
+    reported).
 
     If even the largest buffer is smaller than the last-level cache, its row is returned with a
     warning: it measures the cache, not DRAM.
@@ -423,6 +624,8 @@ def dram_rows(df: pd.DataFrame, *, llc_bytes: int | None = None) -> pd.DataFrame
         raise ValueError("df is empty: run copy_bandwidth() first")
     if llc_bytes is None:
         llc_bytes = max(cpu_cache_sizes().values(), default=0)
+        if _apple_chip():
+            llc_bytes = max(llc_bytes, APPLE_DRAM_MIN_BYTES)
     largest = int(df["size_bytes"].max())
     dram = df[(df["size_bytes"] >= llc_bytes) & (df["size_bytes"] >= largest / 4)]
     if dram.empty:
@@ -464,8 +667,9 @@ def _installed(module: str) -> bool:
 def optional_runtimes() -> dict[str, str | None]:
     """For each runtime the lab can benchmark: None if usable here, else why not (plain words).
 
-    Keys: torch-cpu, mps, cuda, coreml-predict, mlx, swift, llama.cpp, onnxruntime. Probes by
-    lookup (importlib.util.find_spec, shutil.which); only torch is imported, to ask about devices.
+    Keys: torch-cpu, mps, cuda, coreml-predict (the whole ladder: macOS 15), mlx, swift (a
+    Swift 6 toolchain), llama.cpp, onnxruntime. Probes by lookup (importlib.util.find_spec,
+    shutil.which, ``swift --version``); only torch is imported, to ask about devices.
     """
     is_mac = platform.system() == "Darwin"
     has_torch = _installed("torch")
@@ -484,15 +688,13 @@ def optional_runtimes() -> dict[str, str | None]:
 
     if not is_mac:
         reasons["coreml-predict"] = "needs macOS (Core ML predictions run only on macOS)"
-    elif not _installed("coremltools"):
-        reasons["coreml-predict"] = "coremltools not installed: pip install 'labkit[coreml]'"
     else:
-        reasons["coreml-predict"] = None
+        reasons["coreml-predict"] = coreml_reason()
 
     reasons["mlx"] = (
         None if _installed("mlx.core") else "mlx not installed: pip install 'labkit[mlx]'"
     )
-    reasons["swift"] = None if shutil.which("swift") else "swift not on PATH"
+    reasons["swift"] = swift_toolchain_reason()
     reasons["llama.cpp"] = (
         None if _installed("xllamacpp")
         else "xllamacpp (the prebuilt llama.cpp, a labkit dependency) not installed: pip install xllamacpp"

@@ -3,7 +3,9 @@
 Steps (``STEPS``), each an ``nn.Module`` wrapper around the same weights (a, b, c, d, e run the
 model's own forward; b-e with a ``labkit.inference.export_cache.StaticCache``), exported with
 ``torch.export(...).run_decompositions({})`` and converted by ``coremltools.convert`` to an ML
-program (iOS18 / macOS15 target, fp16 compute):
+program with fp16 compute. The stateful steps (c-f) target iOS18 / macOS 15 (specification 9:
+Core ML states); the stateless a and b target macOS 14 (specification 8), so that they run on
+macOS 14 too (:data:`DEPLOYMENT`, :data:`MIN_MACOS`):
 
 * ``"a"`` no cache: ``input_ids [1, S]`` -> logits ``[1, S, V]``; every new token re-runs the
   whole (right-padded) window. Causal attention makes the padding invisible to earlier positions.
@@ -45,8 +47,8 @@ coremltools is imported inside the functions that need it; importing this module
 
 from __future__ import annotations
 
+import functools
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +80,11 @@ COMPRESSION: dict[str, str] = {
 }
 #: steps whose K/V cache lives in Core ML states
 STATEFUL = ("c", "d", "e", "f")
+#: step -> coremltools deployment target: states and per-block int4 need iOS18 / macOS 15
+#: (specification 9); a and b need neither, and macOS 14's Core ML loads specification 8 at most
+DEPLOYMENT: dict[str, str] = {s: "iOS18" if s in STATEFUL else "macOS14" for s in STEPS}
+#: step -> the macOS version whose Core ML runs its package (MLModel.make_state needs 15)
+MIN_MACOS: dict[str, tuple[int, int]] = {s: (15, 0) if s in STATEFUL else (14, 0) for s in STEPS}
 #: additive mask value for positions a query may not see (finite: fp16 -inf arithmetic is risky)
 MASK_MIN = -1e4
 
@@ -334,6 +341,8 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
     """(uncompressed ML program of ``step``'s graph, export seconds, convert seconds)."""
     import coremltools as ct
 
+    from labkit.core import env
+
     wrapper = step_module(model, step, max_len)
     args = example_inputs(model, step, max_len)
     t0 = time.perf_counter()
@@ -344,10 +353,10 @@ def _to_mlmodel(model: Llama, step: str, max_len: int) -> tuple[Any, float, floa
     mlmodel = ct.convert(
         ep,
         convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
+        minimum_deployment_target=getattr(ct.target, DEPLOYMENT[step]),
         compute_precision=ct.precision.FLOAT16,
         states=states,
-        skip_model_load=platform.system() != "Darwin",
+        skip_model_load=not env.macos_at_least(MIN_MACOS[step]),  # loadable on this Mac only
     )
     return mlmodel, t1 - t0, time.perf_counter() - t1
 
@@ -535,15 +544,54 @@ def logits_error(
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
 
 
-def coreml_unavailable() -> str | None:
-    """None where a package can be run (macOS with coremltools), else why not."""
-    if platform.system() != "Darwin":
-        return "needs macOS (Core ML runs packages only on Apple platforms)"
-    try:
-        import coremltools  # noqa: F401
-    except ImportError:
-        return "coremltools not installed: pip install 'labkit[coreml]'"
-    return None
+def coreml_unavailable(step: str | None = None) -> str | None:
+    """None where Core ML can run the package of ladder ``step`` here, else why not and what to
+    install; ``step`` None asks for the whole ladder (macOS 15: the stateful steps)."""
+    from labkit.core import env
+
+    if step is not None and step not in STEPS:
+        raise ValueError(f"step must be one of {list(STEPS)}, got {step!r}")
+    return env.coreml_reason(max(MIN_MACOS.values()) if step is None else MIN_MACOS[step])
+
+
+def _loaded(path: str, compute_unit: str) -> Any:
+    """The package at ``path`` opened once per compute unit (and per version of the package on
+    disk): loading compiles and specialises it for the unit (seconds for the ANE), which a timed
+    run must not include."""
+    stamp = (Path(path) / "Manifest.json").stat().st_mtime_ns
+    return _open(str(path), compute_unit, stamp)
+
+
+@functools.lru_cache(maxsize=32)
+def _open(path: str, compute_unit: str, stamp: int) -> Any:
+    import coremltools as ct
+
+    return ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, compute_unit))
+
+
+def compute_plan(path: str | os.PathLike[str], compute_unit: str = "ALL") -> dict[str, int]:
+    """How many of the package's operations Core ML prefers to run on each device ("cpu",
+    "gpu", "neural_engine"; "unknown" where it cannot say) for ``compute_unit``, from
+    ``MLComputePlan`` (macOS 14.4+). Ops the ANE cannot run fall back to the CPU silently, so a
+    CPU_AND_NE speed means little without this."""
+    from labkit.core import env
+
+    reason = env.coreml_reason((14, 4))
+    if reason:
+        raise RuntimeError(f"MLComputePlan: {reason}")
+    import coremltools as ct
+    from coremltools.models.compute_plan import MLComputePlan
+
+    compiled = _loaded(str(path), compute_unit).get_compiled_model_path()
+    plan = MLComputePlan.load_from_path(compiled, getattr(ct.ComputeUnit, compute_unit))
+    counts: dict[str, int] = {}
+    for op in plan.model_structure.program.functions["main"].block.operations:
+        usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+        name = type(usage.preferred_compute_device).__name__ if usage else "unknown"
+        kind = {"MLCPUComputeDevice": "cpu", "MLGPUComputeDevice": "gpu",
+                "MLNeuralEngineComputeDevice": "neural_engine"}.get(name, "unknown")
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 @dataclass
@@ -567,18 +615,24 @@ def coreml_generate(
     """Greedy-decode ``n_new`` tokens with the package of ladder ``step`` (macOS only).
 
     The prompt goes in token by token (the packages take one query token, see the module
-    docstring); TTFT is the time until the first new token's logits.
+    docstring); TTFT is the time until the first new token's logits. The package is loaded once
+    per compute unit (:func:`_loaded`) and predicts once untimed before the clock starts, so
+    neither compilation nor first-predict specialisation is timed.
     """
-    reason = coreml_unavailable()
+    reason = coreml_unavailable(step)
     if reason:
         raise RuntimeError(reason)
-    import coremltools as ct
-
     if compute_unit not in COMPUTE_UNITS:
         raise ValueError(f"compute_unit must be one of {COMPUTE_UNITS}, got {compute_unit!r}")
     if len(prompt) + n_new > max_len:
         raise ValueError(f"prompt + n_new = {len(prompt) + n_new} exceeds max_len={max_len}")
-    mlmodel = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_unit))
+    mlmodel = _loaded(str(path), compute_unit)
+    _greedy_run(mlmodel, step, prompt[:1], 1, max_len)  # warm-up, on a state of its own
+    return _greedy_run(mlmodel, step, prompt, n_new, max_len)
+
+
+def _greedy_run(mlmodel: Any, step: str, prompt: list[int], n_new: int, max_len: int) -> CoreMLRun:
+    """One timed greedy run of an opened package (a fresh state or cache)."""
     spec = mlmodel.get_spec()
     names_in = [i.name for i in spec.description.input]
     names_out = [o.name for o in spec.description.output]

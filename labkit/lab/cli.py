@@ -1,4 +1,4 @@
-"""The `labkit` command: info, reproduce, bench, chat, site, lab, train."""
+"""The `labkit` command: info, doctor, reproduce, bench, results, chat, site, lab, train."""
 
 from __future__ import annotations
 
@@ -54,12 +54,58 @@ def _bench_options(args: argparse.Namespace) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from labkit.lab import doctor
+
+    if args.json:
+        import json
+
+        report = doctor.diagnose()
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0 if report.can_set_up else 1
+    return doctor.main()
+
+
+def _cmd_bench_all(args: argparse.Namespace) -> int:
+    """`labkit bench --all [--share]`: every benchmark, each its own run; with --share one
+    archive of their records, figures and the doctor report (labkit.lab.bundle)."""
+    from rich.console import Console
+
+    from labkit.lab import bundle
+
+    console = Console()
+    with console.status("running every benchmark"):
+        records, status = bundle.run_all(quick=args.quick)
+    for name, outcome in status.items():
+        console.print(f"{name:16s} {outcome}")
+    console.print(f"{len(records)} records written under data/results/")
+    if args.share:
+        path = bundle.make_bundle(records, status)
+        console.print(f"bundle: {path}")
+        console.print(f"send this one file; it is merged with: labkit results import {path.name}")
+    return 0 if all(v == "ok" for v in status.values()) else 1
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from labkit.lab import bundle
+
+    try:
+        report = bundle.import_bundle(args.archive)
+    except (bundle.BundleError, FileNotFoundError) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
     from labkit.lab import bench
 
+    if args.all or args.share:
+        return _cmd_bench_all(args)
     console = Console()
     if args.list or not args.name:
         for name, target in sorted(bench.BENCHMARKS.items()):
@@ -139,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="this machine's fingerprint and which runtimes are available")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("doctor", help="what this machine can run, what is skipped, how to fix it")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(func=_cmd_doctor)
+
     p = sub.add_parser("reproduce", help="run the notebooks headlessly with papermill")
     add_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
@@ -153,7 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens, e.g. 512 for pp512 (runtimes benchmark)")
     p.add_argument("--gen", type=option(positive_int),
                    help="generated tokens, e.g. 128 for tg128 (runtimes benchmark)")
+    p.add_argument("--all", action="store_true", help="every benchmark, one run each")
+    p.add_argument("--share", action="store_true",
+                   help="with --all: one archive of the records, figures and doctor report (build/share)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("results", help="results from other machines: labkit results import ARCHIVE")
+    rsub = p.add_subparsers(dest="action", required=True)
+    imp = rsub.add_parser("import", help="merge a bundle of `labkit bench --all --share` into data/results")
+    imp.add_argument("archive", help="the .tar.gz a contributor sent")
+    imp.set_defaults(func=_cmd_results)
 
     p = sub.add_parser("chat", help="ask a chat model one question; streams the answer")
     p.add_argument("question", help="the question (one user turn)")

@@ -32,7 +32,8 @@ def embed(
 ) -> torch.Tensor:
     """Embeddings [N, 384] of ``texts`` (unit length if ``normalize``), float32 on the CPU.
 
-    ``loaded`` defaults to ``load("minilm")`` (cached after the first call). ``max_length`` 256
+    ``loaded`` defaults to ``load("minilm", device="cpu")`` (cached after the first call; a
+    caller who wants MPS or CUDA passes its own ``load(..., device=...)``). ``max_length`` 256
     is the sequence length all-MiniLM-L6-v2 was trained with; longer texts are truncated.
     Texts are batched longest first (as sentence-transformers does), so each batch pads to
     similar lengths; rows come back in the order given.
@@ -49,7 +50,7 @@ def embed(
         if _DEFAULT is None:
             from labkit.models.loader import load
 
-            _DEFAULT = load("minilm")
+            _DEFAULT = load("minilm", device="cpu")
         loaded = _DEFAULT
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device

@@ -6,7 +6,9 @@ LlamaForCausalLM / PhiForCausalLM in float32, the reference) writes a versioned 
 the Python side runs the ``lmport`` CLI and compares its logits with the same reference. This
 module holds the plumbing for all three, so the tests and notebook 04 share one code path:
 
-* :func:`available` says why the port cannot run here (no ``swift``, no OpenBLAS), or None.
+* :func:`available` says why the port cannot run here (no Swift 6 toolchain, no OpenBLAS), or
+  None; :func:`xctest_unavailable` says why ``swift test`` cannot (on macOS XCTest ships with
+  Xcode, not with the Command Line Tools).
 * :func:`build` runs ``swift build`` once per process (SwiftPM caches in ``swift/.build``).
 * :func:`run` runs the CLI and parses its tokens, tok/s and dumps.
 * :func:`reference` computes a :class:`~labkit.ports.refdump.RefDump` with PyTorch.
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from labkit.core import files, paths, tolerances
+from labkit.core import files, paths, preflight, tolerances
 from labkit.models.config import read_config
 from labkit.models.loader import read_safetensors_header, weight_files
 from labkit.ports import refdump
@@ -60,9 +62,16 @@ _built: dict[bool, Path] = {}
 
 
 def available() -> str | None:
-    """None when the port can be built and run here; otherwise the reason, and how to fix it."""
-    if shutil.which("swift") is None:
-        return "swift is not on PATH (install a Swift 6 toolchain from swift.org)"
+    """None when the port can be built and run here; otherwise the reason, and how to fix it.
+
+    On macOS ``/usr/bin/swift`` exists on every Mac (a shim of xcode-select), so the toolchain is
+    asked for its version: Package.swift needs Swift 6 (Xcode 16 or its Command Line Tools).
+    """
+    from labkit.core import env
+
+    reason = env.swift_toolchain_reason()
+    if reason is not None:
+        return reason
     if not (SWIFT_DIR / "Package.swift").is_file():
         return f"{SWIFT_DIR / 'Package.swift'} is missing (the Swift package is not in this checkout)"
     if platform.system() == "Darwin":
@@ -92,11 +101,13 @@ def build(release: bool = True) -> Path:
         return _built[release]
     _require_available()
     config = "release" if release else "debug"
+    env = _developer_env()  # the toolchain swift_test uses, so SwiftPM reuses this build
     proc = subprocess.run(
         ["swift", "build", "-c", config, "--product", CLI_NAME],
         cwd=SWIFT_DIR,
         capture_output=True,
         text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise RuntimeError(
@@ -109,6 +120,7 @@ def build(release: bool = True) -> Path:
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout.strip()
     binary = Path(bin_dir) / CLI_NAME
     if not binary.is_file():
@@ -117,14 +129,56 @@ def build(release: bool = True) -> Path:
     return binary
 
 
+XCODE_FIX = ("install Xcode 16+ from the App Store, then: "
+             "sudo xcode-select -s /Applications/Xcode.app/Contents/Developer")
+
+
+def xctest_unavailable() -> str | None:
+    """None where ``swift test`` can run here, else why not.
+
+    XCTest comes with Xcode, not with the Command Line Tools (what Homebrew installs): there
+    ``swift build`` works and ``swift test`` fails with "no such module 'XCTest'". An Xcode that
+    is installed but not selected is used through ``DEVELOPER_DIR`` (:func:`_developer_env`).
+    """
+    from labkit.core import env
+
+    reason = available()
+    if reason is not None or platform.system() != "Darwin":
+        return reason
+    info = env.xcode_info()
+    if info.get("xctest"):
+        return None
+    xcode = preflight.parse_version(info.get("xcode"))
+    if info.get("xcode_app") and xcode and xcode >= (16,):
+        return None  # installed, not selected: swift_test points DEVELOPER_DIR at it
+    found = f"Xcode {info['xcode']}" if info.get("xcode") else "the Command Line Tools only"
+    return f"needs Xcode 16+ (XCTest is not in the Command Line Tools; found {found}): {XCODE_FIX}"
+
+
+def _developer_env() -> dict[str, str]:
+    """The environment for SwiftPM: on macOS, an installed Xcode when the selected developer
+    folder (``xcode-select -p``) is the Command Line Tools, which lack XCTest."""
+    from labkit.core import env as lab_env
+
+    environ = dict(os.environ)
+    if platform.system() == "Darwin" and "DEVELOPER_DIR" not in environ:
+        info = lab_env.xcode_info()
+        if not info.get("xctest") and info.get("xcode_app"):
+            environ["DEVELOPER_DIR"] = f"{info['xcode_app']}/Contents/Developer"
+    return environ
+
+
 def swift_test(fixtures: str | os.PathLike[str], release: bool = True) -> subprocess.CompletedProcess:
     """Run ``swift test`` with ``LMPORT_FIXTURES`` pointing at ``fixtures``; returns the process.
 
     Release mode shares the optimised build with :func:`build` (the tests use only the public
-    API, so they need no ``@testable`` debug build).
+    API, so they need no ``@testable`` debug build). Raises RuntimeError with the reason where
+    XCTest is missing (:func:`xctest_unavailable`).
     """
-    _require_available()
-    env = dict(os.environ, **{FIXTURES_ENV: str(Path(fixtures).resolve())})
+    reason = xctest_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"swift test cannot run here: {reason}")
+    env = dict(_developer_env(), **{FIXTURES_ENV: str(Path(fixtures).resolve())})
     cmd = ["swift", "test"] + (["-c", "release"] if release else [])
     return subprocess.run(cmd, cwd=SWIFT_DIR, env=env, capture_output=True, text=True)
 
@@ -148,6 +202,44 @@ class SwiftRun:
     hidden: np.ndarray | None = None  # [layers, positions, hidden] when dumped
     note: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    peak_rss_bytes: int | None = None  # the CLI process's own ru_maxrss (wait4)
+
+
+def blas_thread_env(threads: int) -> dict[str, str]:
+    """The environment that caps the BLAS at ``threads``: OpenBLAS reads OPENBLAS_NUM_THREADS;
+    Accelerate has no thread-count call before macOS 15's BLASSetThreading, but vecLib reads
+    VECLIB_MAXIMUM_THREADS at start (its AMX/SME matrix units are shared, not threads)."""
+    n = str(int(threads))
+    return {"OPENBLAS_NUM_THREADS": n, "VECLIB_MAXIMUM_THREADS": n}
+
+
+def _run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str, int]:
+    """Run ``cmd`` to the end: (exit status, stdout, stderr, its peak RSS in bytes).
+
+    The peak is the process's own (``os.wait4``), not ``RUSAGE_CHILDREN``, which also holds the
+    ``swift build`` run earlier in the same process (SwiftPM's peak, not the CLI's). On Linux a
+    child's ru_maxrss starts at its parent's size at fork, so it is an upper bound there.
+    """
+    import sys
+    import threading
+
+    with (tempfile.TemporaryFile("w+", encoding="utf-8") as out,
+          tempfile.TemporaryFile("w+", encoding="utf-8") as err):
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        expired = threading.Event()
+        timer = threading.Timer(timeout, lambda: (expired.set(), proc.kill()))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        out.seek(0)
+        err.seek(0)
+        scale = 1 if sys.platform == "darwin" else 1024
+        return proc.returncode, out.read(), err.read(), int(usage.ru_maxrss * scale)
 
 
 def _ids(tokens: list[int] | np.ndarray, what: str) -> str:
@@ -173,7 +265,9 @@ def run(
     ``dump``: a path for the [steps, vocab] logits .npy (kept), or True for a temporary one;
     either way the logits come back in ``.logits``. ``dump_hidden`` also returns the hidden state
     after every layer. ``force`` feeds those tokens instead of the port's own (teacher forcing).
-    ``threads`` sets the BLAS thread count (OpenBLAS; Accelerate picks its own and says so).
+    ``threads`` caps the BLAS threads (:func:`blas_thread_env`: OpenBLAS through its call and
+    variable, Accelerate through VECLIB_MAXIMUM_THREADS); ``.threads`` says what was applied and
+    ``.note`` how.
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -198,13 +292,12 @@ def run(
             cmd += ["--force", _ids(force, "force")]
         if threads is not None:
             cmd += ["--threads", str(int(threads))]
-        env = dict(os.environ)
-        if threads is not None:
-            env["OPENBLAS_NUM_THREADS"] = str(int(threads))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"lmport failed (exit {proc.returncode}): {proc.stderr.strip()}")
-        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        env = dict(os.environ, **(blas_thread_env(threads) if threads is not None else {}))
+        code, stdout, stderr, peak = _run_measured(cmd, env, timeout)
+        if code != 0:
+            raise RuntimeError(f"lmport failed (exit {code}): {stderr.strip()}")
+        info = json.loads(stdout.strip().splitlines()[-1])
+        blas_threads, note = _applied_threads(info, threads)
         return SwiftRun(
             prompt_tokens=info["prompt_tokens"],
             tokens=info["tokens"],
@@ -213,12 +306,23 @@ def run(
             decode_s=info["decode_s"],
             load_s=info["load_s"],
             blas=info["blas"],
-            threads=info.get("blas_threads"),
+            threads=blas_threads,
             logits=np.load(logits_path) if logits_path is not None else None,
             hidden=np.load(hidden_path) if dump_hidden else None,
-            note=info.get("note"),
+            note=note,
             raw=info,
+            peak_rss_bytes=peak,
         )
+
+
+def _applied_threads(info: dict[str, Any], threads: int | None) -> tuple[int | None, str | None]:
+    """(BLAS threads applied, a note) from the CLI's JSON: OpenBLAS reports its count; the CLI
+    cannot ask Accelerate, which was capped through VECLIB_MAXIMUM_THREADS (the CLI's own note,
+    "--threads was not applied", predates that and is replaced)."""
+    if info.get("blas") != "Accelerate" or threads is None:
+        return info.get("blas_threads"), info.get("note")
+    return int(threads), (f"Accelerate capped at {int(threads)} thread(s) by "
+                          "VECLIB_MAXIMUM_THREADS; its AMX/SME units are shared, not threads")
 
 
 # --- the PyTorch reference ---------------------------------------------------------------------

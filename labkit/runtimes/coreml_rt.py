@@ -6,7 +6,8 @@ takes one query token per call (see ``labkit.export.coreml``: coremltools cannot
 flexible-length cache write), so ``prefill`` feeds the prompt token by token and pp is a
 token-at-a-time rate; the note beside the numbers says so.
 
-Predictions run only on macOS: elsewhere ``available()`` says so and the matrix records a skip.
+Predictions run only on macOS 15 and later (the package is specification 9: Core ML states):
+elsewhere ``available()`` says why and what to install, and the matrix records a skip.
 The feeding logic (positions, masks, state reset) lives in :class:`StatefulFeeder`, which takes
 any ``predict(feeds, state)``; tests drive it with the very PyTorch module that is converted, so
 everything but Core ML's own execution is checked on Linux too. Nothing here has been run on a
@@ -15,9 +16,7 @@ Mac in this repository yet.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -101,11 +100,9 @@ class CoreML(Runtime):
 
     @classmethod
     def available(cls) -> str | None:
-        if platform.system() != "Darwin":
-            return f"needs macOS (Core ML predictions run only on macOS; this is {platform.system()})"
-        if importlib.util.find_spec("coremltools") is None:
-            return "coremltools not installed: pip install 'labkit[coreml]'"
-        return None
+        from labkit.core import env
+
+        return env.coreml_reason(env.COREML_STATEFUL_MACOS)  # step c: a stateful package
 
     def load(self, model_dir: Path) -> None:
         self._check_available()
@@ -125,12 +122,13 @@ class CoreML(Runtime):
             str(self.path), compute_units=getattr(ct.ComputeUnit, self.compute_unit)
         )
         spec = mlmodel.get_spec().description
-        names_in, out_name = [i.name for i in spec.input], spec.output[0].name
+        names_in, out_name = {i.name for i in spec.input}, spec.output[0].name
+        if names_in != {"input_ids", "position", "mask"}:
+            raise RuntimeError(f"{self.path}: inputs {sorted(names_in)}, expected the feeder's "
+                               "input_ids, position, mask (re-export the package)")
 
         def predict(feeds: dict[str, np.ndarray], state: Any) -> Any:
-            # the package's own input names, in the exported order (input_ids, position, mask)
-            named = dict(zip(names_in, feeds.values(), strict=True))
-            return mlmodel.predict(named, state=state)[out_name]
+            return mlmodel.predict(feeds, state=state)[out_name]  # fed by name
 
         self.feeder = StatefulFeeder(predict, mlmodel.make_state, max_len)
 

@@ -5,6 +5,11 @@ Python. So this adapter overrides ``timed_generate`` with the CLI's own in-proce
 (``prefill_s``, ``decode_s``: process start and weight loading excluded), and ``prefill`` /
 ``decode_step`` replay the whole history through the CLI (correct logits, meaningless time:
 the matrix never times them). Weights are converted to float32 once (build/cache/swift/).
+
+Threads: ``threads`` caps the BLAS (OpenBLAS on Linux; Accelerate on macOS through
+VECLIB_MAXIMUM_THREADS, see ``swift.blas_thread_env``); the note beside the numbers says which
+and how. ``cli_peak_rss_bytes`` is the CLI process's own peak RSS (``os.wait4``): the matrix's
+``RUSAGE_CHILDREN`` figure also holds the ``swift build`` that ``load`` ran.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class SwiftPort(Runtime):
         self.threads = threads
         self.device = "cpu"
         self.history: list[int] = []
+        self.cli_peak_rss_bytes: int | None = None
 
     @classmethod
     def available(cls) -> str | None:
@@ -60,7 +66,8 @@ class SwiftPort(Runtime):
 
     def timed_generate(self, prompt: list[int], n_new: int, keep_logits: bool = False) -> GenerationRun:
         r = self._generate(list(prompt), n_new, keep_logits)
-        self.note = f"BLAS: {r.blas}"
+        self.cli_peak_rss_bytes = max(self.cli_peak_rss_bytes or 0, r.peak_rss_bytes or 0) or None
+        self.note = f"BLAS: {r.blas}" + (f" ({r.note})" if r.note else "")  # recorded: no numbers
         steps = max(len(r.tokens) - 1, 1)
         per_step = r.decode_s / steps  # the CLI reports the total; spread evenly
         kept = [np.asarray(x, dtype=np.float32) for x in r.logits] if keep_logits else []

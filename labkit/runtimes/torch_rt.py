@@ -136,6 +136,10 @@ class TorchCompile(TorchEager):
     name: ClassVar[str] = "torch-compile"
     note = "inductor; first calls per shape compile (warm-up, untimed)"
 
+    @classmethod
+    def available(cls) -> str | None:
+        return super().available() or macos_openmp_missing()
+
     def load(self, model_dir: Path) -> None:
         import os
 
@@ -159,3 +163,30 @@ class TorchCompile(TorchEager):
             out = self._step(x, pos)
             self.cache.advance(1)
             return self._logits(out[0])
+
+
+#: where inductor finds omp.h on macOS (torch/_inductor/cpp_builder.py, in its order)
+_BREW_LIBOMP = ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp")
+
+
+def macos_openmp_missing(environ: dict[str, str] | None = None, system: str | None = None) -> str | None:
+    """On macOS, why torch.compile's C++ kernels cannot build, else None (elsewhere: None).
+
+    Inductor compiles its CPU kernels with OpenMP; Apple's clang has no ``omp.h``, so it looks
+    in $OMP_PREFIX, then conda's llvm-openmp ($CONDA_PREFIX), then Homebrew's libomp. Without
+    one every compile fails with "CppCompileError: 'omp.h' file not found", which says nothing
+    about the fix.
+    """
+    import os
+    import platform
+
+    environ = os.environ if environ is None else environ
+    if (system or platform.system()) != "Darwin":
+        return None
+    if environ.get("CXX") and "clang" not in Path(environ["CXX"]).name:
+        return None  # another compiler (e.g. Homebrew's g++) brings its own OpenMP
+    prefixes = [environ.get("OMP_PREFIX"), environ.get("CONDA_PREFIX"), *_BREW_LIBOMP]
+    if any(p and (Path(p) / "include" / "omp.h").is_file() for p in prefixes):
+        return None
+    return ("torch.compile needs OpenMP's omp.h on macOS (Apple clang has none): brew install libomp "
+            "(or conda install llvm-openmp, or set OMP_PREFIX)")

@@ -47,12 +47,12 @@ import numpy as np
 
 STUDY = "08_runtime_benchmark"
 REFERENCE = "torch-eager"
-#: Runtimes that run the float32 weights in float32 and expose logits: held to FLOAT32_PARITY.
+#: Runtimes that run the float32 weights in float32 and expose logits: held to
+#: ``tolerances.RUNTIME_MATRIX`` on the device each ran on.
 FLOAT32 = ("torch-eager", "torch-fast", "torch-compile", "torch-cuda", "onnxruntime", "mlx", "swift", "llama.cpp-f32",
            "llama.cpp-server")
 #: Max |dlogit| against torch float32 over the positions where both saw the same tokens: the
 #: reordered sums of another runtime, accumulated over the parity run's greedy steps.
-FLOAT32_PARITY = 2e-3
 
 
 @dataclass
@@ -569,7 +569,7 @@ def plot_machines(latest: Any):
 
 def parity_claims(results: dict[tuple[str, int | None], dict[str, Any]]) -> list[tuple[str, bool, str]]:
     """(claim, verdict, value) for "What the numbers say": the reference agrees with itself, each
-    float32 runtime computes its logits (``FLOAT32_PARITY``), llama.cpp's F32 GGUF closer still;
+    float32 runtime computes its logits (``tolerances.RUNTIME_MATRIX`` on its device), llama.cpp's F32 GGUF closer still;
     at every thread count measured."""
     from labkit.core import tolerances
 
@@ -579,7 +579,8 @@ def parity_claims(results: dict[tuple[str, int | None], dict[str, Any]]) -> list
         err, agree = par["max_abs_logit_err"], par["greedy_agreement_pct"]
         value = f"max |dlogit| {err:.1e}, greedy tokens {agree:.0f} % equal" if err is not None \
             else f"greedy tokens {agree:.0f} % equal"
-        bound = tolerances.GGUF_F32.at("cpu") if n.startswith("llama.cpp") else FLOAT32_PARITY
+        bound = (tolerances.GGUF_F32.at("cpu") if n.startswith("llama.cpp")
+                 else tolerances.RUNTIME_MATRIX.at(r["device"]))  # MLX's "gpu": Metal
         at = f" ({threads} thread{'s' if threads != 1 else ''})"
         if n == REFERENCE:
             rows.append((f"{n}, the reference, agrees with itself on every greedy token{at}",
