@@ -1407,7 +1407,7 @@ def plot_seq2seq_loss(run: Seq2SeqRun) -> Any:
                 label=f"{arch} ({run.params[arch] / 1e3:.0f} k params)")
     ax.set_yscale("log")
     ax.set_xlabel(f"training step (batch of {TRAIN_BATCH} sequences)")
-    ax.set_ylabel("cross-entropy on output tokens (nats, 20-step mean)")
+    ax.set_ylabel("output-token loss (nats, 20-step mean)")
     ax.set_title("Training the toy models from random initialization")
     ax.legend(fontsize=9)
     return fig

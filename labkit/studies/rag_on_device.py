@@ -671,7 +671,7 @@ def plot_stages(stages: pd.DataFrame, *, top_k: int, new_tokens: int, device: st
     from labkit.core import plotting
 
     median = stages[list(STAGES)].median()
-    fig, ax = plotting.new_figure(figsize=(8, 2.8))
+    fig, ax = plotting.new_figure(figsize=(8, 3.2), layout="constrained")
     left = 0.0
     for s in STAGES:
         ax.barh([0], [median[s]], left=left, label=f"{s} {median[s]:.1f} ms")
@@ -681,7 +681,7 @@ def plot_stages(stages: pd.DataFrame, *, top_k: int, new_tokens: int, device: st
     ax.set_ylabel("one query")
     ax.set_title(f"Where the time goes: top-{top_k} RAG, {new_tokens} new tokens, "
                  f"~{int(stages.prompt_tokens.median())}-token prompt ({device})")
-    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.legend(fontsize=8, ncol=len(STAGES), loc="outside lower center")  # below, laid out
     return fig
 
 
