@@ -189,7 +189,7 @@ def load_name(name: Any, **kw: Any) -> Callable[[Ctx], Any]:
     def act(ctx: Ctx) -> Any:
         from labkit.models import load
 
-        return load(name, **kw)
+        return load(name, device=kw.pop("device", "cpu"), **kw)
 
     return act
 
@@ -507,12 +507,12 @@ def bad_line(change: dict | str | bytes, study: str = "s1") -> Callable[[Ctx], N
     return setup
 
 
-def load(study: str | None = "s1", **kw: Any) -> Callable[[Ctx], Any]:
+def load_records(study: str | None = "s1", **kw: Any) -> Callable[[Ctx], Any]:
     return lambda ctx: results.load_results(study, **kw)
 
 
 def line_case(id: str, change: Any, *names: str) -> Case:
-    return Case(id, load(), ValueError, (".jsonl:2:", *names), setup=bad_line(change))
+    return Case(id, load_records(), ValueError, (".jsonl:2:", *names), setup=bad_line(change))
 
 
 def _corrupt_fingerprint(ctx: Ctx) -> None:
@@ -564,23 +564,23 @@ RESULTS = [
     line_case("D04-value-a-string", {"value": "fast"}, "'fast'", "str"),
     line_case("D06-created-not-iso", {"created": "yesterday"}, "created", "'yesterday'",
               "ISO 8601"),
-    Case("D16-value-nan", load(), ValueError, (".jsonl:2:", "nan"),
+    Case("D16-value-nan", load_records(), ValueError, (".jsonl:2:", "nan"),
          setup=bad_line('{"study": "s1", "metric": "m", "value": NaN, "unit": "ms", '
                         '"runtime": "torch", "device": "cpu", "model": "", "params": {}, '
                         '"machine": "x", "git_rev": "unknown", '
                         '"created": "2026-01-01T00:00:00+00:00"}')),
-    Case("D11-invalid-utf8", load(), ValueError, (".jsonl:2:", "not UTF-8", "byte"),
+    Case("D11-invalid-utf8", load_records(), ValueError, (".jsonl:2:", "not UTF-8", "byte"),
          setup=bad_line(b'{"study": "s1", "metric": "\xff"}')),
-    Case("D13-all-studies-name-the-bad-file", load(None), ValueError,
+    Case("D13-all-studies-name-the-bad-file", load_records(None), ValueError,
          ("s1", ".jsonl:2:", "not UTF-8"), setup=bad_line(b"\xff\xfe")),
-    Case("D09-unknown-study", load("nosuch_study"), ValueError,
+    Case("D09-unknown-study", load_records("nosuch_study"), ValueError,
          ("'nosuch_study'", "known studies", "s1"), setup=good_record),
-    Case("new-load-study-a-path", load("../x"), ValueError, ("study", "'../x'")),
+    Case("new-load-study-a-path", load_records("../x"), ValueError, ("study", "'../x'")),
     line_case("new-line-corrupt-json", '{"study": "s1", "metr', "corrupt results line"),
     line_case("new-line-a-list", "[1, 2]", "exactly keys", "list"),
     line_case("new-line-missing-keys", '{"study": "s1"}', "exactly keys"),
     line_case("new-line-blank", "", "corrupt results line"),
-    Case("new-line-value-overflows-to-inf", load(), ValueError, (".jsonl:2:", "inf"),
+    Case("new-line-value-overflows-to-inf", load_records(), ValueError, (".jsonl:2:", "inf"),
          setup=bad_line(json.dumps({"study": "s1", "metric": "m", "unit": "ms",
                                     "runtime": "torch", "device": "cpu", "model": "",
                                     "params": {}, "machine": "x", "git_rev": "unknown",
@@ -591,9 +591,9 @@ RESULTS = [
     line_case("new-line-unit-empty", {"unit": ""}, "unit", "''"),
     line_case("new-line-value-bool", {"value": True}, "True"),
     line_case("new-line-created-a-number", {"created": 5}, "created", "5"),
-    Case("new-load-bad_lines-unknown", load(bad_lines="ignore"), ValueError,
+    Case("new-load-bad_lines-unknown", load_records(bad_lines="ignore"), ValueError,
          ("bad_lines", "'ignore'", "skip"), setup=good_record),
-    Case("new-fingerprint-corrupt", load(), ValueError, ("machines", ".json", "corrupt"),
+    Case("new-fingerprint-corrupt", load_records(), ValueError, ("machines", ".json", "corrupt"),
          setup=_corrupt_fingerprint),
     Case("D15-latest-unknown-metric", latest(metric="nosuch"), ValueError,
          ("metric='nosuch'", "metric values here: m"), setup=good_record),

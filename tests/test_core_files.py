@@ -108,3 +108,12 @@ def test_tolerances_per_device() -> None:
     assert tolerances.OTHER_RUNTIME.at("mps") == tolerances.OTHER_RUNTIME.at("cpu")
     with pytest.raises(ValueError, match="unknown device"):
         tolerances.SAME_MATH.at("tpu")
+
+
+def test_sha256_file_reads_in_blocks_and_matches_hashlib(tmp_path) -> None:
+    import hashlib
+
+    data = bytes(range(256)) * (5 * 2**12 + 7)  # more than one 1 MiB block, not a multiple
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert files.sha256_file(path) == hashlib.sha256(data).hexdigest()

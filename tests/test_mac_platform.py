@@ -469,6 +469,7 @@ def test_speed_claims_are_asserted_where_physical_and_reported_elsewhere() -> No
 
 def test_kv_cache_claims_report_speed_on_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import pandas as pd
+    import torch
 
     from labkit.studies import kv_cache as ks
 
@@ -477,11 +478,14 @@ def test_kv_cache_claims_report_speed_on_a_gpu(monkeypatch: pytest.MonkeyPatch) 
     timings = pd.DataFrame({"cache": ["on", "off"], "prompt_len": [8, 8], "total_s": [2.0, 1.0],
                             "tpot_ms": [5.0, 4.0]})  # the cache slower: a launch-bound GPU
     update = pd.DataFrame({"length": [64], "concat_us": [2.0], "inplace_us": [1.0]})
-    kw = dict(equality={"tokens_identical": True}, dynamic={"gap": 5e-5}, bytes_check={"formula": 1, "real": 1},
+    kw = dict(equality={"tokens_identical": True, "logit_gap": 0.0}, dynamic={"gap": 5e-5, "steps": 4},
+              bytes_check={"formula": 1, "real": 1, "shape": (1,), "expected_shape": (1,)},
               timings=timings, apple_bytes=int(1.07e9), model_cfg=None, window=4,
               variants_cfg={"MHA": None, "GQA": None, "MQA": None},
-              variants={"update": update, "window_cache": None})
-    on_cpu, on_mps = ks.claims(**kw, device="cpu"), ks.claims(**kw, device="mps")
+              variants={"update": update, "window_cache": None, "window_bytes": [0], "same_tokens": True,
+                        "e2e": {"concat": (None, torch.zeros(3))}},
+              versus={"same_tokens": True, "table": [1]})
+    on_cpu, on_mps = ({c: ok for c, ok, _ in ks.claims(**kw, device=d)} for d in ("cpu", "mps"))
     speed = [c for c in on_cpu if "faster" in c or "slower" in c]
     assert speed and all(on_cpu[c] is False for c in speed)
     assert all(on_mps[c] is None for c in speed)

@@ -189,6 +189,7 @@ def test_the_current_run_is_always_eligible(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_select_runs_of_nothing_is_empty() -> None:
+    (paths.results_dir() / "nothing").mkdir(parents=True)  # a study with no records yet
     df = load_results("nothing")
     assert results.select_runs(df).empty and results.runs_table(df).empty
     assert isinstance(results.runs_table(df), pd.DataFrame)

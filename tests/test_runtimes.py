@@ -11,32 +11,25 @@ No wall-clock time is checked anywhere.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_llama_with_shipped_tokenizer
 
 from labkit import runtimes
 from labkit.core import tolerances as tol
 from labkit.runtimes.base import GenerationRun, MeanSd, log_softmax, parity
 
-SHIPPED = Path(__file__).resolve().parent.parent / "data" / "models" / "tiny-llama"
 N_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A random tied GQA Llama (2 layers, hidden 64, vocab 8192) with the shipped tokenizer."""
-    from labkit.ports.swift import random_llama
-
-    out = tmp_path_factory.mktemp("rt") / "rt-llama"
-    random_llama(out, "float32", 1, vocab_size=8192, hidden_size=64, intermediate_size=128,
-                 layers=2, heads=4, kv_heads=2, max_positions=128, tie=True, init_std=0.2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(SHIPPED / name, out / name)
-    return out
+    return random_llama_with_shipped_tokenizer(tmp_path_factory.mktemp("rt") / "rt-llama", seed=1,
+                                               max_positions=128, init_std=0.2)
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ the temporaries whose process is gone (:func:`remove_stale_temps`); a live write
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -149,3 +150,12 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _discard(tmp)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (a checkpoint never sits in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -346,6 +346,8 @@ def save_figure(
     _check_name(name)
     _check_is_figure(fig, name)
     name = variant_name(name)
+    with _rendering(name):  # a figure that cannot be drawn says so before the house checks
+        fig.draw_without_rendering()
     check_figure(fig)
     info = provenance(name, notebook=notebook, params=params)
     description = json.dumps(info, sort_keys=True)

@@ -69,6 +69,7 @@ _STUDY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _GIT_REV_TTL_S = 60.0
 _git_rev_cache: dict[str, tuple[float, str]] = {}
 _fingerprints_written: set[tuple[str, bytes]] = set()
+_pending_run_note: str | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -250,6 +251,27 @@ def note_run(study: str, status: str, *, results_dir: Path | None = None) -> Non
     update_machine_file("runs", update, results_dir)
 
 
+def note_run_at_first_record(study: str | None) -> None:
+    """Enter ``study`` as "running" in the current run when the first record is written, not
+    now (None: forget it). Why: a benchmark refused before it measures anything (a bad
+    --model) then leaves the lab folder exactly as it was, while one that crashes after its
+    first record is still registered, so :func:`select_runs` never takes it as complete."""
+    global _pending_run_note
+    _pending_run_note = None if study is None else ("*" if study == "*" else _check_study(study))
+
+
+def run_registered() -> bool:
+    """Whether the current run is in this machine's run registry."""
+    return current_run()[0] in load_run_registry(env.machine_id())
+
+
+def _note_pending_run() -> None:
+    global _pending_run_note
+    if _pending_run_note is not None:
+        study, _pending_run_note = _pending_run_note, None
+        note_run(study, "running")
+
+
 def current_run() -> tuple[str, float | None]:
     """(run id, load average at the run's start) of this process: $LABKIT_RUN_ID when a runner
     set it, else an id of this process's own, made once (its start: when results was imported)."""
@@ -319,6 +341,7 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def _append_lines(path: Path, lines: list[str]) -> None:
+    _note_pending_run()
     with locked(path):
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from labkit.inference.generate import _check_inputs, _decode
+from labkit.inference.generate import stream
 
 #: JSON written the way ``json.dumps`` writes it: ", " between items, ": " after keys, no other
 #: whitespace. A small model left free to add whitespace can emit newlines until max_new_tokens.
@@ -101,20 +101,6 @@ def stream_constrained(model: torch.nn.Module, input_ids: torch.Tensor, max_new_
     """Yield each new token ``[1]`` as it is chosen: greedy, masked by ``constraint`` (None:
     plain greedy through the same loop, so a free and a constrained run differ only in the
     mask)."""
-    _check_inputs(input_ids, max_new_tokens)
     pick = masked_greedy(constraint) if constraint is not None else (lambda x: x.argmax(dim=-1))
-    b, t = input_ids.shape
-    with torch.inference_mode():
-        out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
-        out[:, :t] = input_ids
-        steps = _decode(model, input_ids, max_new_tokens, pick, cache=True,
-                        eos_token_id=eos_token_id, out=out, logits_out=None)
-    while (token := _next_step(steps)) is not None:
-        yield token
-
-
-def _next_step(steps: Iterator[torch.Tensor]) -> torch.Tensor | None:
-    """One step in inference mode, never held across a yield (as in generate.stream): the
-    caller's code between tokens must not run in inference mode."""
-    with torch.inference_mode():
-        return next(steps, None)
+    return stream(model, input_ids, max_new_tokens, cache=True, eos_token_id=eos_token_id,
+                  pick=pick)

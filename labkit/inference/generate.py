@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,16 +283,20 @@ def stream(
     seed: int = 0,
     cache: bool | Cache = True,
     eos_token_id: int | list[int] | None = None,
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token (``[B]`` LongTensor) as soon as it is chosen (for TTFT/TPOT timing
     and for printing text as it appears). ``temperature=0`` is greedy.
 
+    ``pick`` replaces the choice of the next token (last-position logits ``[B, V]`` -> ids
+    ``[B]``; temperature and top_k are then unused): a grammar's mask over greedy
+    (``labkit.inference.constrained``) decodes through this same loop.
     The arguments are checked here, when ``stream`` is called, not at the first ``next``.
     """
     check_generation(model, input_ids, max_new_tokens, eos_token_id)
-    if temperature == 0:
+    if pick is None and temperature == 0:
         pick = _pick_greedy
-    else:
+    elif pick is None:
         gen = torch.Generator(device=input_ids.device).manual_seed(nonnegative_int(seed, "seed"))
         pick = _sampler(temperature, top_k, gen)
     b, t = input_ids.shape

@@ -30,21 +30,25 @@ def resolve(name: str) -> Callable[..., list[dict]]:
 
 
 def _as_run(fn: Callable[..., list[dict]]) -> Callable[..., list[dict]]:
-    """``fn`` as one run: a new run id for its records, noted "ok" in the run registry when it
-    returns ("failed" if it raises), so a half-finished benchmark is never taken as complete.
-    The signature stays ``fn``'s (functools.wraps), which the CLI inspects for its options."""
+    """``fn`` as one run: a new run id for its records, entered in the run registry as
+    "running" with its first record and "ok" when it returns ("failed" if it raises after
+    recording), so a half-finished benchmark is never taken as complete and a refused one
+    changes nothing. The signature stays ``fn``'s (functools.wraps), which the CLI inspects."""
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> list[dict]:
         from labkit.core import results
 
         results.start_run()
-        results.note_run("*", "running")
+        results.note_run_at_first_record("*")
         try:
             records = fn(*args, **kwargs)
         except BaseException:
-            results.note_run("*", "failed")
+            if results.run_registered():
+                results.note_run("*", "failed")
             raise
+        finally:
+            results.note_run_at_first_record(None)
         results.note_run("*", "ok")
         return records
 

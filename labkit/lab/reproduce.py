@@ -286,6 +286,32 @@ def _last_error(stderr: str) -> str:
     return "\n".join(lines[-3:])[-600:]
 
 
+def notebook_env(name: str, effective: dict, *, quick: bool, model: str | None) -> dict[str, str]:
+    """The environment a notebook's kernel runs in: this run's id, the notebook's name and
+    parameters (for figure provenance), quick mode, headless plotting, fixed hashing, no
+    progress bars; a model run's figure variant; quick runs write under build/quick."""
+    from labkit.core import results
+
+    env = kernel_env(dict(os.environ))
+    env.update(
+        **results.run_env(),  # the notebook's records belong to this run
+        LABKIT_NOTEBOOK=name,
+        LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
+        LABKIT_QUICK="1" if quick else "0",
+        MPLBACKEND="Agg",
+        PYTHONHASHSEED="0",
+        TQDM_DISABLE="1",  # no progress bars in executed notebooks (tqdm and every library on it)
+        PYTHONWARNINGS=",".join(w for w in (env.get("PYTHONWARNINGS"), IPROGRESS_NOTICE) if w),
+    )
+    env.pop("LABKIT_VARIANT", None)
+    if model is not None:
+        env["LABKIT_VARIANT"] = model_slug(model)
+    if quick and "LABKIT_OUTPUT_ROOT" not in os.environ:
+        # Smoke runs must not overwrite the committed full-parameter figures and results.
+        env["LABKIT_OUTPUT_ROOT"] = str(paths.build_dir() / "quick")
+    return env
+
+
 def run_notebook(
     path: Path,
     *,
@@ -323,23 +349,7 @@ def run_notebook(
 
     from labkit.core import results
 
-    env = kernel_env(dict(os.environ))
-    env.update(
-        **results.run_env(),  # the notebook's records belong to this run
-        LABKIT_NOTEBOOK=name,
-        LABKIT_PARAMS=json.dumps(effective, sort_keys=True, default=str),
-        LABKIT_QUICK="1" if quick else "0",
-        MPLBACKEND="Agg",
-        PYTHONHASHSEED="0",
-        TQDM_DISABLE="1",  # no progress bars in executed notebooks (tqdm and every library on it)
-        PYTHONWARNINGS=",".join(w for w in (env.get("PYTHONWARNINGS"), IPROGRESS_NOTICE) if w),
-    )
-    env.pop("LABKIT_VARIANT", None)
-    if model is not None:
-        env["LABKIT_VARIANT"] = model_slug(model)
-    if quick and "LABKIT_OUTPUT_ROOT" not in os.environ:
-        # Smoke runs must not overwrite the committed full-parameter figures and results.
-        env["LABKIT_OUTPUT_ROOT"] = str(paths.build_dir() / "quick")
+    env = notebook_env(name, effective, quick=quick, model=model)
     figures = Path(env.get("LABKIT_OUTPUT_ROOT") or paths.root()) / "figures"
     cmd = [
         sys.executable, "-m", "papermill", str(path), str(partial),

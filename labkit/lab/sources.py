@@ -12,7 +12,6 @@ parameters, a failed or missing notebook, uncommitted notebooks or code).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.core import paths
-from labkit.core.files import atomic_write_json
+from labkit.core.files import atomic_write_json, sha256_file
 
 SOURCES_FILE = "site-sources.json"
 INJECTED = "injected-parameters"  # papermill's tag on the cell it adds
@@ -38,14 +37,6 @@ class Source:
     sha256: str
     copy: str | None = None
     source: str | None = None  # for an executed notebook: the notebook it was run from
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def relative(path: Path) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labkit.core.files import sha256_file
 from labkit.models.errors import ModelLoadError
 
 
@@ -72,15 +73,6 @@ def gguf_path(model: EmbeddedGGUF) -> Path:
     return path
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def manifest_path(model: EmbeddedGGUF) -> Path:
     from labkit.core import paths
 
@@ -107,7 +99,7 @@ def _cached_sha256(path: Path, cache: Path) -> str:
     memo = cache / "sha256.json"
     known = json.loads(memo.read_text()) if memo.is_file() else {}
     if key not in known:
-        known = {key: sha256_of(path)}
+        known = {key: sha256_file(path)}
         atomic_write_json(memo, known)
     return known[key]
 
@@ -212,7 +204,7 @@ def write_manifest(model: EmbeddedGGUF = SMOLLM2) -> Path:
     from labkit.core.files import atomic_write_json
 
     gguf = gguf_path(model)
-    digest = sha256_of(gguf)
+    digest = sha256_file(gguf)
     out = _converted(model, gguf, digest)
     body = {"name": model.name, "origin": model.origin, "license": model.license,
             "wheel": model.install, "gguf_file": model.filename, "gguf_sha256": digest,

@@ -59,12 +59,17 @@ def _roundf(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- 32-element blocks
 
 
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """1 / d in float32, 0 where d is 0 (ggml's ``id = d ? 1.0f/d : 0.0f``)."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+
+
 def quantize_q8_0(rows: np.ndarray) -> np.ndarray:
     """Q8_0: d = max|x| / 127 (fp16), q = roundf(x / d) as int8. 34 bytes per 32 weights."""
     x = _blocks(rows, 32)
     d = np.abs(x).max(axis=1, keepdims=True) / F32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+    inv = _inverse(d)
     q = _roundf(x * inv).astype(np.int8).view(np.uint8)
     out = np.concatenate([_fp16_bytes(d), q], axis=1)
     return out.reshape(rows.shape[0], -1)
@@ -87,8 +92,7 @@ def quantize_q4_0(rows: np.ndarray) -> np.ndarray:
     """Q4_0: d = max / -8 (signed extreme), q = min(15, trunc(x / d + 8.5)). 18 bytes per 32."""
     x = _blocks(rows, 32)
     d = _signed_max(x) / F32(-8)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+    inv = _inverse(d)
     q = np.trunc(x * inv + F32(8.5)).astype(np.uint8).clip(0, 15)
     q = q[:, :16] | (q[:, 16:] << np.uint8(4))
     return np.concatenate([_fp16_bytes(d), q], axis=1).reshape(rows.shape[0], -1)
@@ -111,8 +115,7 @@ def quantize_q4_1(rows: np.ndarray) -> np.ndarray:
     x = _blocks(rows, 32)
     lo = x.min(axis=1, keepdims=True)
     d = (x.max(axis=1, keepdims=True) - lo) / F32(15)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+    inv = _inverse(d)
     q = np.trunc((x - lo) * inv + F32(0.5)).astype(np.uint8).clip(0, 15)
     q = q[:, :16] | (q[:, 16:] << np.uint8(4))
     return np.concatenate([_fp16_bytes(d), _fp16_bytes(lo), q], axis=1).reshape(rows.shape[0], -1)
@@ -131,8 +134,7 @@ def quantize_q5_0(rows: np.ndarray) -> np.ndarray:
     """Q5_0: d = max / -16, q = min(31, trunc(x / d + 16.5)); 5th bits packed in a uint32."""
     x = _blocks(rows, 32)
     d = _signed_max(x) / F32(-16)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, F32(0), F32(1) / d).astype(F32)
+    inv = _inverse(d)
     q = np.trunc(x * inv + F32(16.5)).astype(np.uint8).clip(0, 31)
     qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << np.uint8(4))
     high = (q >> 4).astype(np.uint32)  # bit j of qh is the 5th bit of element j

@@ -773,7 +773,7 @@ def plot_constraint_cost(df: pd.DataFrame, cost: pd.DataFrame, *, model_name: st
     """Decode tokens/s of every answer, free against constrained, per engine (paired items)."""
     from labkit.core.plotting import new_figure
 
-    fig, axes = new_figure(1, len(cost), figsize=(4.5 * len(cost), 3.8), squeeze=False)
+    fig, axes = new_figure(1, len(cost), figsize=(max(6.5, 4.5 * len(cost)), 3.8), squeeze=False)
     for ax, (engine, row) in zip(axes[0], cost.iterrows(), strict=True):
         same = df[(df.engine == engine) & (df.fmt == row.fmt)]
         free = same[~same.constrained].set_index("item").decode_tok_s
@@ -785,7 +785,7 @@ def plot_constraint_cost(df: pd.DataFrame, cost: pd.DataFrame, *, model_name: st
         ax.set_ylabel("constrained (tokens/s)")
         ax.set_title(f"{engine}: median ratio {row.ratio:.2f} ({int(row.pairs)} items)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{model_name}: what the JSON-schema constraint costs in decode speed")
+    fig.suptitle(f"What a JSON-schema constraint costs in decode speed\n({model_name})")
     return fig
 
 

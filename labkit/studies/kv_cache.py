@@ -794,7 +794,8 @@ def claims(*, equality: dict, dynamic: dict, bytes_check: dict, timings: pd.Data
     return [
         ("the cache changes no token (greedy decoding)", bool(equality["tokens_identical"]),
          f"max |logit difference| {equality['logit_gap']:.1e}"),
-        (f"ours matches transformers' DynamicCache within {same_math:g}", bool(dynamic["gap"] <= same_math),
+        (f"ours matches transformers' DynamicCache within {same_math:.0e}".replace("e-0", "e-"),
+         bool(dynamic["gap"] <= same_math),
          f"max |logit difference| {dynamic['gap']:.1e} over {dynamic['steps']} steps"),
         ("the byte formula equals the real tensors' bytes",
          bytes_check["formula"] == bytes_check["real"] and bytes_check["shape"] == bytes_check["expected_shape"],

@@ -14,7 +14,6 @@ token after ``<|eos|>`` is always ``<|bos|>``: free points that say nothing abou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -610,7 +609,7 @@ def write_model_folder(
     with files.atomic_dir(out) as tmp:
         save_file(stored, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         training_log = dict(
-            training_log, model_safetensors_sha256=_sha256(tmp / "model.safetensors")
+            training_log, model_safetensors_sha256=files.sha256_file(tmp / "model.safetensors")
         )
         _write_json(tmp / "config.json", model_config.to_hf_dict())
         _write_json(tmp / "generation_config.json", generation_config())
@@ -631,11 +630,3 @@ def _write_json(path: Path, obj: object) -> None:
     """JSON as the shipped folder has it (indent 2, trailing newline); inside an atomic_dir
     block, so a plain write: the folder swap makes the whole folder atomic."""
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
