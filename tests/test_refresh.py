@@ -217,8 +217,7 @@ def test_split_intro_keeps_the_question_first():
 # Notebooks whose "What the numbers say" still asserts with bare `assert` statements: their
 # claims do not reach the refresh sheet until they call labkit.core.claims (the exact change for
 # each is in the site branch's report). Remove a notebook from this set once it does.
-NOT_YET_CLAIMS = {"00_tour", "03_quantization_error", "05_encoder_vs_decoder", "07_paged_kv_cache",
-                  "09_will_it_fit", "10_rag_on_device"}
+NOT_YET_CLAIMS: set[str] = set()
 
 
 def _asserts(path) -> tuple[int, int]:
