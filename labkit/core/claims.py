@@ -66,10 +66,17 @@ class Claim:
 
 
 def _verdict(ok: Any) -> bool:
-    """``ok`` as a bool; a string or None is a mistake (a pandas Series raises: use .all())."""
-    if ok is None or isinstance(ok, (str, bytes)):
-        raise TypeError(f"claims.check needs the verdict as a bool, got {ok!r}")
+    """``ok`` as a bool; a string is a mistake (a pandas Series raises: use .all())."""
+    if isinstance(ok, (str, bytes)):
+        raise TypeError(f"claims.check needs the verdict as a bool (or None), got {ok!r}")
     return bool(ok)
+
+
+def _not_asserted(claim: str, value: str) -> None:
+    """A claim this run does not test (quick mode, another model, hardware that does not make
+    it physical): printed as "n/a" with its value, neither asserted nor kept as a claim, so a
+    verdict that was never tested is never shown as held."""
+    print(f"n/a  {claim.strip()}: {value.strip()} (not asserted in this run)")
 
 
 def _show(claim: Claim) -> None:
@@ -90,7 +97,8 @@ def check(claim: str, ok: Any, value: str, *, topic: str | None = None) -> None:
     """Show ``claim`` with this run's ``value`` and its verdict, then assert it.
 
     ``value``: the measured number(s) the verdict rests on, as the reader should see them
-    ("0.31 of each query's attention", "2.4x"). ``topic``: a key of :data:`TOPICS` when the claim
+    ("0.31 of each query's attention", "2.4x"). ``ok`` None: this run does not test the claim
+    (quick mode, another model, a speed claim off its hardware); it is printed as "n/a". ``topic``: a key of :data:`TOPICS` when the claim
     belongs elsewhere than its notebook's default. Returns nothing, so a check that ends a cell
     is not displayed twice.
     """
@@ -100,6 +108,9 @@ def check(claim: str, ok: Any, value: str, *, topic: str | None = None) -> None:
         raise ValueError(f"claims.check({claim!r}) needs the measured value in words, got {value!r}")
     if topic is not None:
         one_of(topic, "topic", TOPICS, owner="claims.check")
+    if ok is None:
+        _not_asserted(claim, value)
+        return
     from labkit.core import env
 
     record = Claim(claim=claim.strip(), ok=_verdict(ok), value=value.strip(), topic=topic,
@@ -113,14 +124,9 @@ def check_all(rows: list[tuple[str, Any, str]], *, topic: str | None = None) -> 
     """:func:`check` each (claim, ok, value) of ``rows``, showing all of them before failing on any
     (so one wrong number does not hide the verdicts after it).
 
-    An ``ok`` of None is a claim this hardware does not make physical (a
-    ``tolerances.SpeedClaim`` off its devices): printed with its value as "n/a", neither
-    asserted nor kept as a claim of this run (a bare :func:`check` still refuses None)."""
+    An ``ok`` of None (as in :func:`check`) is a claim this run does not test."""
     failed = []
     for claim, ok, value in rows:
-        if ok is None:
-            print(f"n/a  {claim}: {value} (not asserted on this hardware)")
-            continue
         try:
             check(claim, ok, value, topic=topic)
         except AssertionError as exc:
