@@ -211,3 +211,17 @@ def test_format_bytes():
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 2**30) == "3 GiB"
     assert format_bytes(100) == "100 B"
+
+
+def test_a_title_too_wide_for_the_figure_is_wrapped_not_cut(lab_root: Path) -> None:
+    fig, ax = good_figure()
+    long = "a user's model with a very long folder name: " + "word " * 40
+    ax.set_title(long)
+    fig.suptitle("and a suptitle that runs on and on " * 4)
+    plotting.save_figure(fig, "01_kv_cache-long-title")  # the house check passes after wrapping
+    assert "\n" in ax.get_title() and ax.get_title().split() == long.split()
+    assert "\n" in fig._suptitle.get_text()
+    short, ax2 = good_figure()
+    before = ax2.get_title()
+    plotting.save_figure(short, "01_kv_cache-short-title")
+    assert ax2.get_title() == before  # a title that fits is left alone

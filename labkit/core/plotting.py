@@ -171,6 +171,16 @@ def _drawn_texts(fig: Any) -> list[Any]:
             and not (t.get_clip_on() and t.get_clip_box() is not None)]
 
 
+@contextlib.contextmanager
+def _at_dpi(fig: Any, dpi: float) -> Iterator[None]:
+    screen = fig.dpi
+    fig.set_dpi(dpi)
+    try:
+        yield
+    finally:
+        fig.set_dpi(screen)
+
+
 def _offcanvas_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
     """Text that runs past the figure's edge is cut off: checked at the screen's dpi (the
     notebook) and at SAVE_DPI (the PNG), since text metrics, hence the layout, shift with dpi."""
@@ -189,6 +199,34 @@ def _offcanvas_problems(fig: Any, tolerance_px: float = 1.0) -> list[str]:
     finally:
         fig.set_dpi(screen)
     return problems
+
+
+def wrap_titles(fig: Any, margin: float = 0.98) -> None:
+    """Wrap every axes title and the suptitle that would run past the figure's edge onto more
+    lines (at word boundaries), in place.
+
+    Why: a title names the run's model and parameters, and a user's model name or a long
+    parameter set makes it wider than the figure that fits the study's own defaults; wrapping
+    keeps all of it readable where clipping would lose the end and refusing would lose the run.
+    A centred title may spread to the nearer edge on either side of its centre.
+    """
+    import textwrap
+
+    renderer = _renderer(fig)
+    titles = [ax.title for ax in fig.axes] + ([fig._suptitle] if fig._suptitle else [])
+    for title in titles:
+        text = title.get_text()
+        if not text or not title.get_visible():
+            continue
+        box = title.get_window_extent(renderer)
+        centre = (box.x0 + box.x1) / 2
+        room = 2 * min(centre, fig.bbox.width - centre) * margin
+        if box.width <= room:
+            continue
+        longest = max(text.splitlines(), key=len)
+        chars = max(16, int(len(longest) * room / box.width))
+        title.set_text("\n".join(textwrap.fill(line, chars) for line in text.splitlines()))
+        renderer = _renderer(fig)  # the layout moves with the taller title
 
 
 def _sides_out(box: Any, canvas: Any, tolerance_px: float) -> list[str]:
@@ -348,6 +386,9 @@ def save_figure(
     name = variant_name(name)
     with _rendering(name):  # a figure that cannot be drawn says so before the house checks
         fig.draw_without_rendering()
+    for dpi in sorted({fig.dpi, SAVE_DPI}):  # text metrics shift with dpi: wrap for both
+        with _at_dpi(fig, dpi):
+            wrap_titles(fig)
     check_figure(fig)
     info = provenance(name, notebook=notebook, params=params)
     description = json.dumps(info, sort_keys=True)
