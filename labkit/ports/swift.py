@@ -582,15 +582,9 @@ def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0)
     from transformers import PhiConfig
 
     config = PhiConfig(
-        vocab_size=512,
-        hidden_size=80,
-        intermediate_size=320,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        partial_rotary_factor=0.4,
-        layer_norm_eps=1e-5,
-        initializer_range=0.2,
+        vocab_size=512, hidden_size=80, intermediate_size=320, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, partial_rotary_factor=0.4,
+        layer_norm_eps=1e-5, initializer_range=0.2,
     )
     return random_model(out, config, dtype, seed)
 
