@@ -531,8 +531,8 @@ def test_embed_loads_minilm_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatc
 
 
 #: Test files that still load models with the default device="auto" (MPS on a Mac, CUDA on a
-#: GPU box) while building their inputs on the CPU; their owners apply device="cpu".
-PENDING_CPU_LOADS = {"test_study_encoder_vs_decoder.py", "test_study_paged_kv_cache.py"}
+#: GPU box) while building their inputs on the CPU; none left: every test names its device.
+PENDING_CPU_LOADS: set[str] = set()
 
 
 def _loads_without_device(path: Path) -> list[int]:
