@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -270,6 +271,9 @@ def test_mix_prompts_are_seeded_ids_of_the_prompt_lengths() -> None:
 
 
 def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) -> None:
+    # vllm_rt says "Linux only" before it looks at the venv: show it (only it) Linux, so a Mac
+    # checks the venv path too
+    monkeypatch.setattr(vllm_rt, "sys", SimpleNamespace(platform="linux"))
     monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
     monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
     df = pagedstudy.vllm_side_by_side([Request(4, 3), Request(9, 2)], model=str(tiny), concurrency=2,
