@@ -10,6 +10,7 @@ here with "needs macOS N".
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import platform
@@ -17,7 +18,9 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from labkit.core import env, preflight, tolerances
@@ -444,6 +447,34 @@ def test_openmp_guard_allows_the_duplicate_libomp_on_macos_only(monkeypatch, tmp
     monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
     assert "3 libomp copies" in env.openmp_guard()
     assert env.os.environ[env.OPENMP_ENV] == "TRUE"
+
+
+def test_faiss_and_scikit_learn_are_imported_behind_the_openmp_guard(monkeypatch) -> None:
+    """Not only conftest: notebooks 10 and 03 import faiss and scikit-learn beside torch with no
+    pytest around, so the lab's own first imports run the guard (and faiss one thread on a Mac)."""
+    from labkit.quant import palettize
+    from labkit.studies import rag_on_device as rag
+
+    calls: list[str] = []
+    monkeypatch.setattr(env, "openmp_guard", lambda: calls.append("guard"))
+    index = SimpleNamespace(add=lambda vectors: calls.append("add"), ntotal=2)
+    fake_faiss = SimpleNamespace(IndexFlatIP=lambda dim: index,
+                                 omp_set_num_threads=lambda n: calls.append(f"faiss threads {n}"))
+    monkeypatch.setitem(sys.modules, "faiss", fake_faiss)
+    monkeypatch.setattr(env.platform, "system", lambda: "Linux")
+    rag.FaissIndex(np.eye(2, dtype=np.float32))
+    assert calls == ["guard", "add"]  # Linux: faiss keeps its threads
+    calls.clear()
+    _mac(monkeypatch)
+    rag.FaissIndex(np.eye(2, dtype=np.float32))
+    assert calls == ["guard", "faiss threads 1", "add"]
+
+    calls.clear()  # a fresh once-per-process import of KMeans, so this test sees it
+    monkeypatch.setattr(palettize, "_kmeans_class", functools.cache(palettize._kmeans_class.__wrapped__))
+    lut, _ = palettize.kmeans_lut(np.array([0.0, 0.1, 5.0, 5.1], dtype=np.float32), 1)
+    palettize.kmeans_lut(np.array([1.0, 2.0], dtype=np.float32), 1)
+    assert calls == ["guard"]  # once per process, before scikit-learn's import
+    assert sorted(lut.tolist()) == pytest.approx([0.05, 5.05])
 
 
 # --------------------------------------------------------------------------- tolerances, claims
