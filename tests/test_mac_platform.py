@@ -1,10 +1,11 @@
 """The macOS logic that Linux can check, with the platform faked: version parsing, the pre-flight,
 the machine id, Core ML's and Swift's version gates, BLAS threads, torch.compile's OpenMP, the
-OpenMP guard, the Apple DRAM floor, per-device tolerances and speed claims.
+OpenMP guard (and where the lab calls it), the Apple DRAM floor, per-device tolerances and speed
+claims.
 
 Nothing here needs a Mac: ``platform.system`` / ``platform.mac_ver`` / subprocess answers are
 monkeypatched. What only a Mac can check is in the other ``tests/test_mac_*.py`` files, skipped
-here with "needs macOS N".
+here with "needs macOS N"; the last test runs them off a Mac and holds them to that.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -583,3 +586,41 @@ def test_tests_load_their_models_on_a_named_device() -> None:
     assert set(found) <= PENDING_CPU_LOADS, {k: v for k, v in found.items() if k not in PENDING_CPU_LOADS}
     fixed = PENDING_CPU_LOADS - set(found)
     assert not fixed, f"{fixed} load on a named device now: remove them from PENDING_CPU_LOADS"
+
+
+# --------------------------------------------------------------------------- the Mac suite off a Mac
+
+#: The tests only a Mac can run (each skipped elsewhere with what it needs)
+MAC_SUITE = ("test_mac_coreml.py", "test_mac_mlx.py", "test_mac_mps.py", "test_mac_swift.py",
+             "test_mac_system.py")
+
+
+def _names_what_it_needs(reason: str) -> bool:
+    """conftest.needs_macos' words ("needs macOS 14 on Apple silicon (...); this is Linux"), or a
+    package the module cannot import, with its install line ("needs mlx: pip install ...")."""
+    if reason.startswith("needs macOS ") and " on Apple silicon" in reason:
+        return reason.endswith(f"; this is {platform.system()}")
+    package = re.match(r"needs ([\w.-]+): pip install ", reason)
+    return package is not None and importlib.util.find_spec(package[1].replace("-", "_")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.system() == "Darwin", reason="on a Mac the Mac suite runs for real")
+def test_off_a_mac_the_mac_suite_skips_everything_and_says_what_it_needs() -> None:
+    """Off a Mac nothing of the Mac suite may pass (it would check nothing of a Mac) or fail, and
+    each skip must tell a reader what to get: macOS on Apple silicon, or the missing package."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--color=no",
+         *(f"tests/{name}" for name in MAC_SUITE)],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    outcomes = {word: int(n) for n, word in re.findall(r"(\d+) ([a-z]+)", last)}
+    assert done.returncode == 0 and outcomes.get("skipped", 0) > 0, out
+    assert set(outcomes) <= {"skipped", "warning", "warnings"}, out  # no passed, failed, xfailed...
+    skips = re.findall(r"^SKIPPED \[(\d+)\] ([^\s:]+)(?::\d+)?: (.*)$", done.stdout, re.MULTILINE)
+    assert sum(int(n) for n, _, _ in skips) == outcomes["skipped"], out
+    assert {Path(path).name for _, path, _ in skips} == set(MAC_SUITE), out
+    unclear = sorted({reason for _, _, reason in skips if not _names_what_it_needs(reason)})
+    assert not unclear, unclear
