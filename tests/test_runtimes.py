@@ -198,7 +198,12 @@ def test_parity_compares_logprob_runtimes_as_logprobs():
 
 def test_swift(folder, reference):
     from labkit.ports import swift as swiftport
+    from labkit.studies import runtime_benchmark as rb
 
     if swiftport.available() is not None:
         pytest.skip(f"Swift port: {swiftport.available()}")
-    _check(runtimes.get("swift", threads=1), folder, reference, 1e-3)
+    rt = runtimes.get("swift", threads=1)
+    _check(rt, folder, reference, 1e-3)
+    # the matrix's peak RSS of this row: the CLI's own (wait4), not RUSAGE_CHILDREN, which also
+    # holds the swift build that load ran
+    assert rt.cli_peak_rss_bytes and rb.peak_rss(rt)[0] == rt.cli_peak_rss_bytes
