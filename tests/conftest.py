@@ -73,13 +73,8 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
 #: The shape most unit tests use: small enough to run in milliseconds, with grouped-query
 #: attention (4 query heads share 2 KV heads) so GQA paths are exercised.
 TINY_SHAPE: dict[str, Any] = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
 )
 
 

@@ -1,22 +1,29 @@
 """The macOS logic that Linux can check, with the platform faked: version parsing, the pre-flight,
 the machine id, Core ML's and Swift's version gates, BLAS threads, torch.compile's OpenMP, the
-OpenMP guard, the Apple DRAM floor, per-device tolerances and speed claims.
+OpenMP guard (and where the lab calls it), the Apple DRAM floor, per-device tolerances and speed
+claims.
 
 Nothing here needs a Mac: ``platform.system`` / ``platform.mac_ver`` / subprocess answers are
 monkeypatched. What only a Mac can check is in the other ``tests/test_mac_*.py`` files, skipped
-here with "needs macOS N".
+here with "needs macOS N"; the last test runs them off a Mac and holds them to that.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import importlib.util
 import json
+import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from labkit.core import env, preflight, tolerances
@@ -239,6 +246,7 @@ def _id_before_mac_fields(info: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@pytest.mark.skipif(platform.system() != "Linux", reason="Linux machines' ids")
 def test_linux_machine_ids_do_not_change() -> None:
     fp = env.fingerprint()
     assert fp["system"] == "Linux", "run on Linux"
@@ -444,6 +452,34 @@ def test_openmp_guard_allows_the_duplicate_libomp_on_macos_only(monkeypatch, tmp
     assert env.os.environ[env.OPENMP_ENV] == "TRUE"
 
 
+def test_faiss_and_scikit_learn_are_imported_behind_the_openmp_guard(monkeypatch) -> None:
+    """Not only conftest: notebooks 10 and 03 import faiss and scikit-learn beside torch with no
+    pytest around, so the lab's own first imports run the guard (and faiss one thread on a Mac)."""
+    from labkit.quant import palettize
+    from labkit.studies import rag_on_device as rag
+
+    calls: list[str] = []
+    monkeypatch.setattr(env, "openmp_guard", lambda: calls.append("guard"))
+    index = SimpleNamespace(add=lambda vectors: calls.append("add"), ntotal=2)
+    fake_faiss = SimpleNamespace(IndexFlatIP=lambda dim: index,
+                                 omp_set_num_threads=lambda n: calls.append(f"faiss threads {n}"))
+    monkeypatch.setitem(sys.modules, "faiss", fake_faiss)
+    monkeypatch.setattr(env.platform, "system", lambda: "Linux")
+    rag.FaissIndex(np.eye(2, dtype=np.float32))
+    assert calls == ["guard", "add"]  # Linux: faiss keeps its threads
+    calls.clear()
+    _mac(monkeypatch)
+    rag.FaissIndex(np.eye(2, dtype=np.float32))
+    assert calls == ["guard", "faiss threads 1", "add"]
+
+    calls.clear()  # a fresh once-per-process import of KMeans, so this test sees it
+    monkeypatch.setattr(palettize, "_kmeans_class", functools.cache(palettize._kmeans_class.__wrapped__))
+    lut, _ = palettize.kmeans_lut(np.array([0.0, 0.1, 5.0, 5.1], dtype=np.float32), 1)
+    palettize.kmeans_lut(np.array([1.0, 2.0], dtype=np.float32), 1)
+    assert calls == ["guard"]  # once per process, before scikit-learn's import
+    assert sorted(lut.tolist()) == pytest.approx([0.05, 5.05])
+
+
 # --------------------------------------------------------------------------- tolerances, claims
 
 
@@ -531,8 +567,8 @@ def test_embed_loads_minilm_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatc
 
 
 #: Test files that still load models with the default device="auto" (MPS on a Mac, CUDA on a
-#: GPU box) while building their inputs on the CPU; their owners apply device="cpu".
-PENDING_CPU_LOADS = {"test_study_encoder_vs_decoder.py", "test_study_paged_kv_cache.py"}
+#: GPU box) while building their inputs on the CPU; none left: every test names its device.
+PENDING_CPU_LOADS: set[str] = set()
 
 
 def _loads_without_device(path: Path) -> list[int]:
@@ -550,3 +586,41 @@ def test_tests_load_their_models_on_a_named_device() -> None:
     assert set(found) <= PENDING_CPU_LOADS, {k: v for k, v in found.items() if k not in PENDING_CPU_LOADS}
     fixed = PENDING_CPU_LOADS - set(found)
     assert not fixed, f"{fixed} load on a named device now: remove them from PENDING_CPU_LOADS"
+
+
+# --------------------------------------------------------------------------- the Mac suite off a Mac
+
+#: The tests only a Mac can run (each skipped elsewhere with what it needs)
+MAC_SUITE = ("test_mac_coreml.py", "test_mac_mlx.py", "test_mac_mps.py", "test_mac_swift.py",
+             "test_mac_system.py")
+
+
+def _names_what_it_needs(reason: str) -> bool:
+    """conftest.needs_macos' words ("needs macOS 14 on Apple silicon (...); this is Linux"), or a
+    package the module cannot import, with its install line ("needs mlx: pip install ...")."""
+    if reason.startswith("needs macOS ") and " on Apple silicon" in reason:
+        return reason.endswith(f"; this is {platform.system()}")
+    package = re.match(r"needs ([\w.-]+): pip install ", reason)
+    return package is not None and importlib.util.find_spec(package[1].replace("-", "_")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.system() == "Darwin", reason="on a Mac the Mac suite runs for real")
+def test_off_a_mac_the_mac_suite_skips_everything_and_says_what_it_needs() -> None:
+    """Off a Mac nothing of the Mac suite may pass (it would check nothing of a Mac) or fail, and
+    each skip must tell a reader what to get: macOS on Apple silicon, or the missing package."""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--color=no",
+         *(f"tests/{name}" for name in MAC_SUITE)],
+        cwd=repo, capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    outcomes = {word: int(n) for n, word in re.findall(r"(\d+) ([a-z]+)", last)}
+    assert done.returncode == 0 and outcomes.get("skipped", 0) > 0, out
+    assert set(outcomes) <= {"skipped", "warning", "warnings"}, out  # no passed, failed, xfailed...
+    skips = re.findall(r"^SKIPPED \[(\d+)\] ([^\s:]+)(?::\d+)?: (.*)$", done.stdout, re.MULTILINE)
+    assert sum(int(n) for n, _, _ in skips) == outcomes["skipped"], out
+    assert {Path(path).name for _, path, _ in skips} == set(MAC_SUITE), out
+    unclear = sorted({reason for _, _, reason in skips if not _names_what_it_needs(reason)})
+    assert not unclear, unclear

@@ -77,8 +77,6 @@ def test_llamacpp_sees_metal_and_its_rows_stay_on_the_cpu(tmp_path) -> None:
     assert params.n_gpu_layers == 0
 
 
-@pytest.mark.xfail(strict=True, reason="llamacpp_rt.server_params leaves op offload on: with "
-                   "Metal, ggml runs the prompt's matmuls (batch >= 32) on the GPU; set no_op_offload")
 def test_llamacpp_offloads_no_op_to_metal(tmp_path) -> None:
     pytest.importorskip("xllamacpp")
     from labkit.runtimes.llamacpp_rt import server_params

@@ -56,3 +56,13 @@ def test_makefile_pins_torch_and_has_targets():
 def test_gitignore_keeps_venv_and_build_out():
     ignored = (ROOT / ".gitignore").read_text().split()
     assert ".venv/" in ignored and "build/" in ignored
+
+
+def test_the_torch_floor_is_past_the_mps_gqa_crash():
+    """Below torch 2.7 grouped-query SDPA aborts the process on MPS (``doctor.MPS_GQA_TORCH``):
+    conda and ``pip install -e .`` users, off the Makefile's pin, must not get such a torch."""
+    from labkit.lab.doctor import MPS_GQA_TORCH
+
+    torch_req = next(r for r in _pyproject()["project"]["dependencies"] if _name(r) == "torch")
+    floor = tuple(int(x) for x in re.search(r">=\s*([\d.]+)", torch_req).group(1).split("."))
+    assert floor >= MPS_GQA_TORCH, torch_req

@@ -162,15 +162,18 @@ def test_affine_equals_mlx(weight: np.ndarray, dtype, bits: int, group: int) -> 
     mx = pytest.importorskip("mlx.core", reason="needs mlx (extra 'mlx'; on Linux: mlx[cpu])")
     w = weight.astype(dtype)
     q, scales, biases = affine_quantize(w, bits, group)
-    wq, mscales, mbiases = mx.quantize(mx.array(w), group_size=group, bits=bits)
-    np.testing.assert_array_equal(scales, np.array(mscales))
-    np.testing.assert_array_equal(biases, np.array(mbiases))
-    # the packed codes, read back through MLX with unit scales and zero biases
-    ones = mx.ones(mscales.shape, dtype=mx.float32)
-    codes = mx.dequantize(wq, ones, mx.zeros_like(ones), group_size=group, bits=bits)
-    np.testing.assert_array_equal(q, np.array(codes).astype(np.uint8))
-    theirs = mx.dequantize(wq, mscales, mbiases, group_size=group, bits=bits)
-    np.testing.assert_array_equal(affine_dequantize(q, scales, biases, group), np.array(theirs))
+    # MLX's CPU kernel, the one labkit mirrors bit for bit; on a Mac the default device is the
+    # Metal GPU, within one ulp of it (tests/test_mac_mlx.py checks that)
+    with mx.stream(mx.cpu):
+        wq, mscales, mbiases = mx.quantize(mx.array(w), group_size=group, bits=bits)
+        np.testing.assert_array_equal(scales, np.array(mscales))
+        np.testing.assert_array_equal(biases, np.array(mbiases))
+        # the packed codes, read back through MLX with unit scales and zero biases
+        ones = mx.ones(mscales.shape, dtype=mx.float32)
+        codes = mx.dequantize(wq, ones, mx.zeros_like(ones), group_size=group, bits=bits)
+        np.testing.assert_array_equal(q, np.array(codes).astype(np.uint8))
+        theirs = mx.dequantize(wq, mscales, mbiases, group_size=group, bits=bits)
+        np.testing.assert_array_equal(affine_dequantize(q, scales, biases, group), np.array(theirs))
 
 
 # ---------------------------------------------------------------------------------- Core ML

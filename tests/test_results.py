@@ -234,19 +234,22 @@ def test_latest_keeps_newest_per_configuration() -> None:
 
 
 def _append_many(root: str, start: int) -> None:
+    """A child's ten appends; module-level, so a "spawn" child can import it by name."""
     os.environ["LABKIT_ROOT"] = root
     for i in range(start, start + 10):
         record("concurrent", "i", i, "count")
 
 
 def test_concurrent_appends_lose_nothing(lab_root: Path) -> None:
-    record("concurrent", "i", -1, "count")  # fingerprint computed before forking
-    ctx = multiprocessing.get_context("fork")
+    record("concurrent", "i", -1, "count")  # the fingerprint file first: the children find it
+    # spawn, not fork: forking after torch, Accelerate and the Objective-C runtime are loaded is
+    # unsafe on macOS (and deprecated in a threaded process from Python 3.12)
+    ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_append_many, args=(str(lab_root), s)) for s in (0, 100)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(180)  # a spawned child imports afresh (torch too, for the fingerprint)
         assert p.exitcode == 0
     values = sorted(r["value"] for r in lines_of(results_file("concurrent")))
     assert values == [-1, *range(10), *range(100, 110)]

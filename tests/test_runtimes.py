@@ -187,6 +187,15 @@ def test_llamacpp_server(folder, reference):
         _check(rt, folder, reference, tol.GGUF_F32.at("cpu"))
 
 
+def test_llamacpp_params_keep_every_op_on_the_cpu(tmp_path):
+    """No layer on a GPU and no op offload: with Metal (the macOS wheel) ggml would otherwise run
+    the ops of a prompt batch on the GPU. The Linux wheel has the same switch: checked here too."""
+    from labkit.runtimes.llamacpp_rt import server_params
+
+    params = server_params(tmp_path / "x.gguf", n_ctx=64)
+    assert params.n_gpu_layers == 0 and params.no_op_offload is True
+
+
 def test_parity_compares_logprob_runtimes_as_logprobs():
     """A runtime that returns log-probabilities matches a reference that returns logits."""
     ref_logits = np.array([2.0, 1.0, -3.0], np.float32)
@@ -198,7 +207,12 @@ def test_parity_compares_logprob_runtimes_as_logprobs():
 
 def test_swift(folder, reference):
     from labkit.ports import swift as swiftport
+    from labkit.studies import runtime_benchmark as rb
 
     if swiftport.available() is not None:
         pytest.skip(f"Swift port: {swiftport.available()}")
-    _check(runtimes.get("swift", threads=1), folder, reference, 1e-3)
+    rt = runtimes.get("swift", threads=1)
+    _check(rt, folder, reference, 1e-3)
+    # the matrix's peak RSS of this row: the CLI's own (wait4), not RUSAGE_CHILDREN, which also
+    # holds the swift build that load ran
+    assert rt.cli_peak_rss_bytes and rb.peak_rss(rt)[0] == rt.cli_peak_rss_bytes

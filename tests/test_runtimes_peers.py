@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -77,7 +78,14 @@ def test_openvino_available_names_missing_package(monkeypatch) -> None:
     assert "openvino not installed" in cls.available()
 
 
+def _pretend_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vllm_rt answers "Linux only" before it looks at the venv: show it Linux (only it: the
+    rest of the process keeps the real OS), so the venv checks run on a Mac too."""
+    monkeypatch.setattr(vllm_rt, "sys", SimpleNamespace(platform="linux"))
+
+
 def test_vllm_available_without_venv(monkeypatch, tmp_path) -> None:
+    _pretend_linux(monkeypatch)
     monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
     monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
     reason = vllm_rt.VLLM.available()
@@ -85,6 +93,7 @@ def test_vllm_available_without_venv(monkeypatch, tmp_path) -> None:
 
 
 def test_vllm_available_reports_the_import_error(monkeypatch, tmp_path) -> None:
+    _pretend_linux(monkeypatch)
     # a venv whose python fails `import vllm` the way a broken install does
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)

@@ -178,7 +178,8 @@ def served(checked_site):
 def driver():
     found = _chromium()
     if found is None:
-        pytest.skip("needs chromium and chromedriver (Debian: apt-get install chromium chromium-driver)")
+        pytest.skip("needs chromium and chromedriver on PATH (Debian: apt-get install chromium "
+                    "chromium-driver; macOS: brew install --cask chromium chromedriver)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
 

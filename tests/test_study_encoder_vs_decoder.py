@@ -75,8 +75,8 @@ def test_load_sentences_errors_name_the_file(tmp_path):
 
 
 def test_llama_attentions_match_transformers_eager(llama_folder):
-    ours = load(llama_folder).model
-    ref = load(llama_folder, impl="hf").model
+    ours = load(llama_folder, device="cpu").model
+    ref = load(llama_folder, device="cpu", impl="hf").model
     ref.set_attn_implementation("eager")
     ids = torch.randint(3, 128, (1, 11), generator=torch.Generator().manual_seed(1))
     weights = encdec.llama_attentions(ours, ids)
@@ -90,13 +90,13 @@ def test_llama_attentions_match_transformers_eager(llama_folder):
 
 
 def test_recomputed_llama_attention_reproduces_layer_outputs(llama_folder):
-    model = load(llama_folder).model
+    model = load(llama_folder, device="cpu").model
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     assert encdec.llama_attention_output_error(model, ids) < tol.SAME_MATH.at("cpu")
 
 
 def test_llama_attentions_needs_one_sequence(llama_folder):
-    model = load(llama_folder).model
+    model = load(llama_folder, device="cpu").model
     with pytest.raises(ValueError, match=r"\[1, T\]"):
         encdec.llama_attentions(model, torch.zeros(2, 4, dtype=torch.long))
 
@@ -117,7 +117,7 @@ def test_bert_attentions_are_bidirectional_and_restore_sdpa(tiny_bert):
 
 
 def test_perturbation_causal_decoder_never_changes_earlier_positions(llama_folder):
-    model = load(llama_folder).model
+    model = load(llama_folder, device="cpu").model
     ids = torch.randint(3, 128, (1, 10), generator=torch.Generator().manual_seed(3))
     positions = list(range(1, 10))
     m = encdec.perturbation_matrix(encdec.llama_hidden_fn(model), ids, positions, replacement=5)
@@ -173,7 +173,7 @@ def test_bag_of_words_similarity():
 
 
 def test_decoder_embeddings_unit_rows_and_bos_excluded(llama_folder):
-    loaded = load(llama_folder)
+    loaded = load(llama_folder, device="cpu")
     texts = ["w1 w2 w3", "w4 w5"]
     atol = tol.SAME_MATH.at("cpu")
     for pooling in ("mean", "last"):
@@ -202,7 +202,7 @@ def test_kl_divergence_known_values():
 
 
 def test_prefix_shift_and_token_class(llama_folder):
-    loaded = load(llama_folder)
+    loaded = load(llama_folder, device="cpu")
     tok = loaded.tokenizer
     body = tok("w1 w2", return_tensors="pt")["input_ids"]
     same = encdec.prefix_shift(loaded.model, body, body)
@@ -219,7 +219,7 @@ def test_prefix_shift_and_token_class(llama_folder):
 
 
 def test_time_decode_generates_the_greedy_tokens(llama_folder):
-    model = load(llama_folder).model
+    model = load(llama_folder, device="cpu").model
     ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(4))
     timing, tokens = encdec.time_decode(model, ids, 5)
     assert tokens.tolist() == greedy(model, ids, 5).new_tokens.tolist()
@@ -342,7 +342,7 @@ def test_future_mass_is_zero_for_causal_and_known_for_uniform():
 
 
 def test_attention_maps_summary_and_figure(llama_folder, tiny_bert, well_drawn):
-    dec = load(llama_folder)
+    dec = load(llama_folder, device="cpu")
     enc_map = encdec.encoder_attention(tiny_bert, "w1 w2 w3")
     dec_map = encdec.decoder_attention(dec, "w1 w2 w3")
     assert (enc_map.role, dec_map.role) == ("encoder", "decoder")
@@ -365,7 +365,7 @@ def test_perturbation_properties_on_a_known_matrix():
 
 
 def test_perturbations_records_and_figure(llama_folder, tiny_bert, well_drawn):
-    dec = load(llama_folder)
+    dec = load(llama_folder, device="cpu")
     enc_p = encdec.encoder_perturbation(tiny_bert, "w1 w2 w3 w4")
     dec_p = encdec.decoder_perturbation(dec, "w1 w2 w3 w4", replacement="w5")
     assert enc_p.positions == [1, 2, 3, 4]  # [CLS] and [SEP] stay
@@ -395,7 +395,7 @@ def test_retrieval_table_records_and_figures(well_drawn):
 
 
 def test_generation_cost_bookkeeping(llama_folder, tiny_bert, well_drawn):
-    dec = load(llama_folder)
+    dec = load(llama_folder, device="cpu")
     cost = encdec.generation_cost(tiny_bert, dec, "w1 w2 w3", 4, 2)
     assert len(cost.runs) == 2 and all(len(r.tpot_s) == 3 for r in cost.runs)
     assert cost.encode.n == 3  # at least 3 encoder repeats
@@ -457,7 +457,7 @@ def code_llama(tmp_path):
     (folder / "tokenizer_config.json").write_text(
         '{"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", '
         '"unk_token": "<unk>"}')
-    return load(folder)
+    return load(folder, device="cpu")
 
 
 def test_prefix_shifts_records_and_figure(code_llama, well_drawn):
@@ -509,14 +509,14 @@ def test_sections_that_do_not_use_model_run_once():
 
 
 def test_prefix_section_needs_a_tokenizer_that_prepends_bos(llama_folder):
-    tiny = load("tiny-llama")
+    tiny = load("tiny-llama", device="cpu")
     assert encdec.prefix_skip_reason(tiny) is None  # <|bos|> first, as the variants assume
-    no_bos = load(llama_folder)
+    no_bos = load(llama_folder, device="cpu")
     assert "prepends none" in encdec.prefix_skip_reason(no_bos)
 
 
 def test_injection_section_needs_a_chat_template(llama_folder):
-    dec = load(llama_folder)
+    dec = load(llama_folder, device="cpu")
     assert "MODEL=smollm2-135m" in encdec.injection_skip_reason(dec)
     dec.tokenizer.chat_template = "{{ messages[0]['content'] }}"
     assert encdec.injection_skip_reason(dec) is None
@@ -705,11 +705,11 @@ def test_answers_by_form_keeps_task_and_form_order():
 
 
 def test_section_applies_reports_each_skip(llama_folder, capsys):
-    dec = load(llama_folder)  # no chat template, no BOS prepended, not the default decoder
+    dec = load(llama_folder, device="cpu")  # no chat template, no BOS prepended, not the default decoder
     assert [encdec.section_applies(s, dec) for s in encdec.SECTIONS] == [False] * 4
     out = capsys.readouterr().out
     assert out.count("skipped: ") == 4 and "skipped: toy seq2seq task: does not use MODEL" in out
-    tiny = load("tiny-llama")
+    tiny = load("tiny-llama", device="cpu")
     assert encdec.section_applies("seq2seq", tiny) and encdec.section_applies("prefix", tiny)
     assert not encdec.section_applies("injection", tiny)
 

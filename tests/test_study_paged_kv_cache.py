@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -181,7 +182,7 @@ def test_continuations_with_a_shared_prefix_match_and_save_memory(model, referen
 def test_encode_and_kv_bytes_per_token(tiny):
     from labkit.models import load
 
-    loaded = load(tiny, dtype="float32")
+    loaded = load(tiny, device="cpu", dtype="float32")
     ids = pagedstudy.encode(loaded.tokenizer, "w3 w4 w5")
     assert ids.dtype == torch.long and ids.tolist() == [6, 7, 8]
     cfg = loaded.model.config
@@ -238,7 +239,7 @@ def test_figures_are_labelled_and_titled(well_drawn):
 def test_serve_paged_equals_greedy_alone(tiny) -> None:
     from labkit.models import load
 
-    model = load(tiny, dtype="float32").model
+    model = load(tiny, device="cpu", dtype="float32").model
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 128, n).tolist() for n in (5, 19, 1, 33, 12)]
     max_tokens = [7, 3, 12, 1, 9]
@@ -270,6 +271,9 @@ def test_mix_prompts_are_seeded_ids_of_the_prompt_lengths() -> None:
 
 
 def test_side_by_side_reports_why_vllm_did_not_run(tiny, monkeypatch, tmp_path) -> None:
+    # vllm_rt says "Linux only" before it looks at the venv: show it (only it) Linux, so a Mac
+    # checks the venv path too
+    monkeypatch.setattr(vllm_rt, "sys", SimpleNamespace(platform="linux"))
     monkeypatch.setattr(vllm_rt, "VENV", tmp_path / "nowhere")
     monkeypatch.setattr(vllm_rt, "_IMPORT_CHECK", {})
     df = pagedstudy.vllm_side_by_side([Request(4, 3), Request(9, 2)], model=str(tiny), concurrency=2,
@@ -395,7 +399,7 @@ def test_paged_store_admits_after_the_live_sequences_next_blocks(model) -> None:
 def test_serve_at_budgets_rows_records_and_figure(tiny, well_drawn) -> None:
     from labkit.models import load
 
-    model = load(tiny, dtype="float32").model
+    model = load(tiny, device="cpu", dtype="float32").model
     mix = pagedstudy.request_mix(10, max_len=256, max_new_tokens=12, prompt_median=20,
                                  output_median=6, seed=1)
     budgets = pagedstudy.serve_at_budgets(model, mix, budget_seqs=[1, 2], max_len=256, block_size=16)

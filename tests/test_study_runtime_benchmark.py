@@ -5,6 +5,7 @@ ratios to torch eager within a round."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import random_llama_with_shipped_tokenizer
@@ -128,3 +129,18 @@ def test_parity_claims_bound_float32_runtimes_and_report_quantized_ones():
     assert len(rows) == 3  # the reference agrees with itself; no row for the quantized file
     assert any("within 0.001" in claim for claim, _, _ in rows)  # llama.cpp's F32 bound
     assert all("(1 thread)" in claim for claim, _, _ in rows)
+
+
+def test_peak_rss_is_the_clis_own_where_the_runtime_runs_one(monkeypatch) -> None:
+    """The Swift row: the CLI process's own peak (wait4), not RUSAGE_CHILDREN, which also holds
+    the ``swift build`` its load ran; other runtimes keep this process's (or its children's)."""
+    from labkit.runtimes import base
+
+    monkeypatch.setattr(base, "peak_rss_bytes", lambda: 100)
+    monkeypatch.setattr(base, "children_peak_rss_bytes", lambda: 5000)  # SwiftPM's peak
+    peak, note = rb.peak_rss(SimpleNamespace(note="BLAS: OpenBLAS", cli_peak_rss_bytes=300))
+    assert peak == 300 and note.startswith("BLAS: OpenBLAS; peak RSS: the CLI process's own")
+    peak, note = rb.peak_rss(SimpleNamespace(note="", cli_peak_rss_bytes=None))  # no run yet
+    assert peak == 5000 and note == "peak RSS: its child processes' ru_maxrss (an upper bound)"
+    monkeypatch.setattr(base, "children_peak_rss_bytes", lambda: 0)
+    assert rb.peak_rss(SimpleNamespace(note=None)) == (100, None)

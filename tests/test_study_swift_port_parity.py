@@ -4,6 +4,7 @@ the bookkeeping; torch_model is checked against transformers on a tiny random fo
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -139,6 +140,22 @@ def test_records_carry_the_notebooks_params(tmp_path, monkeypatch):
     assert [r["value"] for r in rates] == [100.0, 50.0]
     assert rates[0]["params"]["load_avg_1m"] == 1.3
     assert rates[1]["params"]["impl"] == study.RUNTIME_IMPL["torch"]
+    # the Swift row says which BLAS ran it and the thread environment it got; torch's does not
+    assert rates[0]["params"]["blas"] == swiftport.port_blas()
+    assert rates[0]["params"]["thread_env"] == {"OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+    assert "blas" not in rates[1]["params"]
+
+
+def test_a_macs_swift_speed_rows_say_accelerate(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    monkeypatch.delenv("LABKIT_OUTPUT_ROOT", raising=False)
+    assert (swiftport.port_blas("Darwin"), swiftport.port_blas("Linux")) == ("Accelerate", "OpenBLAS")
+    # a Mac (only the port's answer: the fingerprint the record takes stays this machine's)
+    monkeypatch.setattr(swiftport, "port_blas", functools.partial(swiftport.port_blas, "Darwin"))
+    study.record_speed(pd.DataFrame([study.rate_row("swift", 3, [0.01])]), "m", 4, 2, loads=(0.1, 0.2))
+    (path,) = tmp_path.rglob(f"{study.STUDY}/*.jsonl")
+    (rec,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rec["params"]["blas"] == "Accelerate" and rec["params"]["thread_env"]["VECLIB_MAXIMUM_THREADS"] == "3"
 
 
 def test_error_growth_compares_last_with_first():

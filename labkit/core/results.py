@@ -148,18 +148,22 @@ def _check_str(name: str, value: Any, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _build_record(
-    study: str,
-    metric: str,
-    value: Any,
-    unit: str,
-    *,
-    runtime: str = "torch",
-    device: str = "cpu",
-    model: str = "",
-    params: dict[str, Any] | None = None,
-    threads: int | None = None,
-) -> dict[str, Any]:
+#: record()'s arguments past the first four, with their defaults (record_many's dicts too).
+_RECORD_DEFAULTS: dict[str, Any] = {"runtime": "torch", "device": "cpu", "model": "", "params": None,
+                                    "threads": None}
+_RECORD_REQUIRED = ("study", "metric", "value", "unit")
+
+
+def _build_record(args: dict[str, Any]) -> dict[str, Any]:
+    """The record of :func:`record`'s arguments ``args`` (by name), every field checked."""
+    unknown = sorted(set(args) - set(_RECORD_REQUIRED) - set(_RECORD_DEFAULTS))
+    missing = [k for k in _RECORD_REQUIRED if k not in args]
+    if unknown or missing:
+        raise TypeError(f"unknown {unknown}, missing {missing}; record() takes "
+                        f"{list(_RECORD_REQUIRED) + list(_RECORD_DEFAULTS)}")
+    a = {**_RECORD_DEFAULTS, **args}
+    study, metric, value, unit = (a[k] for k in _RECORD_REQUIRED)
+    runtime, device, model, params, threads = (a[k] for k in _RECORD_DEFAULTS)
     _check_study(study)
     _check_str("metric", metric)
     clean_value = _check_value(metric, value)
@@ -438,10 +442,8 @@ def record(
     loadavg, noisy: see :func:`current_run`, :func:`is_noisy`), makes sure the machine's
     fingerprint file exists, and returns the record.
     """
-    rec = _build_record(
-        study, metric, value, unit, runtime=runtime, device=device, model=model, params=params,
-        threads=threads,
-    )
+    rec = _build_record(dict(study=study, metric=metric, value=value, unit=unit, runtime=runtime,
+                             device=device, model=model, params=params, threads=threads))
     _ensure_fingerprint_file()
     _append_lines(_results_file(study, rec["machine"]), [_to_line(rec)])
     return rec
@@ -458,7 +460,7 @@ def record_many(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     built = []
     for i, kwargs in enumerate(records):
         try:
-            built.append(_build_record(**kwargs))
+            built.append(_build_record(kwargs))
         except TypeError as exc:
             raise ValueError(f"records[{i}] has bad keys: {exc}") from exc
     if not built:

@@ -60,32 +60,15 @@ class Stats:
             n=len(values),
         )
 
-    @property
-    def median_ms(self) -> float:
-        return self.median * 1e3
-
-    @property
-    def p10_ms(self) -> float:
-        return self.p10 * 1e3
-
-    @property
-    def p90_ms(self) -> float:
-        return self.p90 * 1e3
-
-    @property
-    def mean_ms(self) -> float:
-        return self.mean * 1e3
+    median_ms = property(lambda self: self.median * 1e3, doc="median in milliseconds")
+    p10_ms = property(lambda self: self.p10 * 1e3, doc="p10 in milliseconds")
+    p90_ms = property(lambda self: self.p90 * 1e3, doc="p90 in milliseconds")
+    mean_ms = property(lambda self: self.mean * 1e3, doc="mean in milliseconds")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (seconds), e.g. for a DataFrame row or a record's params."""
-        return {
-            "median_s": self.median,
-            "p10_s": self.p10,
-            "p90_s": self.p90,
-            "mean_s": self.mean,
-            "n": self.n,
-            "samples_s": list(self.samples),
-        }
+        return {"median_s": self.median, "p10_s": self.p10, "p90_s": self.p90, "mean_s": self.mean,
+                "n": self.n, "samples_s": list(self.samples)}
 
 
 def measure(

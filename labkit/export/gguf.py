@@ -211,22 +211,26 @@ def _quantize_2d(w: np.ndarray, file_type: str) -> tuple[np.ndarray, Any]:
     return blocks, GGMLQuantizationType[file_type]
 
 
+#: (GGUF key after ``llama.``, config field), in the order llama.cpp's converter writes them.
+_METADATA = (
+    ("context_length", "max_position_embeddings"), ("embedding_length", "hidden_size"),
+    ("block_count", "num_hidden_layers"), ("feed_forward_length", "intermediate_size"),
+    ("head_count", "num_attention_heads"), ("head_count_kv", "num_key_value_heads"),
+    ("rope_dimension_count", "head_dim"), ("rope_freq_base", "rope_theta"),
+    ("layer_norm_rms_eps", "rms_norm_eps"), ("vocab_size", "vocab_size"),
+)
+
+
 def _write_metadata(writer: Any, cfg: Any, name: str) -> None:
     """Architecture, shapes, RoPE and norm epsilon, as llama.cpp's loader reads them."""
     writer.add_name(name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
+    for key, field in _METADATA[:6]:
+        getattr(writer, f"add_{key}")(getattr(cfg, field))
     if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # else llama.cpp derives it
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    for key, field in _METADATA[6:]:
+        getattr(writer, f"add_{key}")(getattr(cfg, field))
 
 
 def _write_tokenizer(writer: Any, cfg: Any, tok: dict[str, Any], folder: Path) -> None:

@@ -205,6 +205,13 @@ class SwiftRun:
     peak_rss_bytes: int | None = None  # the CLI process's own ru_maxrss (wait4)
 
 
+def port_blas(system: str | None = None) -> str:
+    """The BLAS the port is built against here: Accelerate on macOS (BLAS.swift's
+    ``#if canImport(Accelerate)``), OpenBLAS elsewhere. Every run's JSON names it too
+    (``SwiftRun.blas``); this answers without a run, for records made from timings alone."""
+    return "Accelerate" if (system or platform.system()) == "Darwin" else "OpenBLAS"
+
+
 def blas_thread_env(threads: int) -> dict[str, str]:
     """The environment that caps the BLAS at ``threads``: OpenBLAS reads OPENBLAS_NUM_THREADS;
     Accelerate has no thread-count call before macOS 15's BLASSetThreading, but vecLib reads
@@ -582,15 +589,9 @@ def tiny_phi(out: str | os.PathLike[str], dtype: str = "float32", seed: int = 0)
     from transformers import PhiConfig
 
     config = PhiConfig(
-        vocab_size=512,
-        hidden_size=80,
-        intermediate_size=320,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        partial_rotary_factor=0.4,
-        layer_norm_eps=1e-5,
-        initializer_range=0.2,
+        vocab_size=512, hidden_size=80, intermediate_size=320, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512, partial_rotary_factor=0.4,
+        layer_norm_eps=1e-5, initializer_range=0.2,
     )
     return random_model(out, config, dtype, seed)
 

@@ -11,13 +11,31 @@ installed. We run the scikit-learn path, the one coremltools takes when kmeans1d
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import numpy as np
+
+from labkit.core import env
+
+
+@functools.cache
+def _kmeans_class() -> Any:
+    """scikit-learn's KMeans (heavy: imported only when palettizing), after ``env.openmp_guard``.
+
+    scikit-learn bundles its own libomp on macOS, beside torch's: the second runtime to
+    initialise aborts the process unless the guard ran before the import. Once per process: a
+    model's palettization calls :func:`kmeans_lut` once per group.
+    """
+    env.openmp_guard()
+    from sklearn.cluster import KMeans
+
+    return KMeans
 
 
 def kmeans_lut(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """(lut (2**bits,) in values' dtype, indices uint8 like values.ravel()) for one group."""
-    from sklearn.cluster import KMeans  # heavy: imported only when palettizing
-
+    KMeans = _kmeans_class()
     flat = values.reshape(-1, 1)
     lut_len = 2**bits
     n_clusters = min(flat.shape[0], lut_len)

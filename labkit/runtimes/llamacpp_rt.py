@@ -35,9 +35,10 @@ F16 cache moves tiny-llama's logits by ~1e-2, and its CPU flash attention (on by
 "auto") by 9e-3 (measured: 9.1e-3 with it, 5.3e-5 without); the F32 row is the "same arithmetic
 as torch" check. The F16/Q8_0/Q4_0 rows keep llama.cpp's defaults (F16 cache, flash attention
 auto), as llama-server and ollama run them; the note on each record says which. Everywhere:
-CPU only (``n_gpu_layers`` 0: the macOS wheel would otherwise use Metal), weights read into
-memory (not mmap, as every other runtime here holds them), ``n_batch`` = ``n_ubatch`` = 512 so
-pp512 runs as one batch (llama-bench's default), one slot.
+CPU only (``n_gpu_layers`` 0: the macOS wheel would otherwise use Metal; ``no_op_offload``, or
+ggml still runs the ops of a batch of >= 32 tokens on Metal with the weights in host memory),
+weights read into memory (not mmap, as every other runtime here holds them), ``n_batch`` =
+``n_ubatch`` = 512 so pp512 runs as one batch (llama-bench's default), one slot.
 
 One request runs right after the server starts: its destructor stops the loop with
 ``terminate()``, and a terminate that comes before the loop has started is lost (observed: a
@@ -91,6 +92,10 @@ def server_params(
     params.n_batch = params.n_ubatch = N_BATCH
     params.n_parallel = 1
     params.n_gpu_layers = 0
+    # with Metal, ggml would still offload the ops of a batch of >= 32 tokens to the GPU, weights
+    # in host memory and all; keep the CPU rows on the CPU (where the build has the switch)
+    if hasattr(params, "no_op_offload"):
+        params.no_op_offload = True
     params.load_mode = xlc.llama_load_mode.LLAMA_LOAD_MODE_NONE
     params.cache_ram_mib = 0  # no prompt cache in host memory: each repeat prefills
     params.fit_params = False  # keep n_ctx as asked (fitting may shrink it to free memory)

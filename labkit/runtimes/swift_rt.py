@@ -8,8 +8,9 @@ the matrix never times them). Weights are converted to float32 once (build/cache
 
 Threads: ``threads`` caps the BLAS (OpenBLAS on Linux; Accelerate on macOS through
 VECLIB_MAXIMUM_THREADS, see ``swift.blas_thread_env``); the note beside the numbers says which
-and how. ``cli_peak_rss_bytes`` is the CLI process's own peak RSS (``os.wait4``): the matrix's
-``RUSAGE_CHILDREN`` figure also holds the ``swift build`` that ``load`` ran.
+and how. ``cli_peak_rss_bytes`` is the CLI process's own peak RSS (``os.wait4``), the one the
+matrix reports (``runtime_benchmark.peak_rss``): ``RUSAGE_CHILDREN`` also holds the ``swift build``
+that ``load`` ran.
 """
 
 from __future__ import annotations

@@ -293,6 +293,20 @@ def _token_label(token: str) -> str:
     return token.replace("\n", "\\n").replace("Ġ", "")
 
 
+def _label_heatmap(fig: Any, ax: Any, im: Any, ticks: tuple, labels: tuple[str, str], title: str,
+                   colorbar: str, *, shrink: float) -> None:
+    """A square heatmap's dressing: the same tick labels on both axes (``ticks``: positions,
+    names, x rotation, font size), axis labels, title, no grid, a labelled colour bar."""
+    where, names, rotation, size = ticks
+    ax.set_xticks(where, names, rotation=rotation, fontsize=size)
+    ax.set_yticks(where, names, fontsize=size)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title)
+    ax.grid(False)
+    fig.colorbar(im, ax=ax, shrink=shrink, label=colorbar)
+
+
 def plot_attention(maps: Sequence[AttentionMap]) -> Any:
     """Last layer's head-averaged weights, one heat map per model side by side."""
     from labkit.core import plotting
@@ -302,13 +316,10 @@ def plot_attention(maps: Sequence[AttentionMap]) -> Any:
         avg = m.weights[-1].mean(0).numpy()  # last layer, averaged over heads
         im = ax.imshow(avg, cmap="viridis", vmin=0, vmax=avg.max())
         labels = [_token_label(t) for t in m.tokens]
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_xlabel("key position (token attended to)")
-        ax.set_ylabel("query position (token attending)")
-        ax.set_title(f"{m.model} ({m.role}): last layer, mean of {m.weights.shape[1]} heads")
-        ax.grid(False)
-        fig.colorbar(im, ax=ax, shrink=0.7, label="attention weight (1)")
+        _label_heatmap(fig, ax, im, (range(len(labels)), labels, 90, 8),
+                       ("key position (token attended to)", "query position (token attending)"),
+                       f"{m.model} ({m.role}): last layer, mean of {m.weights.shape[1]} heads",
+                       "attention weight (1)", shrink=0.7)
     fig.suptitle("Attention weights for one sentence: bidirectional vs causal")
     return fig
 
@@ -590,13 +601,9 @@ def plot_similarity(
         for b in bounds:
             ax.axhline(b - 0.5, color="black", lw=0.6)
             ax.axvline(b - 0.5, color="black", lw=0.6)
-        ax.set_xticks(ticks, names, rotation=30, fontsize=9)
-        ax.set_yticks(ticks, names, fontsize=9)
-        ax.set_xlabel("sentence (grouped by topic)")
-        ax.set_ylabel("sentence (grouped by topic)")
-        ax.set_title(f"{key[0]}, {key[1]} pooling: retrieval {accuracy[key]:.2f}")
-        ax.grid(False)
-        fig.colorbar(im, ax=ax, shrink=0.75, label="cosine similarity (1)")
+        _label_heatmap(fig, ax, im, (ticks, names, 30, 9), ("sentence (grouped by topic)",) * 2,
+                       f"{key[0]}, {key[1]} pooling: retrieval {accuracy[key]:.2f}",
+                       "cosine similarity (1)", shrink=0.75)
     fig.suptitle("Sentence similarity: topic blocks on the diagonal mean the vectors carry the topic")
     return fig
 
@@ -1055,15 +1062,9 @@ def build_encoder_decoder(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
     import transformers
 
     cfg = _bart_config(
-        task,
-        size,
-        encoder_layers=size.encoder_layers,
-        decoder_layers=size.decoder_layers,
-        encoder_attention_heads=size.heads,
-        decoder_attention_heads=size.heads,
-        encoder_ffn_dim=size.ffn,
-        decoder_ffn_dim=size.ffn,
-        decoder_start_token_id=task.BOS,
+        task, size, encoder_layers=size.encoder_layers, decoder_layers=size.decoder_layers,
+        encoder_attention_heads=size.heads, decoder_attention_heads=size.heads,
+        encoder_ffn_dim=size.ffn, decoder_ffn_dim=size.ffn, decoder_start_token_id=task.BOS,
         forced_eos_token_id=None,
     )
     torch.manual_seed(seed)
@@ -1077,13 +1078,8 @@ def build_decoder_only(task: Seq2SeqTask, size: ModelSize, seed: int) -> Any:
     import transformers
 
     cfg = _bart_config(
-        task,
-        size,
-        decoder_layers=size.decoder_only_layers,
-        decoder_attention_heads=size.heads,
-        decoder_ffn_dim=size.ffn,
-        is_decoder=True,
-        is_encoder_decoder=False,
+        task, size, decoder_layers=size.decoder_only_layers, decoder_attention_heads=size.heads,
+        decoder_ffn_dim=size.ffn, is_decoder=True, is_encoder_decoder=False,
         add_cross_attention=False,
     )
     torch.manual_seed(seed)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import platform
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from labkit.core import env
 from labkit.core import tolerances as tol
 from labkit.core.checks import nonnegative_int
 from labkit.core.files import atomic_write_text
@@ -224,12 +226,28 @@ def load_docset(folder: Path | None = None) -> tuple[list[Document], list[Query]
 # --- search --------------------------------------------------------------------------------------
 
 
+def import_faiss() -> Any:
+    """faiss, imported the one way that is safe beside torch.
+
+    On macOS faiss-cpu bundles its own libomp next to torch's: the second to initialise aborts
+    the process unless ``KMP_DUPLICATE_LIB_OK`` is set before the import (``env.openmp_guard``),
+    and faiss then searches on one thread so that only one OpenMP runtime's threads run (the
+    upstream workaround, pytorch#149201). The search of notebook 10's index is a small exact scan:
+    one thread costs it little. On Linux the guard does nothing and faiss keeps its threads.
+    """
+    env.openmp_guard()
+    import faiss
+
+    if platform.system() == "Darwin":
+        faiss.omp_set_num_threads(1)
+    return faiss
+
+
 class FaissIndex:
     """Exact inner-product search over unit vectors (cosine similarity) with faiss."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
-        import faiss
-
+        faiss = import_faiss()
         vectors = _as_matrix(embeddings, "embeddings")
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)

@@ -108,11 +108,32 @@ def runtime_kwargs(name: str, spec: Spec) -> dict[str, Any]:
     return kw
 
 
+def peak_rss(rt: Any) -> tuple[int, str | None]:
+    """(peak RSS in bytes, the runtime's note saying where the peak came from) after its runs.
+
+    A runtime whose work runs in a process of its own reports that process's peak
+    (``cli_peak_rss_bytes``: the Swift CLI, through os.wait4). ``RUSAGE_CHILDREN`` would also
+    hold the ``swift build`` its ``load`` ran: SwiftPM's peak, not the CLI's. Any other runtime:
+    this process's peak, or its finished children's where larger (an upper bound).
+    """
+    from labkit.runtimes import base
+
+    prefix = f"{rt.note}; " if rt.note else ""
+    own = getattr(rt, "cli_peak_rss_bytes", None)
+    if own:  # on Linux a child's ru_maxrss starts at its parent's size at fork
+        bound = "" if sys.platform == "darwin" else ", an upper bound"
+        return own, f"{prefix}peak RSS: the CLI process's own ru_maxrss (wait4{bound})"
+    peak, children = base.peak_rss_bytes(), base.children_peak_rss_bytes()
+    if children > peak:  # the runtime ran in child processes
+        return children, f"{prefix}peak RSS: its child processes' ru_maxrss (an upper bound)"
+    return peak, rt.note
+
+
 def measure_one(name: str, spec: Spec, parity_file: Path | None) -> dict[str, Any]:
     """Load runtime ``name`` and measure it (runs in the child process). Never raises for an
     unavailable runtime: returns {"skipped": reason}."""
     from labkit import runtimes
-    from labkit.runtimes.base import children_peak_rss_bytes, peak_rss_bytes, time_pp, time_tg
+    from labkit.runtimes.base import time_pp, time_tg
 
     cls = runtimes.runtime_class(name)
     reason = cls.available()
@@ -135,11 +156,7 @@ def measure_one(name: str, spec: Spec, parity_file: Path | None) -> dict[str, An
     ttft = {}
     for n in spec.ttft_lens:
         ttft[n] = asdict(time_pp(rt, prompt_ids(folder, n, window=2), spec.repeats)[1])
-    peak, note = peak_rss_bytes(), rt.note
-    children = children_peak_rss_bytes()
-    if children > peak:  # the runtime ran in a child process of its own (the Swift CLI)
-        peak = children
-        note = (note + "; " if note else "") + "peak RSS: the CLI's ru_maxrss (an upper bound)"
+    peak, note = peak_rss(rt)
     out.update(
         pp=asdict(pp), pp_s=asdict(pp_s), tg=asdict(tg), ttft=ttft, peak_rss_bytes=peak,
         model_bytes=rt.model_bytes(), device=rt.device, dtype=rt.dtype, note=note,

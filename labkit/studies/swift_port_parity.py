@@ -446,14 +446,21 @@ def speed_ratios(speed: pd.DataFrame) -> pd.DataFrame:
 def record_speed(
     speed: pd.DataFrame, model: str, steps: int, repeats: int, loads: tuple[float, float]
 ) -> None:
-    """Each runtime's decode rate, with the higher of the load averages before and after."""
+    """Each runtime's decode rate, with the higher of the load averages before and after.
+
+    The Swift rows also name the BLAS the port ran on and the thread environment it was given
+    (``swiftport.blas_thread_env``): on a Mac that is Accelerate, capped through
+    VECLIB_MAXIMUM_THREADS rather than by a thread count OpenBLAS reports back.
+    """
     for r in speed.itertuples():
+        params = dict(runtime=r.runtime, threads=int(r.threads), steps=steps, dtype="float32",
+                      repeats=repeats, load_avg_1m=round(max(loads), 1),
+                      impl=RUNTIME_IMPL[r.runtime])
+        if r.runtime == "swift":
+            params["blas"] = swiftport.port_blas()
+            params["thread_env"] = swiftport.blas_thread_env(int(r.threads))
         results.record(STUDY, "decode_tok_s", float(r.tok_s), "tok/s", runtime=r.runtime,
-                       device="cpu", model=model,
-                       params=dict(runtime=r.runtime, threads=int(r.threads), steps=steps,
-                                   dtype="float32", repeats=repeats,
-                                   load_avg_1m=round(max(loads), 1),
-                                   impl=RUNTIME_IMPL[r.runtime]))
+                       device="cpu", model=model, params=params)
 
 
 def plot_decode_speed(speed: pd.DataFrame, threads: list[int], model: str) -> Any:

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,21 +42,9 @@ def llama_config(cfg: TrainConfig, vocab_size: int):
     """The LlamaConfig of a training config (ids of the special tokens from the tokenizer)."""
     from labkit.models.config import LlamaConfig
 
-    m = cfg.model
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_key_value_heads,
-        max_position_embeddings=m.max_position_embeddings,
-        rope_theta=m.rope_theta,
-        rms_norm_eps=m.rms_norm_eps,
-        tie_word_embeddings=m.tie_word_embeddings,
-        bos_token_id=tok_mod.BOS_ID,
-        eos_token_id=tok_mod.EOS_ID,
-        torch_dtype=str(STORAGE_DTYPE).removeprefix("torch."),
+    return LlamaConfig(  # ModelShape's fields are LlamaConfig's, by name
+        vocab_size=vocab_size, **asdict(cfg.model), bos_token_id=tok_mod.BOS_ID,
+        eos_token_id=tok_mod.EOS_ID, torch_dtype=str(STORAGE_DTYPE).removeprefix("torch."),
     )
 
 
