@@ -146,6 +146,22 @@ def test_git_revision(tmp_path: Path) -> None:
     assert env.git_revision(tmp_path) == f"{head}+dirty"
 
 
+def test_a_runs_own_outputs_do_not_make_the_tree_dirty(tmp_path: Path) -> None:
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for rel in ("labkit/x.py", "data/results/s/m.jsonl", "figures/f.svg", "docs/index.html"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("a")
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "first"], check=True)
+    head = env.git_revision(tmp_path)
+    for rel in ("data/results/s/m.jsonl", "figures/f.svg", "docs/index.html"):
+        (tmp_path / rel).write_text("written by the run")
+    assert env.git_revision(tmp_path) == head  # a reproduce run writes these: still clean
+    (tmp_path / "labkit/x.py").write_text("edited code")
+    assert env.git_revision(tmp_path) == f"{head}+dirty"
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("32K", 32768), ("1024K\n", 2**20), ("8M", 8 * 2**20), ("65536", 65536), ("big", None)],

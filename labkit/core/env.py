@@ -468,17 +468,24 @@ def machine_id() -> str:
     return _fingerprint()["machine_id"]
 
 
+#: What a run itself writes into the checkout (records, figures, the published site): a change
+#: there does not make the code that ran "dirty", or every run would mark itself dirty after its
+#: first record.
+RUN_OUTPUTS = ("data/results", "figures", "docs")
+
+
 def git_revision(root: Path | None = None) -> str:
     """``git rev-parse --short HEAD`` of ``root`` (default: the lab root), ``+dirty`` if tracked
-    files changed, ``"unknown"`` when there is no git or no commit. Provenance for records and
-    figures."""
+    files outside :data:`RUN_OUTPUTS` changed, ``"unknown"`` when there is no git or no commit.
+    Provenance for records and figures."""
     from labkit.core import paths
 
     where = str(root if root is not None else paths.root())
     rev = _run(["git", "-C", where, "rev-parse", "--short", "HEAD"])
     if not rev:
         return "unknown"
-    status = _run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"])
+    status = _run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   *(f":(exclude){p}" for p in RUN_OUTPUTS)])
     # _run returns None both for "clean" (empty output) and for failure; a failed status after a
     # successful rev-parse is unlikely, and calling it clean is the conservative choice.
     return f"{rev}+dirty" if status else rev
