@@ -245,3 +245,28 @@ def test_expected_failures_silence_a_probe_and_restore_the_log_level():
         warnings.warn("a real warning after the probe", UserWarning, stacklevel=1)
     assert log.level == before
     assert [str(w.message) for w in seen] == ["a real warning after the probe"]
+
+
+def test_coreml_speeds_on_macos_14_measures_the_stateless_steps_and_names_the_rest(monkeypatch, tmp_path):
+    """macOS 14 loads spec 8 packages (steps a, b) but not the stateful ones: part 5 times a and b
+    and skips c-f with the reason, instead of failing on the first stateful package."""
+    from labkit.core import env, results
+    from labkit.export import coreml as cx
+
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(env, "macos_version", lambda: (14, 6))
+    monkeypatch.setattr(env, "_installed", lambda name: True)
+    timed = []
+
+    def fake_generate(path, step, prompt, n_new, max_len, unit):
+        timed.append(step)
+        return cx.CoreMLRun(ttft_s=0.01, decode_tok_s=100.0, tokens=[0] * n_new, first_logits=np.zeros(4))
+
+    monkeypatch.setattr(cx, "coreml_generate", fake_generate)
+    monkeypatch.setattr(results, "record", lambda *a, **k: {})
+    exports = {s: _export(s) for s in ("a", "b", "c", "d")}
+    df = study.coreml_speeds(exports, [1, 2], 4, MAX_LEN, ["CPU_ONLY"], 2, "m")
+    assert sorted(set(timed)) == ["a", "b"] and sorted(df["step"]) == ["a", "b"]
+    assert sorted(df.attrs["skipped"]) == ["c", "d"]
+    assert all("needs macOS 15" in why for why in df.attrs["skipped"].values())

@@ -539,14 +539,21 @@ def coreml_speeds(
     exports: dict[str, Export], prompt: list[int], n_new: int, max_len: int,
     units: list[str], repeats: int, model_name: str, progress: Callable = _no_progress,
 ) -> pd.DataFrame:
-    """Median TTFT and decode tok/s of every package on every compute unit (recorded); macOS."""
+    """Median TTFT and decode tok/s of every package on every compute unit (recorded); macOS.
+
+    A step this Mac cannot run (the stateful ones before macOS 15) is left out and named in
+    ``df.attrs["skipped"]`` (step -> why), so macOS 14 still measures the stateless steps."""
     import numpy as np
     import pandas as pd
 
     from labkit.export import coreml as cx
 
-    rows = []
+    rows, skipped = [], {}
     for s, e in exports.items():
+        why = cx.coreml_unavailable(s)
+        if why:
+            skipped[s] = why
+            continue
         for unit in progress(units, desc=f"step {s}"):
             runs = [cx.coreml_generate(e.path, s, prompt, n_new, max_len, unit) for _ in range(repeats)]
             ttft = float(np.median([r.ttft_s for r in runs]))
@@ -557,7 +564,9 @@ def coreml_speeds(
                            model=model_name, params=p)
             results.record(STUDY, "ttft_seconds", ttft, "s", runtime="coreml", device=unit,
                            model=model_name, params=p)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["step", "compute_unit", "ttft_s", "decode_tok_s"])
+    df.attrs["skipped"] = skipped
+    return df
 
 
 # --- 6: the roofline -----------------------------------------------------------------------------
