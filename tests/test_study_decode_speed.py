@@ -61,3 +61,37 @@ def test_gpu_table_keeps_each_machines_latest_run_and_the_ladder_order() -> None
     assert table.loc[("G", "r2", "b"), "float16"] == 2.0  # r1 is an older run: left out
     assert table.loc[("G", "r2", "a"), "bfloat16"] == 4.0
     assert ds.gpu_table(df[df.device == "cpu"]).empty and ds.host_7b_table(pd.DataFrame()).empty
+
+
+TINY_SHAPE = dict(vocab_size=9000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  rope_theta=10000.0, rms_norm_eps=1e-5)
+
+
+def test_random_folder_is_a_model_folder_every_loader_reads(tmp_path) -> None:
+    """The host-7B folder at a tiny size: labkit's loader reads it back at the stored dtype,
+    with the seeded weights, and transformers computes the same logits (the HF interchange)."""
+    import torch
+    import transformers
+
+    from labkit.models import load
+
+    folder = ds.write_random_folder(TINY_SHAPE, tmp_path / "random", dtype="float16", label="tiny")
+    again = ds.random_model(TINY_SHAPE, "float32", "cpu")
+    loaded = load(str(folder), dtype="float32").model
+    for name, value in again.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.half().float()), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 5, 8999, 17]])
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded(ids)).abs().max() < 1e-4
+    assert ds.llama2_7b_shape()["hidden_size"] == 4096 and ds.llama2_7b_shape()["vocab_size"] == 32000
+
+
+def test_host_7b_record_states_the_bandwidth_fraction(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path))
+    rec = ds._host_7b_record("swift", "float32", 2.0, [1.9, 2.0, 2.1], 16, 27e9, 100.0,
+                             prompt_len=1, gen_len=16)
+    assert rec["model"] == ds.HOST_7B_MODEL and rec["threads"] == 16
+    assert rec["params"]["bandwidth_fraction"] == pytest.approx(0.54)  # 2 tok/s x 27 GB / 100 GB/s
+    assert rec["params"]["processes"] == [1.9, 2.0, 2.1]

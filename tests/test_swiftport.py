@@ -269,3 +269,35 @@ def test_convert_weights_round_trips_values(tmp_path: Path) -> None:
     swiftport.convert_weights(src, back, "float16")  # replaces the folder, as one swap
     assert swiftport.weights_dtype(back) == "float16"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_prebuilt_cli_needs_no_toolchain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$LABKIT_LMPORT (the GPU host's static build) replaces `swift build`; a wrong path is named."""
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(swiftport, "_built", {})
+    binary = tmp_path / "lmport"
+    monkeypatch.setenv(swiftport.PREBUILT_ENV, str(binary))
+    assert "no such file" in swiftport.available() and str(binary) in swiftport.available()
+    binary.write_text("#!/bin/sh\n")
+    assert "not executable" in swiftport.available()
+    binary.chmod(0o755)
+    assert swiftport.available() is None and swiftport.build() == binary
+
+
+def test_a_folder_the_cli_reads_as_stored_needs_no_float32_copy(tmp_path: Path) -> None:
+    """One model.safetensors of F32/F16/BF16 tensors is read in place (a 7B fp16 folder would
+    otherwise need a 27 GB float32 copy); int8 tensors or a sharded folder still get converted."""
+    import torch
+    from safetensors.torch import save_file
+
+    def folder(name: str, **tensors: torch.Tensor) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors, str(d / "model.safetensors"))
+        return d
+
+    assert swiftport.reads_as_stored(folder("half", a=torch.zeros(2, dtype=torch.float16), b=torch.zeros(2)))
+    assert not swiftport.reads_as_stored(folder("int8", a=torch.zeros(2, dtype=torch.int8)))
+    sharded = folder("sharded", a=torch.zeros(2))
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    assert not swiftport.reads_as_stored(sharded) and not swiftport.reads_as_stored(tmp_path / "none")

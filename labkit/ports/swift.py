@@ -9,7 +9,9 @@ module holds the plumbing for all three, so the tests and notebook 04 share one 
 * :func:`available` says why the port cannot run here (no Swift 6 toolchain, no OpenBLAS), or
   None; :func:`xctest_unavailable` says why ``swift test`` cannot (on macOS XCTest ships with
   Xcode, not with the Command Line Tools).
-* :func:`build` runs ``swift build`` once per process (SwiftPM caches in ``swift/.build``).
+* :func:`build` runs ``swift build`` once per process (SwiftPM caches in ``swift/.build``), or
+  returns the prebuilt CLI named by ``$LABKIT_LMPORT`` (a host with no Swift toolchain, such as
+  the lab's GPU host, runs a CLI built here with ``--static-swift-stdlib``).
 * :func:`run` runs the CLI and parses its tokens, tok/s and dumps.
 * :func:`reference` computes a :class:`~labkit.ports.refdump.RefDump` with PyTorch.
 * :func:`prepare_fixtures` writes tiny random Llama (GQA) and Phi folders plus their dumps, and
@@ -47,6 +49,8 @@ SWIFT_DIR = Path(__file__).resolve().parents[2] / "swift"
 FIXTURES_ENV = "LMPORT_FIXTURES"
 FIXTURES_VERSION = 1
 CLI_NAME = "lmport"
+#: a prebuilt ``lmport`` to run instead of building one (no toolchain needed where it is set)
+PREBUILT_ENV = "LABKIT_LMPORT"
 
 # The acceptance (the Swift test target states the same numbers): logits within float32
 # reordering noise over the first LOGIT_STEPS steps, and every greedy token of GREEDY_STEPS
@@ -69,6 +73,8 @@ def available() -> str | None:
     """
     from labkit.core import env
 
+    if os.environ.get(PREBUILT_ENV):
+        return _prebuilt_reason(Path(os.environ[PREBUILT_ENV]))
     reason = env.swift_toolchain_reason()
     if reason is not None:
         return reason
@@ -82,6 +88,15 @@ def available() -> str | None:
     headers += list(Path("/usr/include").glob("*-linux-gnu/cblas.h"))
     if not any(h.exists() for h in headers):
         return "cblas.h is missing: apt-get install -y libopenblas-dev"
+    return None
+
+
+def _prebuilt_reason(binary: Path) -> str | None:
+    """None when ``$LABKIT_LMPORT`` names an executable file, else what is wrong with it."""
+    if not binary.is_file():
+        return f"{PREBUILT_ENV}={binary}: no such file (expected a prebuilt {CLI_NAME} binary)"
+    if not os.access(binary, os.X_OK):
+        return f"{PREBUILT_ENV}={binary}: not executable (chmod +x it)"
     return None
 
 
@@ -100,6 +115,8 @@ def build(release: bool = True) -> Path:
     if release in _built:
         return _built[release]
     _require_available()
+    if os.environ.get(PREBUILT_ENV):  # checked by available(): a release build made elsewhere
+        return Path(os.environ[PREBUILT_ENV])
     config = "release" if release else "debug"
     env = _developer_env()  # the toolchain swift_test uses, so SwiftPM reuses this build
     proc = subprocess.run(
@@ -845,6 +862,17 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
     scale = np.maximum(np.abs(ref).max(axis=1, keepdims=True), 1e-12)
     return {"max_abs": float(diff.max()), "max_rel": float((diff / scale).max())}
+
+
+def reads_as_stored(model_dir: str | os.PathLike[str]) -> bool:
+    """Whether the CLI reads ``model_dir``'s weights as they are: one model.safetensors whose
+    tensors are all F32, F16 or BF16 (Safetensors.swift widens each to float32 on load)."""
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file() or (Path(model_dir) / "model.safetensors.index.json").exists():
+        return False
+    header = read_safetensors_header(path)
+    return all(info["dtype"] in ("F32", "F16", "BF16") for name, info in header.items()
+               if name != "__metadata__")
 
 
 def convert_weights(

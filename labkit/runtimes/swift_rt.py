@@ -4,7 +4,9 @@ The CLI is a process per generation, not a library: it cannot be stepped token b
 Python. So this adapter overrides ``timed_generate`` with the CLI's own in-process timers
 (``prefill_s``, ``decode_s``: process start and weight loading excluded), and ``prefill`` /
 ``decode_step`` replay the whole history through the CLI (correct logits, meaningless time:
-the matrix never times them). Weights are converted to float32 once (build/cache/swift/).
+the matrix never times them). A folder of one model.safetensors in F32, F16 or BF16 is read as it
+is (the CLI computes in float32 and widens on load: a 7B fp16 folder needs no 27 GB copy); any
+other layout is converted to float32 once (build/cache/swift/).
 
 Threads: ``threads`` caps the BLAS (OpenBLAS on Linux; Accelerate on macOS through
 VECLIB_MAXIMUM_THREADS, see ``swift.blas_thread_env``); the note beside the numbers says which
@@ -46,9 +48,12 @@ class SwiftPort(Runtime):
 
         self._check_available()
         model_dir = Path(model_dir)
-        self.dir = base.cache_dir() / "swift" / f"{model_dir.name}-{base.weights_key(model_dir)}-float32"
-        if not (self.dir / "model.safetensors").is_file():
-            swiftport.convert_weights(model_dir, self.dir, "float32")
+        if swiftport.reads_as_stored(model_dir):  # the CLI widens F16/BF16 to float32 itself
+            self.dir = model_dir
+        else:
+            self.dir = base.cache_dir() / "swift" / f"{model_dir.name}-{base.weights_key(model_dir)}-float32"
+            if not (self.dir / "model.safetensors").is_file():
+                swiftport.convert_weights(model_dir, self.dir, "float32")
         swiftport.build(release=True)
         self.note = ""
 

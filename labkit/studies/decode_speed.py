@@ -18,6 +18,15 @@ and a Python loop can reach it if its per-token overhead is small. This module m
 
 The llama.cpp and Swift rows of the comparison come from the runtime matrix of study 08, which
 runs every runtime the same way; the notebook runs it and ``goals_table`` reads its results.
+
+At the seed's scale (Llama 2 7B's shapes, seeded random weights: nothing of Meta's is shipped or
+fetched) on a host with many cores and no Swift toolchain (the lab's GPU host):
+``--write-7b DIR`` writes the fp16 HF folder (13.5 GB; drawn on the GPU), ``--matrix-7b DIR
+--threads N`` runs torch, the Swift port, llama.cpp F32 and F16 on it, recording each row as its
+runtime finishes. The Swift CLI travels prebuilt (``swift build -c release
+--static-swift-stdlib`` here, with libopenblas beside it, named by ``$LABKIT_LMPORT``) and
+xllamacpp as its package folder on PYTHONPATH; the folder and the GGUF exports belong in
+/dev/shm there (``LABKIT_RUNTIME_CACHE``): its disk writes about 75 MB/s.
 """
 
 from __future__ import annotations
@@ -480,20 +489,40 @@ def gpu_table(df: Any) -> Any:
     return table.reindex(order, level="decoder")
 
 
+#: the label of every record made on Llama-2-7B's shapes with seeded random weights
+HOST_7B_MODEL = "llama-2-7b-shape-random"
+
+
 def host_7b_table(df: Any) -> Any:
-    """Study 08's Llama-2-7B-shape rows (:func:`cpu_7b_main`, ``load_results`` frame): tok/s
-    and the fraction of that host's read bandwidth, latest run of each machine."""
+    """Study 08's Llama-2-7B-shape rows (:func:`cpu_7b_main`, :func:`host_7b_matrix`;
+    ``load_results`` frame): tok/s and the fraction of the host's read bandwidth probed in the
+    same process, latest run of each machine."""
     import pandas as pd
 
-    rows = df[df["model"] == "llama-2-7b-shape-random"] if not df.empty else df
+    rows = df[df["model"] == HOST_7B_MODEL] if not df.empty else df
     if rows.empty:
         return pd.DataFrame()
     rows = rows[rows["run_id"] == rows.groupby("machine")["run_id"].transform("max")]
     return pd.DataFrame([{"machine": r.machine, "run_id": r.run_id, "runtime": r.runtime,
-                          "threads": r.threads, "tok_s": round(float(r.value), 2),
+                          "dtype": r.params.get("dtype"), "threads": r.threads,
+                          "tok_s": round(float(r.value), 2),
                           "read_gbs": r.params["read_bandwidth_gbs"],
                           "bandwidth_fraction": r.params["bandwidth_fraction"]}
                          for r in rows.itertuples()])
+
+
+def llama2_7b_shape(max_positions: int = 1024) -> dict[str, Any]:
+    """Llama-2-7B's shapes from data/configs (the weights are never shipped or fetched), with a
+    shorter window: these runs decode a few dozen tokens, and the weights' shapes are what set
+    the bytes a token reads."""
+    from labkit.core import paths
+    from labkit.models.config import read_config
+
+    raw = read_config(paths.configs_dir() / "meta-llama__Llama-2-7b-hf.json")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta")
+    return {k: raw[k] for k in keys if raw.get(k) is not None} | {
+        "max_position_embeddings": max_positions}
 
 
 def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
@@ -502,19 +531,12 @@ def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("floa
     recorded as study 08's rows for this machine (tg_tok_s, runtime torch-eager / torch-fast)."""
     import torch
 
-    from labkit.core import results
-    from labkit.core.bandwidth import NOISE_MARGIN, read_bandwidth_gbs, roofline_fraction
+    from labkit.core.bandwidth import read_bandwidth_gbs
     from labkit.core.timing import device_sync
-    from labkit.models.config import read_config
     from labkit.models.sizes import decode_bytes_per_token
 
     torch.set_num_threads(threads)
-    from labkit.core import paths
-
-    raw = read_config(paths.configs_dir() / "meta-llama__Llama-2-7b-hf.json")
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta")
-    shape = {k: raw[k] for k in keys if raw.get(k) is not None} | {"max_position_embeddings": 256}
+    shape = llama2_7b_shape(256)
     gbs = read_bandwidth_gbs(threads)
     recs = []
     for dtype in dtypes:
@@ -525,16 +547,101 @@ def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("floa
                              ("torch-fast", _decoders(model)[RUNGS[-1][0]])):
             run(prompt, 2)
             rate = _decode_rate(run, prompt, gen_len, device_sync("cpu"))
-            frac = roofline_fraction(nbytes, 1 / rate, gbs, margin=NOISE_MARGIN)
-            print(f"[7b] {dtype} {runtime} {threads} threads: {rate:.2f} tok/s, {frac:.2f} of "
-                  f"{gbs:.0f} GB/s", flush=True)
-            recs.append(results.record(
-                "08_runtime_benchmark", "tg_tok_s", rate, "tok/s", runtime=runtime, device="cpu",
-                model="llama-2-7b-shape-random", threads=threads,
-                params={"runtime": runtime, "dtype": dtype, "prompt_len": 16, "gen_len": gen_len,
-                        "threads": threads, "read_bandwidth_gbs": round(gbs, 1),
-                        "bandwidth_fraction": round(frac, 3), "weights": "seeded random"}))
+            recs.append(_host_7b_record(runtime, dtype, rate, [rate], threads, nbytes, gbs,
+                                        prompt_len=16, gen_len=gen_len))
         del model
+    return recs
+
+
+def _host_7b_record(runtime: str, dtype: str, rate: float, processes: list[float], threads: int,
+                    nbytes: float, gbs: float, **params: Any) -> dict:
+    """One host-7B decode row of study 08 (tg_tok_s), with the read-bandwidth fraction."""
+    from labkit.core import results
+    from labkit.core.bandwidth import NOISE_MARGIN, roofline_fraction
+
+    frac = roofline_fraction(nbytes, 1 / rate, gbs, margin=NOISE_MARGIN)
+    print(f"[7b] {runtime} ({dtype}) {threads} threads: {rate:.2f} tok/s, {frac:.2f} of "
+          f"{gbs:.0f} GB/s", flush=True)
+    return results.record(
+        "08_runtime_benchmark", "tg_tok_s", rate, "tok/s", runtime=runtime, device="cpu",
+        model=HOST_7B_MODEL, threads=threads,
+        params={"runtime": runtime, "dtype": dtype, "threads": threads, **params,
+                "processes": [round(x, 3) for x in processes],
+                "read_bandwidth_gbs": round(gbs, 1), "bytes_per_token": int(nbytes),
+                "bandwidth_fraction": round(frac, 3), "weights": "seeded random"})
+
+
+def write_random_folder(shape: dict, out: str | os.PathLike[str], dtype: str = "float16",
+                        seed: int = 0, device: str = "cpu", label: str = "") -> Path:
+    """An HF Llama folder of ``shape`` with seeded random weights stored as ``dtype``: the
+    interchange every runtime reads, so the Swift port and llama.cpp can run a model the lab
+    cannot ship. The tokenizer is tiny-llama's (its ids lie below any vocabulary here; llama.cpp's
+    GGUF pads the rest). ``device`` only draws the weights (a GPU draws 7B of them in seconds).
+    Written atomically."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from labkit.core import files, paths
+    from labkit.models.config import LlamaConfig
+
+    out = Path(out)
+    tiny = paths.repo_models_dir() / "tiny-llama"
+    cfg = LlamaConfig(**shape, bos_token_id=0, eos_token_id=1)
+    model = random_model(shape, "float32", device, seed=seed)
+    state = {k: v.to(dtype=getattr(torch, dtype), device="cpu").contiguous()
+             for k, v in model.state_dict().items()}
+    del model
+    with files.atomic_dir(out) as tmp:
+        hf = cfg.to_hf_dict() | {"torch_dtype": dtype, "dtype": dtype, "_note": "seeded random weights "
+                                 f"(seed {seed}) in the shapes of {label or 'this config'}"}
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy2(tiny / name, tmp / name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+#: the runtimes of the host-7B matrix: labkit's two torch loops, the Swift port, llama.cpp
+HOST_7B_RUNTIMES = ("torch-eager", "torch-fast", "swift", "llama.cpp-f16", "llama.cpp-f32")
+
+
+def host_7b_matrix(folder: str | os.PathLike[str], threads: int,
+                   runtimes: tuple[str, ...] = HOST_7B_RUNTIMES) -> list[dict]:
+    """Study 08's runtime matrix, one round at small sizes (tg16, pp32, TTFT at 16), on a
+    :func:`write_random_folder` of Llama-2-7B's shapes at ``threads``: torch float32 first (the
+    parity reference), then each runtime in its own process, greedy parity against it, each
+    decode rate as a fraction of this host's read bandwidth. Each row is recorded as soon as its
+    runtime finishes: a host lent for minutes keeps what it measured."""
+    import tempfile
+
+    from labkit.core.bandwidth import read_bandwidth_gbs
+    from labkit.models.config import load_config
+    from labkit.models.sizes import decode_bytes_per_token
+    from labkit.studies import runtime_benchmark as rb
+
+    spec = rb.Spec.quick(model=str(folder), threads=threads, rounds=1, prompt_len=32, ttft_lens=[16])
+    cfg = load_config(Path(folder))
+    gbs = read_bandwidth_gbs(threads)
+    order = [rb.REFERENCE] + [n for n in runtimes if n != rb.REFERENCE]
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="labkit-7b-") as tmp:
+        for name in order:
+            r = rb._one_round(spec, [name], Path(tmp), Path(tmp) / "ref.npz")[name]
+            print(f"[7b] {name}: {rb._status(r)} ({r['wall_s']:.0f} s)", flush=True)
+            if "tg" not in r:
+                print(f"[7b] {name}: {r.get('skipped') or str(r.get('failed'))[-800:]}", flush=True)
+                continue
+            element = 2 if r["dtype"] in ("float16", "bfloat16") else 4
+            nbytes = decode_bytes_per_token(cfg, 1 + spec.gen_len // 2, element)["total"]
+            parity = rb._parity(r, name, spec, Path(tmp), Path(tmp) / "ref.npz") or {}
+            recs.append(_host_7b_record(
+                name, r["dtype"], r["tg"]["mean"], [r["tg"]["mean"]], threads, nbytes, gbs,
+                prompt_len=1, gen_len=spec.gen_len, pp_tok_s=round(r["pp"]["mean"], 2),
+                pp_prompt_len=spec.prompt_len, note=r.get("note", ""),
+                greedy_agreement_pct=parity.get("greedy_agreement_pct"),
+                max_abs_logit_err=parity.get("max_abs_logit_err")))
     return recs
 
 
@@ -545,6 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write records under OUT/data/results/")
     ap.add_argument("--cpu-7b", type=int, default=None, metavar="THREADS",
                     help="Llama-2-7B's shapes on this CPU at THREADS threads (random weights)")
+    ap.add_argument("--write-7b", default=None, metavar="DIR",
+                    help="write Llama-2-7B's shapes with seeded random fp16 weights as an HF folder")
+    ap.add_argument("--matrix-7b", default=None, metavar="DIR",
+                    help="the runtime matrix on the folder DIR (--write-7b) at --threads")
+    ap.add_argument("--runtimes", default=",".join(HOST_7B_RUNTIMES), help="for --matrix-7b")
     ap.add_argument("--round", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -559,7 +671,14 @@ def main(argv: list[str] | None = None) -> int:
         gpu_main()
     if args.cpu_7b:
         cpu_7b_main(args.cpu_7b)
-    if args.gpu or args.cpu_7b:
+    if args.write_7b:
+        import torch
+
+        write_random_folder(llama2_7b_shape(), args.write_7b, label="Llama-2-7B",
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+    if args.matrix_7b:
+        host_7b_matrix(args.matrix_7b, args.threads, tuple(args.runtimes.split(",")))
+    if args.gpu or args.cpu_7b or args.write_7b or args.matrix_7b:
         return 0
     ap.print_help()
     return 2
