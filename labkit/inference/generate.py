@@ -326,3 +326,26 @@ def _outside_inference_mode(steps: Iterator[torch.Tensor]) -> Iterator[torch.Ten
             except StopIteration:
                 return
         yield token
+
+
+def agreed_steps(new_tokens: torch.Tensor, reference: torch.Tensor, reference_logits: torch.Tensor,
+                 tie: float) -> tuple[int, bool]:
+    """How many generated steps two greedy runs of one model share, and whether they agree.
+
+    They agree when every token is the same, or when they first differ at a near-tie: a step
+    where the reference's top-2 logits are less than ``tie`` apart, so another summation order
+    (a GPU's kernels) may pick either and both are right; after that step the two sequences
+    continue from different prefixes and are no longer comparable. ``tie`` 0 (a CPU's fixed
+    order, ``tolerances.NEAR_TIE``) asks for identical tokens. Shapes: ``[B, n]`` tokens and
+    ``[B, n, V]`` the logits the reference chose from; returns (steps before the first
+    difference in any row, agreed)."""
+    if new_tokens.shape != reference.shape or reference_logits.shape[:2] != reference.shape:
+        raise ValueError(f"shapes differ: tokens {tuple(new_tokens.shape)}, reference "
+                         f"{tuple(reference.shape)}, its logits {tuple(reference_logits.shape)}")
+    same = (new_tokens.to(reference.device) == reference).all(dim=0)
+    if bool(same.all()):
+        return int(same.numel()), True
+    step = int((~same).nonzero()[0, 0])
+    top2 = reference_logits[:, step].float().topk(2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).min())
+    return step, margin < tie
