@@ -78,7 +78,7 @@ def test_random_folder_is_a_model_folder_every_loader_reads(tmp_path) -> None:
 
     folder = ds.write_random_folder(TINY_SHAPE, tmp_path / "random", dtype="float16", label="tiny")
     again = ds.random_model(TINY_SHAPE, "float32", "cpu")
-    loaded = load(str(folder), dtype="float32").model
+    loaded = load(str(folder), device="cpu", dtype="float32").model
     for name, value in again.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value.half().float()), name
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -90,7 +90,7 @@ def test_random_folder_is_a_model_folder_every_loader_reads(tmp_path) -> None:
 
 def test_host_7b_record_states_the_bandwidth_fraction(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path))
-    rec = ds._host_7b_record("swift", "float32", 2.0, [1.9, 2.0, 2.1], 16, 27e9, 100.0,
+    rec = ds.host_7b_record("swift", "float32", 2.0, [1.9, 2.0, 2.1], 16, 27e9, 100.0,
                              prompt_len=1, gen_len=16)
     assert rec["model"] == ds.HOST_7B_MODEL and rec["threads"] == 16
     assert rec["params"]["bandwidth_fraction"] == pytest.approx(0.54)  # 2 tok/s x 27 GB / 100 GB/s

@@ -39,6 +39,24 @@ def test_aggregate_takes_medians_over_processes_and_ratios_within_rounds() -> No
     assert agg["ttft"]["8"]["mean"] == pytest.approx(0.01)
 
 
+def test_a_runtime_that_runs_fewer_rounds_is_aggregated_over_its_own(monkeypatch) -> None:
+    """MLX off a Mac runs one process (Runtime.rounds_here): its row and its ratio come from the
+    round it ran in, not from the reference's other rounds."""
+    from labkit.runtimes import mlx_rt
+
+    rounds = [{"torch-eager": _res(100, 10), "mlx": _res(20, 2)}, {"torch-eager": _res(50, 5)},
+              {"torch-eager": _res(100, 10)}]
+    agg = rb.aggregate(rounds, "mlx")
+    assert agg["rounds"] == 1 and agg["tg"]["processes"] == [2]
+    assert agg["tg_vs_reference"]["processes"] == [pytest.approx(0.2)]
+    monkeypatch.setattr(mlx_rt.platform, "system", lambda: "Linux")
+    assert mlx_rt.MlxRuntime.rounds_here(3) == 1 and rb.runtimes_rounds(["torch-eager", "mlx"], 3) == {
+        "torch-eager": 3, "mlx": 1}
+    monkeypatch.setattr(mlx_rt.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(mlx_rt.platform, "machine", lambda: "arm64")
+    assert mlx_rt.MlxRuntime.rounds_here(3) == 3
+
+
 def test_a_round_that_failed_reports_its_reason() -> None:
     rounds = [{"torch-eager": _res(100, 10), "x": _res(200, 30)},
               {"torch-eager": _res(100, 10), "x": {"runtime": "x", "failed": "boom"}}]

@@ -85,6 +85,12 @@ class Runtime(ABC):
         """Bytes of the weights as this runtime stores them (file or tensors); None if unknown."""
         return None
 
+    @classmethod
+    def rounds_here(cls, rounds: int) -> int:
+        """How many of the matrix's ``rounds`` processes this runtime runs on this machine: all,
+        unless its numbers here are a correctness check rather than its speed (MLX off a Mac)."""
+        return rounds
+
     def close(self) -> None:
         """Free what ``load`` built (optional)."""
         return None

@@ -21,9 +21,9 @@ runs every runtime the same way; the notebook runs it and ``goals_table`` reads 
 
 At the seed's scale (Llama 2 7B's shapes, seeded random weights: nothing of Meta's is shipped or
 fetched) on a host with many cores and no Swift toolchain (the lab's GPU host):
-``--write-7b DIR`` writes the fp16 HF folder (13.5 GB; drawn on the GPU), ``--matrix-7b DIR
---threads N`` runs torch, the Swift port, llama.cpp F32 and F16 on it, recording each row as its
-runtime finishes. The Swift CLI travels prebuilt (``swift build -c release
+:func:`write_random_folder` writes the fp16 HF folder (13.5 GB; drawn on the GPU) and
+``python -m labkit.lab.host_7b`` runs torch, the Swift port, llama.cpp F32 and F16 on it (study
+08's matrix), recording each row (:func:`host_7b_record`) as its runtime finishes. The Swift CLI travels prebuilt (``swift build -c release
 --static-swift-stdlib`` here, with libopenblas beside it, named by ``$LABKIT_LMPORT``) and
 xllamacpp as its package folder on PYTHONPATH; the folder and the GGUF exports belong in
 /dev/shm there (``LABKIT_RUNTIME_CACHE``): its disk writes about 75 MB/s.
@@ -547,13 +547,13 @@ def cpu_7b_main(threads: int, gen_len: int = 8, dtypes: tuple[str, ...] = ("floa
                              ("torch-fast", _decoders(model)[RUNGS[-1][0]])):
             run(prompt, 2)
             rate = _decode_rate(run, prompt, gen_len, device_sync("cpu"))
-            recs.append(_host_7b_record(runtime, dtype, rate, [rate], threads, nbytes, gbs,
+            recs.append(host_7b_record(runtime, dtype, rate, [rate], threads, nbytes, gbs,
                                         prompt_len=16, gen_len=gen_len))
         del model
     return recs
 
 
-def _host_7b_record(runtime: str, dtype: str, rate: float, processes: list[float], threads: int,
+def host_7b_record(runtime: str, dtype: str, rate: float, processes: list[float], threads: int,
                     nbytes: float, gbs: float, **params: Any) -> dict:
     """One host-7B decode row of study 08 (tg_tok_s), with the read-bandwidth fraction."""
     from labkit.core import results
@@ -603,48 +603,6 @@ def write_random_folder(shape: dict, out: str | os.PathLike[str], dtype: str = "
     return out
 
 
-#: the runtimes of the host-7B matrix: labkit's two torch loops, the Swift port, llama.cpp
-HOST_7B_RUNTIMES = ("torch-eager", "torch-fast", "swift", "llama.cpp-f16", "llama.cpp-f32")
-
-
-def host_7b_matrix(folder: str | os.PathLike[str], threads: int,
-                   runtimes: tuple[str, ...] = HOST_7B_RUNTIMES) -> list[dict]:
-    """Study 08's runtime matrix, one round at small sizes (tg16, pp32, TTFT at 16), on a
-    :func:`write_random_folder` of Llama-2-7B's shapes at ``threads``: torch float32 first (the
-    parity reference), then each runtime in its own process, greedy parity against it, each
-    decode rate as a fraction of this host's read bandwidth. Each row is recorded as soon as its
-    runtime finishes: a host lent for minutes keeps what it measured."""
-    import tempfile
-
-    from labkit.core.bandwidth import read_bandwidth_gbs
-    from labkit.models.config import load_config
-    from labkit.models.sizes import decode_bytes_per_token
-    from labkit.studies import runtime_benchmark as rb
-
-    spec = rb.Spec.quick(model=str(folder), threads=threads, rounds=1, prompt_len=32, ttft_lens=[16])
-    cfg = load_config(Path(folder))
-    gbs = read_bandwidth_gbs(threads)
-    order = [rb.REFERENCE] + [n for n in runtimes if n != rb.REFERENCE]
-    recs = []
-    with tempfile.TemporaryDirectory(prefix="labkit-7b-") as tmp:
-        for name in order:
-            r = rb._one_round(spec, [name], Path(tmp), Path(tmp) / "ref.npz")[name]
-            print(f"[7b] {name}: {rb._status(r)} ({r['wall_s']:.0f} s)", flush=True)
-            if "tg" not in r:
-                print(f"[7b] {name}: {r.get('skipped') or str(r.get('failed'))[-800:]}", flush=True)
-                continue
-            element = 2 if r["dtype"] in ("float16", "bfloat16") else 4
-            nbytes = decode_bytes_per_token(cfg, 1 + spec.gen_len // 2, element)["total"]
-            parity = rb._parity(r, name, spec, Path(tmp), Path(tmp) / "ref.npz") or {}
-            recs.append(_host_7b_record(
-                name, r["dtype"], r["tg"]["mean"], [r["tg"]["mean"]], threads, nbytes, gbs,
-                prompt_len=1, gen_len=spec.gen_len, pp_tok_s=round(r["pp"]["mean"], 2),
-                pp_prompt_len=spec.prompt_len, note=r.get("note", ""),
-                greedy_agreement_pct=parity.get("greedy_agreement_pct"),
-                max_abs_logit_err=parity.get("max_abs_logit_err")))
-    return recs
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m labkit.studies.decode_speed",
                                  description=__doc__.split("\n")[0])
@@ -652,11 +610,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write records under OUT/data/results/")
     ap.add_argument("--cpu-7b", type=int, default=None, metavar="THREADS",
                     help="Llama-2-7B's shapes on this CPU at THREADS threads (random weights)")
-    ap.add_argument("--write-7b", default=None, metavar="DIR",
-                    help="write Llama-2-7B's shapes with seeded random fp16 weights as an HF folder")
-    ap.add_argument("--matrix-7b", default=None, metavar="DIR",
-                    help="the runtime matrix on the folder DIR (--write-7b) at --threads")
-    ap.add_argument("--runtimes", default=",".join(HOST_7B_RUNTIMES), help="for --matrix-7b")
     ap.add_argument("--round", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -671,14 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_main()
     if args.cpu_7b:
         cpu_7b_main(args.cpu_7b)
-    if args.write_7b:
-        import torch
-
-        write_random_folder(llama2_7b_shape(), args.write_7b, label="Llama-2-7B",
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-    if args.matrix_7b:
-        host_7b_matrix(args.matrix_7b, args.threads, tuple(args.runtimes.split(",")))
-    if args.gpu or args.cpu_7b or args.write_7b or args.matrix_7b:
+    if args.gpu or args.cpu_7b:
         return 0
     ap.print_help()
     return 2

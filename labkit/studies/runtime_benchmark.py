@@ -240,7 +240,7 @@ def _parity_of(path: Path, ref_path: Path) -> dict[str, Any]:
     return parity(read(path), read(ref_path), exposes_logits=True, logprobs=logprobs)
 
 
-def _one_round(spec: Spec, order: list[str], tmp: Path, ref_file: Path) -> dict[str, dict]:
+def one_round(spec: Spec, order: list[str], tmp: Path, ref_file: Path) -> dict[str, dict]:
     """Every runtime of ``order`` once, each in a fresh process, the reference first."""
     out = {}
     ref_spec = Spec(**{**asdict(spec), "device": "cpu"})
@@ -253,7 +253,9 @@ def _one_round(spec: Spec, order: list[str], tmp: Path, ref_file: Path) -> dict[
     return out
 
 
-def _parity(res: dict, name: str, spec: Spec, tmp: Path, ref_file: Path) -> dict | None:
+def round_parity(res: dict, name: str, spec: Spec, tmp: Path, ref_file: Path) -> dict | None:
+    """Round 0's parity of runtime ``name`` against the reference's greedy run (its own for the
+    reference: 100 % by construction)."""
     if name == REFERENCE:
         return {"greedy_agreement_pct": 100.0, "first_divergence": spec.parity_gen,
                 "max_abs_logit_err": 0.0}
@@ -269,6 +271,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
 def aggregate(rounds: list[dict[str, dict]], name: str) -> dict[str, Any]:
     """One runtime's rounds as one result: pp/tg median over processes with their spread, the
     within-round ratios to the reference, TTFT medians, the first round's other fields."""
+    rounds = [r for r in rounds if name in r]  # a runtime may run fewer (Runtime.rounds_here)
     done = [r[name] for r in rounds if "pp" in r[name]]
     if len(done) < len(rounds):  # a round skipped or failed: report the first reason
         bad = next(r[name] for r in rounds if "pp" not in r[name])
@@ -305,23 +308,32 @@ def run_matrix(
 
     names = list(names or runtimes.RUNTIMES)
     order = [REFERENCE] + [n for n in names if n != REFERENCE]
+    wanted = runtimes_rounds(order, spec.rounds)
     counts = list(thread_counts) if thread_counts else [spec.threads]
     rounds: dict[int | None, list[dict]] = {n: [] for n in counts}
     with tempfile.TemporaryDirectory(prefix="labkit-parity-") as tmp:
         for r in range(spec.rounds):
+            order_r = [n for n in order if n == REFERENCE or r < wanted[n]]
             for threads in counts:
                 spec_t = Spec(**{**asdict(spec), "threads": threads})
                 ref_file = Path(tmp) / f"ref-{threads}.npz"
-                rounds[threads].append(_one_round(spec_t, order, Path(tmp), ref_file))
+                rounds[threads].append(one_round(spec_t, order_r, Path(tmp), ref_file))
                 if progress:
                     for name, res in rounds[threads][-1].items():
                         print(f"[matrix] round {r + 1}/{spec.rounds}, {threads} thread(s), "
-                              f"{name}: {_status(res)} ({res['wall_s']:.0f} s)", flush=True)
+                              f"{name}: {status_line(res)} ({res['wall_s']:.0f} s)", flush=True)
                 if r == 0:
                     for name, res in rounds[threads][0].items():
                         if "pp" in res:
-                            res["parity"] = _parity(res, name, spec_t, Path(tmp), ref_file)
+                            res["parity"] = round_parity(res, name, spec_t, Path(tmp), ref_file)
         return _finish(spec, names, counts, rounds, record)
+
+
+def runtimes_rounds(names: list[str], rounds: int) -> dict[str, int]:
+    """runtime -> the processes it runs of ``rounds`` on this machine (``Runtime.rounds_here``)."""
+    from labkit import runtimes
+
+    return {n: runtimes.runtime_class(n).rounds_here(rounds) for n in names}
 
 
 def _finish(spec: Spec, names: list[str], counts: list[int | None],
@@ -345,7 +357,7 @@ def _finish(spec: Spec, names: list[str], counts: list[int | None],
     return out
 
 
-def _status(res: dict[str, Any]) -> str:
+def status_line(res: dict[str, Any]) -> str:
     if "skipped" in res:
         return "skipped: " + res["skipped"]
     if "failed" in res:
