@@ -50,3 +50,23 @@ def test_figures_of_a_model_run_carry_its_tag(monkeypatch) -> None:
     assert plotting.variant_name("01_kv_cache-latency") == "01_kv_cache-latency"
     monkeypatch.setenv("LABKIT_VARIANT", "smollm2-135m")
     assert plotting.variant_name("01_kv_cache-latency") == "01_kv_cache-latency--smollm2-135m"
+
+
+def test_a_model_run_takes_its_full_parameters_from_models_yml(tmp_path) -> None:
+    nb = tmp_path / "01_a.ipynb"
+    nb.write_text('{"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, '
+                  '"source": "MODEL = \\"tiny-llama\\"\\nGEN = 64\\nN = 7\\nQUICK = False", '
+                  '"outputs": [], "execution_count": null}], "metadata": {}, '
+                  '"nbformat": 4, "nbformat_minor": 5}')
+    (tmp_path / "models.yml").write_text("01_a: {smollm2-135m: {GEN: 16}, other: null}\n")
+    (tmp_path / "quick.yml").write_text("01_a: {N: 2}\n01_a@smollm2-135m: {GEN: 4}\n")
+    assert reproduce.model_runs("01_a", tmp_path / "models.yml") == ["smollm2-135m", "other"]
+    full = reproduce.job_parameters(reproduce.Job(nb, "smollm2-135m"), quick=False)
+    assert full == {"GEN": 16, "MODEL": "smollm2-135m"}
+    assert reproduce.job_parameters(reproduce.Job(nb, "other"), quick=False) == {"MODEL": "other"}
+    assert reproduce.job_parameters(reproduce.Job(nb), quick=False) == {}
+    quick = reproduce.job_parameters(reproduce.Job(nb, "smollm2-135m"), quick=True)
+    assert quick == {"GEN": 4, "N": 2, "QUICK": True, "MODEL": "smollm2-135m"}
+    (tmp_path / "models.yml").write_text("01_a: {smollm2-135m: [GEN, 16]}\n")
+    with pytest.raises(ValueError, match=r"models.yml: '01_a' -> 'smollm2-135m': expected a mapping"):
+        reproduce.model_runs("01_a", tmp_path / "models.yml")

@@ -108,13 +108,35 @@ def read_table(path: Path, what: str) -> dict:
     return loaded
 
 
-def model_runs(stem: str, models_file: Path | None = None) -> list[str]:
-    """The models notebooks/models.yml lists for ``stem`` (each an extra run with MODEL set)."""
+def model_table(stem: str, models_file: Path | None = None) -> dict[str, dict]:
+    """The models notebooks/models.yml gives ``stem``, each with its full-run parameters.
+
+    An entry is a list of names (``01_kv_cache: [smollm2-135m]``: the notebook's own defaults) or
+    a mapping of name -> parameters (``03_quantization_error: {smollm2-135m: {CONTEXT: 256}}``):
+    what a run on a model 4.7x larger than tiny-llama needs to fit the reproduce budget. Quick
+    mode puts quick.yml's values on top.
+    """
     path = models_file or paths.notebooks_dir() / "models.yml"
     models = read_table(path, "list of model names").get(stem) or []
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ValueError(f"{path}: models of {stem!r} must be a list of names, got {models!r}")
-    return models
+    if isinstance(models, list) and all(isinstance(m, str) and m for m in models):
+        return {m: {} for m in models}
+    if isinstance(models, dict) and all(isinstance(m, str) and m for m in models):
+        table = {}
+        for model, params in models.items():
+            params = params or {}
+            if not isinstance(params, dict) or not all(
+                    isinstance(k, str) and k.isidentifier() for k in params):
+                raise ValueError(f"{path}: {stem!r} -> {model!r}: expected a mapping of parameter "
+                                 f"name -> value, got {params!r:.80}")
+            table[model] = dict(params)
+        return table
+    raise ValueError(f"{path}: models of {stem!r} must be a list of names or a mapping of name -> "
+                     f"parameters, got {models!r}")
+
+
+def model_runs(stem: str, models_file: Path | None = None) -> list[str]:
+    """The models notebooks/models.yml lists for ``stem`` (each an extra run with MODEL set)."""
+    return list(model_table(stem, models_file))
 
 
 def jobs_for(notebooks: list[Path], *, with_models: bool = True) -> list[Job]:
@@ -212,10 +234,14 @@ def check_notebook_parameters(path: Path, values: dict, name: str | None = None)
 
 
 def job_parameters(job: Job, quick: bool) -> dict:
-    """What papermill passes to one execution (quick.yml's values in quick mode, ``MODEL`` for a
-    model run), checked against the notebook's parameters cell."""
-    params = quick_parameters(job.path.stem, job.path.parent / "quick.yml", job.model) \
-        if quick else {}
+    """What papermill passes to one execution, checked against the notebook's parameters cell:
+    for a model run its models.yml parameters and ``MODEL``; in quick mode quick.yml's on top."""
+    params: dict = {}
+    if job.model is not None:
+        params.update(model_table(job.path.stem, job.path.parent / "models.yml")
+                      .get(job.model, {}))
+    if quick:
+        params.update(quick_parameters(job.path.stem, job.path.parent / "quick.yml", job.model))
     if job.model is not None:
         params["MODEL"] = job.model
     check_notebook_parameters(job.path, params, job.name)
