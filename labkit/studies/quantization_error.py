@@ -262,22 +262,27 @@ EXACT_NOTE = (f"{EXACT_MARK} reconstructs every quantized weight exactly: these 
               "on its grid, so the row is lossless by construction and no claim rests on it")
 
 
-def board_text(board: pd.DataFrame) -> str:
-    """The scoreboard as printed: each metric with its 95 % interval, exact rows marked and
-    footnoted."""
+def board_frame(board: pd.DataFrame) -> pd.DataFrame:
+    """The scoreboard as shown: each metric with its 95 % interval in one column, exact rows
+    marked (a DataFrame, so a notebook and the site render it as a table)."""
+    import pandas as pd
+
     def ci(r: pd.Series, m: str, fmt: str) -> str:
         return f"{r[m]:{fmt}} [{r[m + '_lo']:{fmt}}, {r[m + '_hi']:{fmt}}]"
 
-    lines = [f"{'scheme':<22} {'library':<11} {'bits':>4} {'bpw':>6} {'MB':>6} {'PPL':>7}  "
-             f"{'delta PPL [95 % CI]':<29} {'mean KLD [95 % CI]':<31} same top % [95 % CI]"]
-    for _, r in board.iterrows():
-        name = r.scheme + (EXACT_MARK if r.exact else "")
-        lines.append(f"{name:<22} {r.library:<11} {r.bits:>4} {r.bpw:>6.3f} {r.size_mb:>6.1f} "
-                     f"{r.ppl:>7.3f}  {ci(r, 'delta_ppl', '+.4f'):<29} "
-                     f"{ci(r, 'mean_kld', '.3e'):<31} {ci(r, 'same_top_pct', '.1f')}")
-    if board.exact.any():
-        lines.append(EXACT_NOTE + ".")
-    return "\n".join(lines)
+    return pd.DataFrame([{
+        "scheme": r.scheme + (EXACT_MARK if r.exact else ""), "library": r.library,
+        "bits": r.bits, "bpw": round(float(r.bpw), 3), "MB": round(float(r.size_mb), 1),
+        "PPL": round(float(r.ppl), 3), "delta PPL [95 % CI]": ci(r, "delta_ppl", "+.4f"),
+        "mean KLD [95 % CI]": ci(r, "mean_kld", ".3e"),
+        "same top % [95 % CI]": ci(r, "same_top_pct", ".1f"),
+    } for _, r in board.iterrows()]).set_index("scheme")
+
+
+def board_text(board: pd.DataFrame) -> str:
+    """The scoreboard as text (:func:`board_frame`), exact rows footnoted: for logs and the CLI."""
+    text = board_frame(board).to_string()
+    return text + ("\n" + EXACT_NOTE + "." if board.exact.any() else "")
 
 
 # --- 2: weight SNR and outliers ------------------------------------------------------------------
