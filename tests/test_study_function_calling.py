@@ -353,3 +353,14 @@ def test_the_notebook_runs_on_a_users_model_folder(tmp_path, monkeypatch) -> Non
                                  model=str(embedded.folder()), kernel=reproduce.ensure_kernel())
     assert run.ok, f"{run.name} failed:\n{run.error}\nsee {run.output}"
     assert any("llama.cpp" in s["part"] for s in run.skipped), run.skipped
+
+
+def test_the_answers_file_is_a_run_output_not_a_change_to_the_code(tmp_path, monkeypatch):
+    """Study 11 writes answers.jsonl into the checkout; a run must not mark itself +dirty by it
+    (run 20261202T182841Z-abf7a8's records of 11 and 12 did)."""
+    from labkit.core import env
+
+    monkeypatch.setenv("LABKIT_OUTPUT_ROOT", str(tmp_path))
+    path = fc.save_answers(pd.DataFrame([{"id": "a", "text": "x"}]))
+    rel = path.relative_to(tmp_path).as_posix()
+    assert any(rel == p or rel.startswith(p + "/") for p in env.RUN_OUTPUTS), rel

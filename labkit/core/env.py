@@ -470,8 +470,8 @@ def machine_id() -> str:
 
 #: What a run itself writes into the checkout (records, figures, the published site): a change
 #: there does not make the code that ran "dirty", or every run would mark itself dirty after its
-#: first record.
-RUN_OUTPUTS = ("data/results", "figures", "docs")
+#: first record. Study 11 writes every answer it scored beside the results (answers.jsonl).
+RUN_OUTPUTS = ("data/results", "figures", "docs", "data/function_calling/answers.jsonl")
 
 
 def git_revision(root: Path | None = None) -> str:
